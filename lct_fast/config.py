@@ -1,0 +1,582 @@
+"""Typed run configuration: one JSON preset per run in ``configs/`` -> :class:`Config`.
+
+A preset holds every section (``model``, ``method``, ``data``, ``optim``, ``train``, ``deepspeed``).
+:func:`load_config` reads it, applies ``--set KEY=VALUE`` overrides (dotted keys), converts it into the
+dataclasses below and validates it.  Every error names the file, the dotted key and what was expected.
+The ``deepspeed`` block is passed through to DeepSpeed untouched except for the batch and clipping keys,
+which are derived from ``train`` (one source of truth) and must agree if the preset also sets them.
+
+The dataclasses double as documentation: the string literal under each field is its docstring.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = [
+    "ConfigError", "ModelConfig", "ICTConfig", "SCTConfig", "OTConfig", "MethodConfig",
+    "SyntheticConfig", "DataConfig", "OptimConfig", "EMAConfig", "TrainConfig", "Config",
+    "load_config", "parse_overrides", "apply_override", "config_to_dict", "save_config",
+    "CONFIG_DIR", "preset_path",
+]
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    """A preset or override is invalid; the message names the file, the key and the expectation."""
+
+
+def _choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if (value < 0) if allow_zero else (value <= 0):
+        raise ConfigError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} value, got {value!r}")
+
+
+def _unit(name: str, value: float, *, closed: bool = False) -> None:
+    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        raise ConfigError(f"{name}: expected a value in [0, 1{']' if closed else ')'}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    arch: str = "dit"
+    """Backbone family: ``dit`` (latent DiT, adaLN-zero) or ``unet`` (the paper's ADM UNet)."""
+    size: str = "S"
+    """DiT preset S|B|L|XL|XXL (width/depth/heads from the preset table) or ``custom``."""
+    width: int = 0
+    """DiT hidden size; 0 takes the preset's."""
+    depth: int = 0
+    """DiT number of blocks; 0 takes the preset's."""
+    heads: int = 0
+    """DiT attention heads; 0 takes the preset's."""
+    patch_size: int = 2
+    """DiT patch size on the latent grid (1 or 2)."""
+    mlp_ratio: float = 4.0
+    """DiT MLP hidden size as a multiple of the width."""
+    in_channels: int = 4
+    """Latent channels C (must match the dataset's stats.json shape)."""
+    resolution: int = 32
+    """Latent height = width H (must match the dataset's stats.json shape)."""
+    num_classes: int = 0
+    """Number of classes; 0 = unconditional. Label id ``num_classes`` is the null class."""
+    dropout: float = 0.0
+    """Dropout probability inside the backbone (masks drawn from an explicit generator)."""
+    norm: str = "nsln"
+    """Normalisation: nsln (Non-scaling LayerNorm, eq. 12) | layernorm | groupnorm | instancenorm | rmsnorm."""
+    unet_channels: int = 128
+    """UNet base channels."""
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    """UNet channel multipliers per resolution level."""
+    num_res_blocks: int = 4
+    """UNet residual blocks per level."""
+    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    """UNet resolutions (in latent pixels) that get self-attention."""
+    head_channels: int = 64
+    """UNet channels per attention head."""
+    adaptive_weight: bool = False
+    """Build the scalar head w_phi(t) used by sCT's adaptive loss weighting."""
+    checkpointing: bool = False
+    """Activation checkpointing per block (only in grad-enabled passes, never in the JVP pass)."""
+    ops_backend: str = "auto"
+    """Default backend for lct_fast.ops (norm, attention): auto | reference | triton | cuda."""
+
+    def __post_init__(self) -> None:
+        _choice("model.arch", self.arch, ["dit", "unet"])
+        _choice("model.size", self.size, ["S", "B", "L", "XL", "XXL", "custom"])
+        for k in ("width", "depth", "heads"):
+            _positive(f"model.{k}", getattr(self, k), allow_zero=True)
+        if self.arch == "dit" and self.size == "custom" and 0 in (self.width, self.depth, self.heads):
+            raise ConfigError("model.size: 'custom' needs model.width, model.depth and model.heads > 0")
+        if self.width and self.heads and self.width % self.heads:
+            raise ConfigError(f"model.width: {self.width} is not divisible by model.heads={self.heads}")
+        _choice("model.patch_size", self.patch_size, [1, 2, 4])
+        _positive("model.mlp_ratio", self.mlp_ratio)
+        _positive("model.in_channels", self.in_channels)
+        _positive("model.resolution", self.resolution)
+        if self.arch == "dit" and self.resolution % self.patch_size:
+            raise ConfigError(f"model.resolution: {self.resolution} is not divisible by model.patch_size={self.patch_size}")
+        _positive("model.num_classes", self.num_classes, allow_zero=True)
+        _unit("model.dropout", self.dropout)
+        _choice("model.norm", self.norm, ["nsln", "layernorm", "groupnorm", "instancenorm", "rmsnorm"])
+        _positive("model.unet_channels", self.unet_channels)
+        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
+            raise ConfigError(f"model.channel_mult: expected a non-empty list of positive ints, got {self.channel_mult!r}")
+        _positive("model.num_res_blocks", self.num_res_blocks)
+        _positive("model.head_channels", self.head_channels)
+        _choice("model.ops_backend", self.ops_backend, ["auto", "reference", "triton", "cuda"])
+
+
+# -------------------------------------------------------------------------------------------- method
+@dataclass
+class ICTConfig:
+    sigma_min: float = 0.002
+    """Smallest noise level (boundary condition f(x, sigma_min) = x)."""
+    sigma_max: float = 80.0
+    """Largest noise level (1-step sampling starts at sigma_max * z)."""
+    rho: float = 7.0
+    """Karras grid exponent."""
+    s0: int = 10
+    """Curriculum: initial number of discretisation steps (eq. 10)."""
+    s1: int = 640
+    """Curriculum: final number of discretisation steps (eq. 10)."""
+    p_mean: float = -1.1
+    """Discrete lognormal pair sampling: mean of ln sigma."""
+    p_std: float = 2.0
+    """Discrete lognormal pair sampling: std of ln sigma."""
+    distance: str = "cauchy"
+    """Robust distance: l2 | pseudo_huber (eq. 7) | cauchy (eq. 6) | geman_mcclure (eq. 8)."""
+    reduction: str = "mean"
+    """Per-sample reduction of the squared difference over the D latent dims: mean | sum."""
+    c_mode: str = "adaptive"
+    """Robustness scale c: fixed (c0 = c0_coeff * sqrt(D), iCT) | adaptive (eq. 11)."""
+    c0_coeff: float = 0.00054
+    """Fixed c: c0 = c0_coeff * sqrt(D)."""
+    c_a: float = -1.18
+    """Adaptive c (eq. 11): c = exp(c_a * ln(N(k) - 1) + c_b). Authors' code used -1.15."""
+    c_b: float = -0.72
+    """Adaptive c (eq. 11) intercept. Authors' code used -0.85."""
+    diffusion_r: float = 0.25
+    """Diffusion loss (eq. 9) on pair indices i <= floor(N * r); 0 disables it."""
+    diffusion_weight: float = 1.0
+    """Weight of the diffusion loss term."""
+    diffusion_sigma_weight: str = "none"
+    """Optional per-sigma weighting of the diffusion loss: none | lambda | snr."""
+    sigma_mid: float = 0.821
+    """Intermediate noise level for 2-step sampling."""
+
+    def __post_init__(self) -> None:
+        _positive("method.ict.sigma_min", self.sigma_min)
+        if self.sigma_max <= self.sigma_min:
+            raise ConfigError(f"method.ict.sigma_max: expected > sigma_min={self.sigma_min}, got {self.sigma_max}")
+        _positive("method.ict.rho", self.rho)
+        _positive("method.ict.s0", self.s0)
+        if self.s1 < self.s0:
+            raise ConfigError(f"method.ict.s1: expected >= s0={self.s0}, got {self.s1}")
+        _positive("method.ict.p_std", self.p_std)
+        _choice("method.ict.distance", self.distance, ["l2", "pseudo_huber", "cauchy", "geman_mcclure"])
+        _choice("method.ict.reduction", self.reduction, ["mean", "sum"])
+        _choice("method.ict.c_mode", self.c_mode, ["fixed", "adaptive"])
+        _positive("method.ict.c0_coeff", self.c0_coeff)
+        _unit("method.ict.diffusion_r", self.diffusion_r, closed=True)
+        _positive("method.ict.diffusion_weight", self.diffusion_weight, allow_zero=True)
+        _choice("method.ict.diffusion_sigma_weight", self.diffusion_sigma_weight, ["none", "lambda", "snr"])
+        if not self.sigma_min < self.sigma_mid < self.sigma_max:
+            raise ConfigError(f"method.ict.sigma_mid: expected in (sigma_min, sigma_max), got {self.sigma_mid}")
+
+
+@dataclass
+class SCTConfig:
+    p_mean: float = -1.0
+    """Time sampling: tau ~ N(p_mean, p_std^2), t = arctan(e^tau / sigma_d)."""
+    p_std: float = 1.4
+    """Time sampling standard deviation."""
+    tangent_warmup: int = 10000
+    """Tangent warm-up H in iterations: r = min(1, k / H); 0 disables the warm-up."""
+    g_norm_c: float = 0.1
+    """Tangent normalisation g <- g / (||g|| + c)."""
+    prior_weight: bool = False
+    """Multiply the loss by the prior weight 1 / (sigma_d * tan t)."""
+    adaptive_weight: bool = True
+    """Learned adaptive weighting w_phi(t) (needs model.adaptive_weight)."""
+    jvp_dtype: str = "fp32"
+    """Precision of the forward-mode JVP pass: fp32 | bf16 | fp16."""
+    distance: str = "l2"
+    """Distance between F_theta and F^- + g: l2 | cauchy (the iLCT robust loss on top of sCT)."""
+    cauchy_c: float = 0.0
+    """Cauchy scale for the sCT robust option; 0 = c0 rule 0.00054 * sqrt(D)."""
+    t_mid: float = 1.1
+    """Intermediate time for 2-step sampling."""
+    time_scale: float = 1000.0
+    """The backbone sees c_noise = time_scale * t."""
+
+    def __post_init__(self) -> None:
+        _positive("method.sct.p_std", self.p_std)
+        _positive("method.sct.tangent_warmup", self.tangent_warmup, allow_zero=True)
+        _positive("method.sct.g_norm_c", self.g_norm_c)
+        _choice("method.sct.jvp_dtype", self.jvp_dtype, ["fp32", "bf16", "fp16"])
+        _choice("method.sct.distance", self.distance, ["l2", "cauchy"])
+        _positive("method.sct.cauchy_c", self.cauchy_c, allow_zero=True)
+        if not 0.0 < self.t_mid < math.pi / 2:
+            raise ConfigError(f"method.sct.t_mid: expected in (0, pi/2), got {self.t_mid}")
+        _positive("method.sct.time_scale", self.time_scale)
+
+
+@dataclass
+class OTConfig:
+    method: str = "none"
+    """Minibatch OT coupling of latents and noise (paper sec. 4.4): none | exact | sinkhorn."""
+    backend: str = "auto"
+    """Backend of the Sinkhorn solver: auto | reference | triton | cuda."""
+    sinkhorn_eps: float = 0.05
+    """Entropic regularisation, relative to the mean cost."""
+    sinkhorn_iters: int = 100
+    """Sinkhorn iteration budget."""
+    global_coupling: bool = False
+    """Couple over the whole global batch (all-gather) instead of per rank."""
+
+    def __post_init__(self) -> None:
+        _choice("method.ot.method", self.method, ["none", "exact", "sinkhorn"])
+        _choice("method.ot.backend", self.backend, ["auto", "reference", "triton", "cuda"])
+        _positive("method.ot.sinkhorn_eps", self.sinkhorn_eps)
+        _positive("method.ot.sinkhorn_iters", self.sinkhorn_iters)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "ict"
+    """Training method: ict (discrete-time improved latent CT) | sct (continuous-time TrigFlow sCT)."""
+    sigma_data: float = 0.5
+    """Data standard deviation after normalisation (x0 = (latent - mean) / std * sigma_data)."""
+    label_dropout: float = 0.0
+    """Probability of replacing a label by the null class during training."""
+    ict: ICTConfig = field(default_factory=ICTConfig)
+    """Discrete-time settings."""
+    sct: SCTConfig = field(default_factory=SCTConfig)
+    """Continuous-time settings."""
+    ot: OTConfig = field(default_factory=OTConfig)
+    """Minibatch OT coupling."""
+
+    def __post_init__(self) -> None:
+        _choice("method.name", self.name, ["ict", "sct"])
+        _positive("method.sigma_data", self.sigma_data)
+        _unit("method.label_dropout", self.label_dropout)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class SyntheticConfig:
+    num_samples: int = 4096
+    """Samples in the embedded synthetic latent dataset."""
+    channels: int = 4
+    """Latent channels of the synthetic dataset."""
+    resolution: int = 8
+    """Latent height = width of the synthetic dataset."""
+    num_classes: int = 4
+    """Classes in the synthetic dataset."""
+    seed: int = 0
+    """Seed of the synthetic dataset (part of its cache key)."""
+
+    def __post_init__(self) -> None:
+        for k in ("num_samples", "channels", "resolution"):
+            _positive(f"data.synthetic.{k}", getattr(self, k))
+        _positive("data.synthetic.num_classes", self.num_classes, allow_zero=True)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset folder (shard-%06d.tar + stats.json); empty = the embedded synthetic dataset."""
+    normalize: str = "channel"
+    """Normalisation statistics: channel (per-channel mean/std) | element (per-element, as the paper's code)."""
+    shuffle_buffer: int = 1000
+    """Samples in the seeded shuffle buffer."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    resample: bool = True
+    """Infinite stream: resample shards with replacement (else epochs over a fixed shard split)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The embedded dataset used when path is empty."""
+
+    def __post_init__(self) -> None:
+        _choice("data.normalize", self.normalize, ["channel", "element"])
+        _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+# --------------------------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    name: str = "radam"
+    """Optimizer: adamw (torch fused on CUDA) | radam (the paper's)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: constant | cosine."""
+    warmup_samples: int = 0
+    """Linear warm-up length, in training samples."""
+    min_lr_ratio: float = 0.0
+    """Cosine schedule floor, as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ["adamw", "radam"])
+        _positive("optim.lr", self.lr)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.betas!r}")
+        _positive("optim.eps", self.eps)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _choice("optim.schedule", self.schedule, ["constant", "cosine"])
+        _positive("optim.warmup_samples", self.warmup_samples, allow_zero=True)
+        _unit("optim.min_lr_ratio", self.min_lr_ratio, closed=True)
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class EMAConfig:
+    decays: list[float] = field(default_factory=lambda: [0.9999])
+    """Constant EMA decays kept for evaluation (per optimizer step)."""
+    power_stds: list[float] = field(default_factory=list)
+    """Power-function EMA relative standard deviations (EDM2 sigma_rel), e.g. [0.05, 0.1]."""
+
+    def __post_init__(self) -> None:
+        for d in self.decays:
+            _unit("train.ema.decays", d)
+        for s in self.power_stds:
+            if not 0.0 < s < 0.28:
+                raise ConfigError(f"train.ema.power_stds: expected values in (0, 0.28), got {s!r}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Base seed; each step is seeded from (seed, rank, samples seen)."""
+    global_batch: int = 32
+    """Samples per optimizer step over all ranks (= micro_batch * grad_accum * world size)."""
+    micro_batch: int = 0
+    """Samples per rank per forward; 0 = derived from global_batch, grad_accum and the world size."""
+    grad_accum: int = 0
+    """Gradient accumulation steps per optimizer step; 0 = derived (1 when micro_batch is also 0)."""
+    total_samples: int = 64000
+    """Training length in samples seen (steps = total_samples / global_batch)."""
+    log_interval: int = 3200
+    """Log metrics every this many samples."""
+    ckpt_interval: int = 32000
+    """Save a checkpoint every this many samples (0 = only at the end)."""
+    sample_interval: int = 0
+    """Write a sample grid every this many samples (0 = off)."""
+    precision: str = "fp32"
+    """Training precision: fp32 | bf16 (autocast; DeepSpeed bf16 block)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (written into deepspeed.gradient_clipping; 0 disables)."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive steps with a NaN/Inf loss or gradient."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """Evaluation EMAs."""
+
+    def __post_init__(self) -> None:
+        _positive("train.global_batch", self.global_batch)
+        _positive("train.micro_batch", self.micro_batch, allow_zero=True)
+        _positive("train.grad_accum", self.grad_accum, allow_zero=True)
+        per_rank_unit = (self.micro_batch or 1) * (self.grad_accum or 1)
+        if self.global_batch % per_rank_unit:
+            raise ConfigError(
+                f"train.global_batch: {self.global_batch} is not a multiple of micro_batch*grad_accum={per_rank_unit}")
+        if self.total_samples < self.global_batch:
+            raise ConfigError(f"train.total_samples: expected >= global_batch={self.global_batch}, got {self.total_samples}")
+        for k in ("log_interval", "ckpt_interval", "sample_interval"):
+            _positive(f"train.{k}", getattr(self, k), allow_zero=True)
+        _choice("train.precision", self.precision, ["fp32", "bf16"])
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("train.max_bad_steps", self.max_bad_steps)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the run (the curriculum's K)."""
+        return self.total_samples // self.global_batch
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch, grad_accum) for ``world_size`` ranks; raises if the arithmetic does not close."""
+        if self.global_batch % world_size:
+            raise ConfigError(f"train.global_batch: {self.global_batch} is not divisible by world size {world_size}")
+        per_rank = self.global_batch // world_size
+        if self.micro_batch and self.grad_accum:
+            micro, accum = self.micro_batch, self.grad_accum
+        elif self.micro_batch:
+            micro, accum = self.micro_batch, max(1, per_rank // self.micro_batch)
+        else:
+            accum = self.grad_accum or 1
+            micro = per_rank // accum
+        if micro < 1 or micro * accum * world_size != self.global_batch:
+            raise ConfigError(
+                f"train: global_batch={self.global_batch} != micro_batch={micro} * grad_accum={accum} "
+                f"* world_size={world_size}; adjust train.global_batch, train.micro_batch or train.grad_accum")
+        return micro, accum
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """Training objective."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Latent dataset."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch arithmetic, length, intervals, precision."""
+    deepspeed: dict = field(default_factory=dict)
+    """Passed through to deepspeed.initialize (batch/clipping keys derived from train)."""
+    name: str = ""
+    """Preset name (the JSON file's stem unless set)."""
+
+    def __post_init__(self) -> None:
+        if self.method.name == "sct" and self.method.sct.adaptive_weight and not self.model.adaptive_weight:
+            raise ConfigError("model.adaptive_weight: method.sct.adaptive_weight=true needs model.adaptive_weight=true")
+        if self.model.num_classes == 0 and self.method.label_dropout > 0:
+            raise ConfigError("method.label_dropout: label dropout needs model.num_classes > 0")
+
+    def deepspeed_config(self, world_size: int) -> dict:
+        """The DeepSpeed config for ``world_size`` ranks, batch and clipping keys filled from ``train``."""
+        ds = copy.deepcopy(self.deepspeed)
+        micro, accum = self.train.batch_layout(world_size)
+        derived = {
+            "train_batch_size": self.train.global_batch,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum,
+            # DeepSpeed >= 0.19.3 clips by default: always state it (0 = off).
+            "gradient_clipping": self.train.grad_clip,
+        }
+        for key, value in derived.items():
+            if key in ds and ds[key] != value:
+                raise ConfigError(f"deepspeed.{key}: {ds[key]!r} disagrees with the value {value!r} derived from train.*")
+            ds[key] = value
+        ds.setdefault("bf16", {})["enabled"] = self.train.precision == "bf16"
+        return ds
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a JSON value against a field type; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected an object, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {type(value).__name__} {value!r}")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            # 1e6-style floats with an integral value are accepted (sample counts are often written so).
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {key}")  # programming error
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected an object, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key '{where}{unknown[0]}' (expected one of: {', '.join(names)})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """Parse ``KEY=VALUE`` strings; VALUE is JSON if it parses (numbers, true/false, lists), else a string."""
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=2e-4")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def apply_override(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key='a.b.c'``, creating missing sections on the way."""
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if part not in node:
+            # A missing section outside `deepspeed` is then reported by the schema check as unknown.
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def preset_path(name_or_path: str) -> str:
+    """Resolve ``tiny`` / ``tiny.json`` / a path to a preset file."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    for cand in (os.path.join(CONFIG_DIR, name_or_path), os.path.join(CONFIG_DIR, name_or_path + ".json")):
+        if os.path.exists(cand):
+            return cand
+    raise ConfigError(f"{name_or_path}: no such config file (presets live in {CONFIG_DIR})")
+
+
+def load_config(path: str, overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> Config:
+    """Load a preset, apply ``--set`` overrides and validate. Errors name ``path`` and the key."""
+    path = preset_path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else list(overrides)
+    for key, value in pairs:
+        apply_override(raw, key, value)
+    raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the fully resolved config (every field, defaults included) as JSON, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config_to_dict(cfg), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+

@@ -1,0 +1,65 @@
+"""Process-group set-up shared by every launcher (deepspeed, torchrun, plain python).
+
+The only distributed code we own: environment detection and a timeout on collectives. Gradient
+reduction, partitioning and checkpoint sharding belong to DeepSpeed (see lct_fast.trainer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DistEnv", "init_distributed", "free_port"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Join (or create) the default process group.
+
+    Works under the ``deepspeed`` launcher and ``torchrun`` (they set RANK/WORLD_SIZE/MASTER_*) and under
+    plain ``python`` (a one-rank group on a free loopback port, so DeepSpeed's engine runs unchanged).
+    ``timeout_s`` bounds every collective: a rank that dies makes the others fail instead of hanging.
+    """
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                   verbose=False)
+    return DistEnv(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                   local_rank=local_rank, device=device)

@@ -1,0 +1,111 @@
+"""Evaluation EMAs of the trained weights, kept in fp32 on each rank's own parameter shard.
+
+Constant decays (``beta``) and EDM2's power-function EMA (``sigma_rel`` -> exponent gamma, Karras et al.
+2024, eq. 3: beta_t = (1 - 1/t)^(gamma + 1)) are supported side by side. Under ZeRO-3 each rank only
+holds its partition of every parameter (``param.ds_tensor``); the EMA is taken over exactly that
+partition, so no gather happens per step. Export (:func:`consolidate`) stitches the partitions back
+together offline from the per-rank files.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+
+__all__ = ["EMA", "sigma_rel_to_gamma", "consolidate"]
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """Exponent gamma of the power-function EMA with relative std ``sigma_rel`` (EDM2, Algorithm 2)."""
+    t = sigma_rel ** -2
+    # Solve gamma^3 + 7 gamma^2 + (16 - t) gamma + (12 - t) = 0 for its largest real root.
+    roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def _local_view(p: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor this rank owns: the ZeRO-3 partition when partitioned, else the full parameter."""
+    shard = getattr(p, "ds_tensor", None)
+    return shard if shard is not None else p.data
+
+
+class EMA:
+    """fp32 EMAs over named parameters (local shards under ZeRO-3)."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], *,
+                 decays: Iterable[float] = (), power_stds: Iterable[float] = ()):
+        self.params = [(n, p) for n, p in named_params if p.requires_grad]
+        self.decays = [float(d) for d in decays]
+        self.power_stds = [float(s) for s in power_stds]
+        self.names = [f"ema_{d:g}" for d in self.decays] + [f"power_{s:g}" for s in self.power_stds]
+        self.num_updates = 0
+        self.shadows: dict[str, dict[str, torch.Tensor]] = {
+            key: {n: _local_view(p).detach().float().clone() for n, p in self.params} for key in self.names}
+
+    def _betas(self) -> list[float]:
+        t = self.num_updates  # updates applied so far, this one included
+        betas = list(self.decays)
+        for s in self.power_stds:
+            betas.append((1.0 - 1.0 / t) ** (sigma_rel_to_gamma(s) + 1.0) if t > 0 else 0.0)
+        return betas
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Blend the current weights in; call once after every applied optimizer step."""
+        self.num_updates += 1
+        current = [_local_view(p).detach().float() for _, p in self.params]
+        for key, beta in zip(self.names, self._betas()):
+            shadow = list(self.shadows[key].values())
+            torch._foreach_lerp_(shadow, current, 1.0 - beta)
+
+    def state_dict(self) -> dict:
+        flat = {f"{key}/{n}": t.contiguous() for key, d in self.shadows.items() for n, t in d.items()}
+        meta = {"num_updates": self.num_updates, "names": self.names}
+        for n, p in self.params:
+            if getattr(p, "ds_tensor", None) is not None:
+                meta[f"shape/{n}"] = list(p.ds_shape)
+                meta[f"numel/{n}"] = int(p.ds_numel)
+        return {"tensors": flat, "meta": meta}
+
+    def load_state_dict(self, state: dict) -> None:
+        meta = state["meta"]
+        if list(meta["names"]) != self.names:
+            raise ValueError(f"EMA: checkpoint has EMAs {meta['names']}, config asks for {self.names}")
+        self.num_updates = int(meta["num_updates"])
+        for key, d in self.shadows.items():
+            for n in d:
+                src = state["tensors"].get(f"{key}/{n}")
+                if src is None or src.shape != d[n].shape:
+                    raise ValueError(f"EMA: checkpoint entry {key}/{n} missing or of another shape")
+                d[n].copy_(src)
+
+    def copy_to(self, module: torch.nn.Module, key: str) -> None:
+        """Load EMA ``key`` into an unpartitioned ``module`` with the same parameter names."""
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for n, t in self.shadows[key].items():
+                params[n].copy_(t.view_as(params[n]))
+
+
+def consolidate(shard_states: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Full EMA tensors from the per-rank states of :meth:`EMA.state_dict` (rank order).
+
+    Unpartitioned parameters are taken from rank 0; ZeRO-3 partitions are concatenated in rank order,
+    cut to the parameter's numel (the last partition is padded) and reshaped.
+    """
+    meta0 = shard_states[0]["meta"]
+    out: dict[str, dict[str, torch.Tensor]] = {key: {} for key in meta0["names"]}
+    for full_key, t0 in shard_states[0]["tensors"].items():
+        key, name = full_key.split("/", 1)
+        if f"shape/{name}" in meta0:
+            flat = torch.cat([s["tensors"][full_key].reshape(-1) for s in shard_states])
+            t = flat[: meta0[f"numel/{name}"]].view(meta0[f"shape/{name}"])
+        else:
+            t = t0
+        out[key][name] = t.clone()
+    return out
+
+

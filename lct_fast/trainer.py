@@ -1,0 +1,333 @@
+"""The training loop: DeepSpeed engine, loss objects, EMA, checkpoints, logging, NaN guard.
+
+This is the one place where the model meets DeepSpeed. The loss objects receive the engine as ``net``
+(the pass whose gradient DeepSpeed reduces) and the unwrapped module as ``target_net`` (the stop-gradient
+pass and the sCT JVP, which must not go through an engine/DDP wrapper). Under ZeRO-3 the unwrapped
+module's parameters are still gathered by DeepSpeed's per-submodule hooks, so the JVP sees full weights.
+
+Progress is counted in samples seen; every step's randomness is seeded from (seed, rank, samples), so
+a resumed run draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, save_config
+from .distributed import DistEnv, init_distributed
+from .ema import EMA
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["Trainer", "step_seed", "resolve_data_path", "TrainingStopped"]
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many consecutive bad steps); a checkpoint was written."""
+
+
+def step_seed(seed: int, rank: int, samples: int, micro: int = 0) -> int:
+    """A 63-bit seed from (seed, rank, samples seen, micro-batch index), stable across runs and resumes."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{samples}/{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def resolve_data_path(cfg: Config, *, is_main: bool = True) -> str:
+    """The dataset folder: ``data.path`` or the embedded synthetic dataset (written once, cached)."""
+    if cfg.data.path:
+        return cfg.data.path
+    from .data.synthetic import ensure_synthetic
+
+    return ensure_synthetic(cfg.data.synthetic)
+
+
+class _Logger:
+    """Rank-0 JSONL + TensorBoard + tqdm; every other rank logs nothing."""
+
+    def __init__(self, run_dir: str, enabled: bool, total_samples: int, start_samples: int):
+        self.enabled = enabled
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except Exception as e:  # tensorboard is optional at run time
+            print(f"lct_fast: TensorBoard disabled ({e})", file=sys.stderr)
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_samples, initial=start_samples, unit="sample", unit_scale=True,
+                            dynamic_ncols=True, disable=not sys.stderr.isatty() and not os.environ.get("LCT_FAST_TQDM"))
+        except ImportError:
+            self.bar = None
+
+    def log(self, samples: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"samples": samples, **row}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, samples)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
+                                 sps=f"{row.get('samples_per_s', 0):.0f}")
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+@dataclass
+class _Window:
+    """Metrics accumulated between two log lines."""
+
+    sums: dict = field(default_factory=dict)
+    count: int = 0
+    samples: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, metrics: dict) -> None:
+        self.count += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def means(self) -> dict:
+        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+
+class Trainer:
+    """Builds model, data, loss, optimizer and the DeepSpeed engine from a :class:`Config` and trains."""
+
+    def __init__(self, cfg: Config, run_dir: str, *, resume: str | None = None, dist: DistEnv | None = None):
+        import deepspeed
+
+        from .data import make_loader, load_stats
+        from .methods import build_loss
+        from .models import build_model
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.dist = dist or init_distributed()
+        d = self.dist
+        if d.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(run_dir, "config.json"))
+        torch.distributed.barrier()
+        self.ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+        # Data first: its stats fix the latent shape the model must match.
+        data_path = resolve_data_path(cfg, is_main=d.is_main) if d.is_main else None
+        obj = [data_path]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        self.data_path = obj[0]
+        self.stats = load_stats(self.data_path)
+        m = cfg.model
+        expect = (m.in_channels, m.resolution, m.resolution)
+        if tuple(self.stats.shape) != expect:
+            raise ValueError(f"{self.data_path}/stats.json: latent shape {tuple(self.stats.shape)} does not match "
+                             f"model.in_channels/resolution {expect}")
+        if m.num_classes and self.stats.num_classes > m.num_classes:
+            raise ValueError(f"{self.data_path}/stats.json: num_classes={self.stats.num_classes} exceeds "
+                             f"model.num_classes={m.num_classes}")
+
+        self.micro_batch, self.grad_accum = cfg.train.batch_layout(d.world_size)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.module = build_model(cfg.model, cfg.method).to(d.device)
+        self.num_params = sum(p.numel() for p in self.module.parameters())
+        data_dim = m.in_channels * m.resolution * m.resolution
+        self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
+
+        optimizer = build_optimizer(self.module.parameters(), cfg.optim, d.device)
+        scheduler = build_scheduler(optimizer, cfg.optim, global_batch=cfg.train.global_batch,
+                                    total_samples=cfg.train.total_samples)
+        self.optimizer = optimizer
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=cfg.deepspeed_config(d.world_size))
+        self.ema = EMA(self.engine.module.named_parameters(), decays=cfg.train.ema.decays,
+                       power_stds=cfg.train.ema.power_stds)
+
+        self.samples = 0
+        self.bad_streak = 0
+        self.bad_total = 0
+        if resume:
+            self._resume(resume)
+        self.loader = make_loader(
+            self.data_path, batch_size=self.micro_batch, rank=d.rank, world_size=d.world_size,
+            seed=cfg.train.seed, sigma_data=cfg.method.sigma_data, normalize=cfg.data.normalize,
+            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers, resample=cfg.data.resample,
+            start_sample=self.samples // d.world_size)
+        self.autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                         else contextlib.nullcontext())
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _resume(self, resume: str) -> None:
+        tag = ckpt.find_resume_tag(self.ckpt_dir) if resume == "auto" else resume
+        if tag is None:
+            if self.dist.is_main:
+                print(f"lct_fast: no complete checkpoint in {self.ckpt_dir}, starting from scratch", file=sys.stderr)
+            return
+        if not ckpt.is_complete(self.ckpt_dir, tag):
+            raise FileNotFoundError(f"{self.ckpt_dir}/{tag}: not a complete checkpoint (no COMPLETE marker)")
+        self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
+        state = ckpt.load_client_state(self.ckpt_dir, tag, self.dist.rank)
+        self.samples = int(state["samples"])
+        self.bad_total = int(state["bad_total"])
+        self.ema.load_state_dict(state["ema"])
+        ckpt.set_rng_state(state["rng"])
+        if self.dist.is_main:
+            print(f"lct_fast: resumed from {self.ckpt_dir}/{tag} at {self.samples} samples", file=sys.stderr)
+
+    def save_checkpoint(self) -> str:
+        state = {"samples": self.samples, "bad_total": self.bad_total, "ema": self.ema.state_dict(),
+                 "rng": ckpt.rng_state(), "world_size": self.dist.world_size}
+        return ckpt.save(self.engine, self.ckpt_dir, self.samples, state, rank=self.dist.rank)
+
+    # ---------------------------------------------------------------------------------------- steps
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean metrics."""
+        cfg, d = self.cfg, self.dist
+        k = self.samples // cfg.train.global_batch
+        metrics: dict = {}
+        for micro in range(self.grad_accum):
+            x0, labels = next(self._batches)
+            x0, labels = x0.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            gen = torch.Generator(d.device).manual_seed(step_seed(cfg.train.seed, d.rank, self.samples, micro))
+            with self.autocast:
+                per_sample = self.loss_fn(self.engine, x0, labels, step=k, generator=gen,
+                                          target_net=self.engine.module)
+            loss = per_sample.mean()
+            # A NaN/Inf loss is back-propagated on purpose: the guarded optimizer then sees non-finite
+            # gradients on every rank (they are reduced) and skips the step as a whole.
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, v in self.loss_fn.metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(v) / self.grad_accum
+        applied = not getattr(self.optimizer, "overflow", False)
+        if applied:
+            self.ema.update()
+            self.bad_streak = 0
+        else:
+            self.bad_streak += 1
+            self.bad_total += 1
+        self.samples += cfg.train.global_batch
+        metrics["step_applied"] = float(applied)
+        metrics["lr"] = self.engine.get_lr()[0]
+        return metrics
+
+    def _crossed(self, interval: int, before: int) -> bool:
+        return interval > 0 and before // interval != self.samples // interval
+
+    def run(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        total = cfg.train.total_samples - cfg.train.total_samples % cfg.train.global_batch
+        log = _Logger(self.run_dir, d.is_main, total, self.samples)
+        if d.is_main:
+            print(f"lct_fast: {cfg.name}: {cfg.model.arch} with {self.num_params:,} parameters, method "
+                  f"{cfg.method.name}, world size {d.world_size}, micro-batch {self.micro_batch} x "
+                  f"{self.grad_accum} accumulation, {total:,} samples", file=sys.stderr)
+        self._batches = iter(self.loader)
+        window = _Window()
+        t_start = time.perf_counter()
+        start_samples = self.samples
+        last = {}
+        try:
+            while self.samples < total:
+                before = self.samples
+                metrics = self.train_step()
+                window.add(metrics)
+                window.samples += cfg.train.global_batch
+                log.advance(cfg.train.global_batch)
+                if self.bad_streak >= cfg.train.max_bad_steps:
+                    tag = self.save_checkpoint()
+                    raise TrainingStopped(
+                        f"{self.bad_streak} consecutive steps had a NaN/Inf loss or gradient (limit "
+                        f"train.max_bad_steps={cfg.train.max_bad_steps}); none was applied. The last good state "
+                        f"is saved as {self.ckpt_dir}/{tag}.")
+                done = self.samples >= total
+                if self._crossed(cfg.train.log_interval, before) or done:
+                    dt = time.perf_counter() - window.t0
+                    last = {**window.means(), "samples_per_s": window.samples / max(dt, 1e-9),
+                            "bad_steps_total": self.bad_total, "step": self.samples // cfg.train.global_batch}
+                    log.log(self.samples, last)
+                    window = _Window()
+                if self._crossed(cfg.train.ckpt_interval, before) or done:
+                    self.save_checkpoint()
+                if self._crossed(cfg.train.sample_interval, before) or (done and cfg.train.sample_interval):
+                    self.write_samples()
+        finally:
+            log.close()
+        summary = {"name": cfg.name, "samples": self.samples, "params": self.num_params,
+                   "world_size": d.world_size, "wall_s": time.perf_counter() - t_start,
+                   "samples_per_s": (self.samples - start_samples) / max(time.perf_counter() - t_start, 1e-9),
+                   "bad_steps_total": self.bad_total, "final": last}
+        if d.is_main:
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"lct_fast: done, {self.samples:,} samples in {summary['wall_s']:.1f}s "
+                  f"({summary['samples_per_s']:.1f} samples/s); run directory {self.run_dir}", file=sys.stderr)
+        return summary
+
+    # -------------------------------------------------------------------------------------- samples
+    def write_samples(self, n: int = 16) -> None:
+        """1- and 2-step samples as .npy + a latent-channel PNG grid (rank 0; a collective under ZeRO-3).
+
+        Uses the first EMA; under ZeRO-3 the EMA lives in per-rank partitions, so the periodic grid shows
+        the live weights instead (the exported EMA is consolidated offline by ``launch/export.py``)."""
+        from .models import build_model
+        from .sample import generate, save_latent_grid
+
+        gathered = self._gathered_weights()
+        if not self.dist.is_main:
+            return
+        net = build_model(self.cfg.model, self.cfg.method)
+        net.load_state_dict(gathered)
+        if self.ema.names and not self._zero3:
+            self.ema.copy_to(net, self.ema.names[0])
+        net = net.to(self.dist.device).eval()
+        out = os.path.join(self.run_dir, "samples")
+        os.makedirs(out, exist_ok=True)
+        m = self.cfg.model
+        for steps in (1, 2):
+            x = generate(net, self.cfg.method, n=n, shape=(m.in_channels, m.resolution, m.resolution),
+                         num_classes=m.num_classes, steps=steps, seed=self.cfg.train.seed)
+            stem = os.path.join(out, f"{ckpt.tag_for(self.samples)}-{steps}step")
+            save_latent_grid(x, stem + ".png", npy_path=stem + ".npy")
+
+    @property
+    def _zero3(self) -> bool:
+        return self.engine.zero_optimization_stage() == 3
+
+    def _gathered_weights(self) -> dict:
+        """Full live weights on rank 0 (a collective under ZeRO-3)."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self._zero3
+               else contextlib.nullcontext())
+        with ctx:
+            if self.dist.is_main:
+                return {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+        return {}

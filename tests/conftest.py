@@ -1,0 +1,16 @@
+"""Shared test set-up: CPU-only machines run every Triton kernel in the interpreter."""
+
+import os
+import sys
+
+import torch
+
+# Must be set before any @triton.jit function is created; harmless where Triton is absent.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))

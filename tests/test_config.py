@@ -1,0 +1,116 @@
+"""Config system: presets load, overrides apply, and every failure mode names file, key and expectation."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from lct_fast.config import (CONFIG_DIR, Config, ConfigError, config_to_dict, load_config, parse_overrides,
+                             save_config)
+
+
+def write(tmp_path, obj, name="run.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+    return str(path)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json"))))
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == os.path.splitext(os.path.basename(path))[0]
+    assert cfg.train.total_steps == cfg.train.total_samples // cfg.train.global_batch
+
+
+def test_overrides_dotted_and_typed():
+    cfg = load_config("tiny", ["optim.lr=2e-4", "deepspeed.zero_optimization.stage=3", "model.norm=layernorm",
+                               "train.ema.decays=[0.9, 0.99]", "method.ict.distance=l2", "data.resample=false"])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 3
+    assert cfg.model.norm == "layernorm"
+    assert cfg.train.ema.decays == [0.9, 0.99]
+    assert cfg.method.ict.distance == "l2"
+    assert cfg.data.resample is False
+
+
+def test_override_creates_new_deepspeed_sections():
+    cfg = load_config("tiny", ["deepspeed.activation_checkpointing.partition_activations=true"])
+    assert cfg.deepspeed["activation_checkpointing"] == {"partition_activations": True}
+
+
+@pytest.mark.parametrize("obj, key, expected", [
+    ({"model": {"widht": 3}}, "model.widht", "expected one of"),
+    ({"modle": {}}, "modle", "expected one of"),
+    ({"model": {"width": "64"}}, "model.width", "expected an integer"),
+    ({"model": {"width": 64.5}}, "model.width", "expected an integer"),
+    ({"model": {"checkpointing": 1}}, "model.checkpointing", "expected true/false"),
+    ({"optim": {"lr": "fast"}}, "optim.lr", "expected a number"),
+    ({"optim": {"lr": -1}}, "optim.lr", "positive"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas", "two values"),
+    ({"model": {"arch": "vit"}}, "model.arch", "expected one of ['dit', 'unet']"),
+    ({"model": {"channel_mult": "1,2"}}, "model.channel_mult", "expected a list"),
+    ({"model": {"channel_mult": [1, "x"]}}, "model.channel_mult[1]", "expected an integer"),
+    ({"method": {"ict": {"distance": "huber"}}}, "method.ict.distance", "expected one of"),
+    ({"method": {"sct": {"t_mid": 2.0}}}, "method.sct.t_mid", "(0, pi/2)"),
+    ({"train": {"global_batch": 30, "micro_batch": 4}}, "train.global_batch", "not a multiple"),
+    ({"train": {"total_samples": 3}}, "train.total_samples", ">= global_batch"),
+    ({"deepspeed": []}, "deepspeed", "expected an object"),
+    ({"model": {"size": "custom", "width": 64}}, "model.size", "custom"),
+    ({"model": {"width": 64, "heads": 3}}, "model.width", "divisible"),
+    ({"method": {"name": "sct"}}, "model.adaptive_weight", "adaptive_weight"),
+])
+def test_errors_name_file_key_and_expectation(tmp_path, obj, key, expected):
+    path = write(tmp_path, obj)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert path in msg and key in msg and expected in msg, msg
+
+
+def test_invalid_json_and_missing_file(tmp_path):
+    path = write(tmp_path, '{"model": {,}}')
+    with pytest.raises(ConfigError, match="invalid JSON at line 1"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "nope.json"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config("tiny", ["optim.lr.x=1"])
+
+
+def test_batch_arithmetic():
+    cfg = load_config("xxl")
+    assert cfg.train.batch_layout(256) == (8, 1)
+    assert cfg.train.batch_layout(64) == (8, 4)
+    with pytest.raises(ConfigError, match="not divisible by world size 48"):
+        cfg.train.batch_layout(48)
+    cfg = load_config("tiny", ["train.micro_batch=4", "train.grad_accum=2"])
+    assert cfg.train.batch_layout(4) == (4, 2)
+    with pytest.raises(ConfigError, match="global_batch=32 != micro_batch=4 \\* grad_accum=2 \\* world_size=2"):
+        cfg.train.batch_layout(2)
+
+
+def test_deepspeed_block_derived_and_conflicts_caught():
+    cfg = load_config("tiny", ["train.grad_clip=0.5"])
+    ds = cfg.deepspeed_config(2)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False
+    assert "train_batch_size" not in cfg.deepspeed  # the stored block is not mutated
+    cfg = load_config("tiny", ["deepspeed.train_batch_size=64"])
+    with pytest.raises(ConfigError, match="deepspeed.train_batch_size: 64 disagrees"):
+        cfg.deepspeed_config(1)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("tiny", ["optim.lr=3e-4"])
+    out = tmp_path / "config.json"
+    save_config(cfg, str(out))
+    again = load_config(str(out))
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert isinstance(again, Config) and again.optim.lr == 3e-4
