@@ -63,6 +63,7 @@ setup(
         "scipy>=1.10",
         "safetensors>=0.4",
         "tqdm",
+        "pillow",
         "tensorboard",
     ],
     extras_require={

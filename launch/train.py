@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a config key (dotted; VALUE parsed as JSON when possible); repeatable")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in --out) or a tag")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="end this invocation (with a checkpoint) once this many samples are seen, without "
+                        "changing the schedule; e.g. to fit a cluster time limit, then --resume auto")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     from lct_fast.trainer import Trainer, TrainingStopped
 
     try:
-        Trainer(cfg, run_dir, resume=args.resume).run()
+        Trainer(cfg, run_dir, resume=args.resume).run(max_samples=args.max_samples)
     except TrainingStopped as e:
         print(f"lct_fast: stopped: {e}", file=sys.stderr)
         return 3

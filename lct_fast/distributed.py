@@ -58,6 +58,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op at first use (minutes on a
+        # small machine, per fresh cache). gloo is all we need for CPU runs and tests, so mark it unavailable.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)

@@ -50,6 +50,26 @@ def resolve_data_path(cfg: Config, *, is_main: bool = True) -> str:
     return ensure_synthetic(cfg.data.synthetic)
 
 
+def save_latent_grid(x: torch.Tensor, stem: str) -> None:
+    """``stem.npy`` (the latents) and ``stem.png``: channels 0-2 as RGB, each scaled by the batch's
+    own 1st-99th percentile, so a run without a VAE still shows structure and mode collapse at a glance."""
+    import numpy as np
+
+    from .sample import make_grid, save_latents, save_png
+
+    save_latents(stem + ".npy", x)
+    rgb = x[:, :3].float()
+    if rgb.shape[1] < 3:
+        rgb = rgb[:, :1].expand(-1, 3, -1, -1)
+    flat = rgb.transpose(0, 1).reshape(3, -1)
+    lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
+    img = ((rgb - lo[:, None, None]) / (hi - lo).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
+    img = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    # Latent grids are tiny (8x8): upscale 4x with nearest neighbour so the PNG is readable.
+    img = np.repeat(np.repeat(img, 4, axis=1), 4, axis=2)
+    save_png(stem + ".png", make_grid(img))
+
+
 class _Logger:
     """Rank-0 JSONL + TensorBoard + tqdm; every other rank logs nothing."""
 
@@ -240,9 +260,12 @@ class Trainer:
     def _crossed(self, interval: int, before: int) -> bool:
         return interval > 0 and before // interval != self.samples // interval
 
-    def run(self) -> dict:
+    def run(self, max_samples: int | None = None) -> dict:
+        """Train until ``train.total_samples`` (or ``max_samples``, ending with a checkpoint)."""
         cfg, d = self.cfg, self.dist
         total = cfg.train.total_samples - cfg.train.total_samples % cfg.train.global_batch
+        if max_samples is not None:
+            total = min(total, max_samples)
         log = _Logger(self.run_dir, d.is_main, total, self.samples)
         if d.is_main:
             print(f"lct_fast: {cfg.name}: {cfg.model.arch} with {self.num_params:,} parameters, method "
@@ -297,7 +320,7 @@ class Trainer:
         Uses the first EMA; under ZeRO-3 the EMA lives in per-rank partitions, so the periodic grid shows
         the live weights instead (the exported EMA is consolidated offline by ``launch/export.py``)."""
         from .models import build_model
-        from .sample import generate, save_latent_grid
+        from .sample import generate
 
         gathered = self._gathered_weights()
         if not self.dist.is_main:
@@ -312,9 +335,9 @@ class Trainer:
         m = self.cfg.model
         for steps in (1, 2):
             x = generate(net, self.cfg.method, n=n, shape=(m.in_channels, m.resolution, m.resolution),
-                         num_classes=m.num_classes, steps=steps, seed=self.cfg.train.seed)
+                         num_classes=m.num_classes, steps=steps, seed=self.cfg.train.seed).latents
             stem = os.path.join(out, f"{ckpt.tag_for(self.samples)}-{steps}step")
-            save_latent_grid(x, stem + ".png", npy_path=stem + ".npy")
+            save_latent_grid(x, stem)
 
     @property
     def _zero3(self) -> bool:
