@@ -75,7 +75,8 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout probability inside the backbone (masks drawn from an explicit generator)."""
     norm: str = "nsln"
-    """Normalisation: nsln (Non-scaling LayerNorm, eq. 12) | layernorm | groupnorm | instancenorm | rmsnorm."""
+    """Normalisation: nsln (Non-scaling LayerNorm, eq. 12) | layernorm; the UNet also groupnorm | instancenorm |
+    rmsnorm (the paper's Table 2d ablation)."""
     unet_channels: int = 128
     """UNet base channels."""
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
@@ -110,7 +111,8 @@ class ModelConfig:
             raise ConfigError(f"model.resolution: {self.resolution} is not divisible by model.patch_size={self.patch_size}")
         _positive("model.num_classes", self.num_classes, allow_zero=True)
         _unit("model.dropout", self.dropout)
-        _choice("model.norm", self.norm, ["nsln", "layernorm", "groupnorm", "instancenorm", "rmsnorm"])
+        _choice("model.norm", self.norm, ["nsln", "layernorm", "groupnorm", "instancenorm", "rmsnorm"]
+                if self.arch == "unet" else ["nsln", "layernorm"])
         _positive("model.unet_channels", self.unet_channels)
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ConfigError(f"model.channel_mult: expected a non-empty list of positive ints, got {self.channel_mult!r}")

@@ -1,0 +1,227 @@
+"""Building blocks shared by the DiT and UNet backbones.
+
+Everything here is free of in-place ops so that it is safe under ``torch.func.jvp`` and
+``torch.autograd.forward_ad`` (sCT's tangent pass, SPEC §3).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lct_fast import ops
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+class NsLN(nn.Module):
+    """Non-scaling LayerNorm over the last dim (paper eq. 12): (x − μ)/√(var + ε) + β.
+
+    The LayerNorm scale is fixed to 1 and is not a parameter at all (the paper sets it to 1 and
+    disables its gradient); only the bias β is learned. ``bias=False`` gives a plain non-affine
+    LayerNorm (the standard DiT choice) through the same op.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, bias: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        self.dim, self.eps, self.backend = dim, eps, backend
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.nsln(x, self.bias, eps=self.eps, backend=self.backend)
+
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Fused adaLN: NsLN(x)·(1 + scale) + shift, shift/scale [B, N] (β added last, SPEC §4)."""
+        return ops.nsln_modulate(x, shift, scale, self.bias, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class NsLN2d(nn.Module):
+    """NsLN for [B, C, H, W] maps: each sample's whole C×H×W feature is normalised (as in the
+    authors' UNet code, a LayerNorm over all of C, H, W) and a learned per-channel bias β[C] is added.
+
+    It runs through ``lct_fast.ops.nsln`` on the flattened feature (bias broadcast to C·H·W entries),
+    so a fused NsLN kernel registered for the DiT also serves the UNet.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.channels, self.eps, self.backend = channels, eps, backend
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        bias = self.bias[:, None].expand(c, h * w).reshape(c * h * w)
+        return ops.nsln(x.reshape(b, c * h * w), bias, eps=self.eps, backend=self.backend).reshape(b, c, h, w)
+
+
+class RMSNorm2d(nn.Module):
+    """RMSNorm over each sample's C×H×W with a per-channel scale (Table 2d ablation); fp32 stats."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = xs * torch.rsqrt(xs.square().mean(dim=(1, 2, 3), keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)[:, None, None]).to(x.dtype)
+
+
+NORMS_2D = ("groupnorm", "instancenorm", "layernorm", "rmsnorm", "nsln")
+
+
+def make_norm2d(kind: str, channels: int, *, eps: float = 1e-6, backend: str = "auto") -> nn.Module:
+    """Feature-map normalisation for the UNet (paper Table 2d).
+
+    groupnorm: 32 groups (ADM; fewer for tiny widths, ≥4 channels per group), per-channel affine.
+    instancenorm: per-channel statistics over H×W, per-channel affine (GroupNorm with C groups; no
+    running stats). layernorm: statistics over C×H×W, per-channel affine (GroupNorm with 1 group, as
+    the authors' code). rmsnorm: RMS over C×H×W, per-channel scale. nsln: statistics over C×H×W,
+    scale fixed to 1, per-channel bias (eq. 12).
+    """
+    if kind == "groupnorm":
+        groups = min(32, max(1, channels // 4))
+        if channels % groups:
+            raise ValueError(f"groupnorm: {channels} channels are not divisible into {groups} groups")
+        return nn.GroupNorm(groups, channels, eps=eps)
+    if kind == "instancenorm":
+        return nn.GroupNorm(channels, channels, eps=eps)
+    if kind == "layernorm":
+        return nn.GroupNorm(1, channels, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm2d(channels, eps=eps)
+    if kind == "nsln":
+        return NsLN2d(channels, eps=eps, backend=backend)
+    raise ValueError(f"model.norm={kind!r} is not one of {list(NORMS_2D)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time embedding and adaptive-weight head
+# ---------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Positional embedding [cos(c·ω_k), sin(c·ω_k)], ω_k = max_period^(−k/half), in ≥fp32.
+
+    Plain positional frequencies (ω ≤ 1), no large-scale random Fourier features: those destabilise
+    the JVP of sCT (SPEC §3). Autocast is disabled so the embedding is never computed in bf16.
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoidal embedding dim must be even, got {dim}")
+    dt = torch.promote_types(c_noise.dtype, torch.float32)
+    with torch.autocast(device_type=c_noise.device.type, enabled=False):
+        c = c_noise.to(dt).reshape(-1, 1)
+        half = dim // 2
+        k = torch.arange(half, device=c_noise.device, dtype=dt)
+        freqs = torch.exp(-math.log(max_period) * k / half)
+        args = c * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class LogVarHead(nn.Module):
+    """Adaptive loss weight w_φ(t) (sCM): a linear map of the positional embedding of c_noise to a
+    scalar, kept in fp32 and zero-initialised (w_φ ≡ 0 at the start, i.e. unit weight)."""
+
+    def __init__(self, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.linear = nn.Linear(freq_dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        emb = sinusoidal_embedding(c_noise, self.freq_dim)
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            w = self.linear.weight.to(emb.dtype)
+            b = self.linear.bias.to(emb.dtype)
+            return F.linear(emb, w, b).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout with explicit seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _site_seed(seed: int, site: int) -> int:
+    # A fixed mix of (forward seed, dropout site): every site gets its own reproducible stream.
+    return (int(seed) * 1_000_003 + (site + 1) * 0x9E3779B1) % (2**63 - 1)
+
+
+class SeededDropout(nn.Module):
+    """Dropout whose mask comes from an explicit generator seeded by (dropout_seed, site).
+
+    With the same ``dropout_seed`` the online and target passes see identical masks (iCT: both
+    passes share the mask; sCT: the JVP pass and the gradient pass). Seeding per site instead of
+    drawing one generator in order keeps masks identical when activation checkpointing recomputes
+    a block. ``seed=None`` uses the default generator (``F.dropout``).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.site = 0  # set by assign_dropout_sites once the network is built
+
+    def forward(self, x: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if seed is None:
+            return F.dropout(x, self.p, training=True)
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(_site_seed(seed, self.site))
+        keep = torch.rand(x.shape, generator=gen, device=x.device) >= self.p
+        return x * (keep.to(x.dtype) / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, site={self.site}"
+
+
+def assign_dropout_sites(module: nn.Module) -> None:
+    """Number the SeededDropout modules in a fixed (registration) order."""
+    for i, m in enumerate(x for x in module.modules() if isinstance(x, SeededDropout)):
+        m.site = i
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+def maybe_checkpoint(enabled: bool, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """Run ``fn(*args)``, checkpointed when enabled, gradients are being recorded and no
+    forward-mode AD is active (checkpointing is useless in the no-grad JVP pass, and the
+    recompute would not carry tangents)."""
+    if enabled and torch.is_grad_enabled() and not ops.forward_ad_active(
+            *[a for a in args if isinstance(a, torch.Tensor)]):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def label_or_null(labels: Optional[torch.Tensor], batch: int, num_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    """Labels [B] as int64; ``None`` means the null class (id ``num_classes``) for every sample."""
+    if labels is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
+    return labels.to(device=device, dtype=torch.long)
+
+
+def broadcast_batch(c: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Accept a scalar or [B] tensor and return [B]."""
+    if c.dim() == 0:
+        return c.expand(batch)
+    if c.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or have shape [{batch}], got {tuple(c.shape)}")
+    return c

@@ -1,0 +1,112 @@
+"""Preconditioning wrappers, kept separate from the backbones (contract; SPEC §2, §3).
+
+Coefficients are computed in fp32 (fp64 when the inputs are fp64, for finite-difference tests) and
+the results are returned in that dtype; the backbone itself runs in whatever autocast dtype the
+caller set up.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+Scalar = Union[float, torch.Tensor]
+
+
+def _coef_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _as_batch(v: Scalar, x: torch.Tensor, name: str) -> torch.Tensor:
+    """σ or t as a [B] tensor of the coefficient dtype on x's device (scalars broadcast)."""
+    # convert Python scalars straight to the coefficient dtype (σ_min must stay bit-exact in fp64 too)
+    t = torch.as_tensor(v, dtype=_coef_dtype(x), device=x.device)
+    if t.dim() == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"{name} must be a scalar or have shape [{x.shape[0]}], got {tuple(t.shape)}")
+    return t
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return c.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class VEPrecond(nn.Module):
+    """f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in(σ)·x, c_noise(σ)) (SPEC §2, iCT/ECT form).
+
+    c_skip = σ_d²/((σ − σ_min)² + σ_d²), c_out = (σ − σ_min)·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²),
+    c_noise = 250·ln σ. At σ = σ_min, c_skip = 1 and c_out = 0 exactly, so f(x, σ_min) == x.
+    """
+
+    def __init__(self, backbone: nn.Module, *, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+        super().__init__()
+        if sigma_data <= 0 or sigma_min <= 0:
+            raise ValueError(f"VEPrecond: sigma_data ({sigma_data}) and sigma_min ({sigma_min}) must be > 0")
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+
+    def coefficients(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, c_noise) for σ (already in the coefficient dtype)."""
+        sd, smin = self.sigma_data, self.sigma_min
+        c_skip = sd**2 / ((sigma - smin) ** 2 + sd**2)
+        c_out = (sigma - smin) * sd / torch.sqrt(sigma**2 + sd**2)
+        c_in = 1.0 / torch.sqrt(sigma**2 + sd**2)
+        c_noise = 250.0 * torch.log(sigma)
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: torch.Tensor, sigma: Scalar, labels: Optional[torch.Tensor] = None, *,
+                dropout_seed: Optional[int] = None) -> torch.Tensor:
+        dt = _coef_dtype(x)
+        x = x.to(dt)
+        sigma = _as_batch(sigma, x, "sigma")
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        out = self.backbone(_bcast(c_in, x) * x, c_noise, labels, dropout_seed=dropout_seed).to(dt)
+        return _bcast(c_skip, x) * x + _bcast(c_out, x) * out
+
+    def logvar(self, sigma: Scalar) -> torch.Tensor:
+        """Adaptive weight head at c_noise(σ), [B] float32."""
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=_device_of(self.backbone))
+        return self.backbone.logvar(250.0 * torch.log(s.reshape(-1)))
+
+
+class TrigFlowPrecond(nn.Module):
+    """TrigFlow parameterisation (SPEC §3): f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t),
+    with the backbone called at c_noise = time_scale·t. f(x, 0) == x exactly (cos 0 = 1, sin 0 = 0).
+    """
+
+    def __init__(self, backbone: nn.Module, *, sigma_data: float = 0.5, time_scale: float = 1000.0) -> None:
+        super().__init__()
+        if sigma_data <= 0:
+            raise ValueError(f"TrigFlowPrecond: sigma_data must be > 0, got {sigma_data}")
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+        self.time_scale = float(time_scale)
+
+    def F(self, x_in: torch.Tensor, t: Scalar, labels: Optional[torch.Tensor] = None, *,
+          dropout_seed: Optional[int] = None) -> torch.Tensor:
+        """Raw network F_θ(x_in, t) = backbone(x_in, time_scale·t) in (≥)fp32; sCT takes its JVP
+        with respect to (x_in, t)."""
+        dt = _coef_dtype(x_in)
+        t = _as_batch(t, x_in, "t")
+        return self.backbone(x_in.to(dt), self.time_scale * t, labels, dropout_seed=dropout_seed).to(dt)
+
+    def forward(self, x_t: torch.Tensor, t: Scalar, labels: Optional[torch.Tensor] = None, *,
+                dropout_seed: Optional[int] = None) -> torch.Tensor:
+        dt = _coef_dtype(x_t)
+        x_t = x_t.to(dt)
+        t = _as_batch(t, x_t, "t")
+        out = self.F(x_t / self.sigma_data, t, labels, dropout_seed=dropout_seed)
+        return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_data * out
+
+    def logvar(self, t: Scalar) -> torch.Tensor:
+        """w_φ(t): the backbone's head at c_noise = time_scale·t, [B] float32."""
+        tt = torch.as_tensor(t, dtype=torch.float32, device=_device_of(self.backbone))
+        return self.backbone.logvar(self.time_scale * tt.reshape(-1))

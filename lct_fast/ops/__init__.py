@@ -1,0 +1,55 @@
+"""Custom ops with a PyTorch reference and a backend dispatcher (SPEC §4).
+
+Public API::
+
+    nsln(x, bias, *, eps=1e-6, backend="auto")
+    nsln_modulate(x, shift, scale, bias=None, *, eps=1e-6, backend="auto")
+    attention(q, k, v, *, backend="auto")
+    nsln_reference / nsln_modulate_reference / attention_reference / nsln_tangent_reference
+    register_backend(op_name, backend_name, fn, available, *, supports_forward_ad=True)
+    chosen_backend(op, backend, *tensors) -> str; explain_backend(...) -> (str, reason)
+    set_default_backend(name); get_default_backend(); forward_ad_active(*tensors)
+"""
+from .attention_ops import attention, attention_reference, attention_torch
+from .dispatch import (
+    BACKENDS,
+    backend_choices,
+    chosen_backend,
+    explain_backend,
+    forward_ad_active,
+    get_default_backend,
+    register_backend,
+    registered_backends,
+    reset_backend_log,
+    set_default_backend,
+    unregister_backend,
+)
+from .nsln_ops import (
+    nsln,
+    nsln_modulate,
+    nsln_modulate_reference,
+    nsln_reference,
+    nsln_tangent_reference,
+)
+
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "attention_reference",
+    "attention_torch",
+    "backend_choices",
+    "chosen_backend",
+    "explain_backend",
+    "forward_ad_active",
+    "get_default_backend",
+    "nsln",
+    "nsln_modulate",
+    "nsln_modulate_reference",
+    "nsln_reference",
+    "nsln_tangent_reference",
+    "register_backend",
+    "registered_backends",
+    "reset_backend_log",
+    "set_default_backend",
+    "unregister_backend",
+]
