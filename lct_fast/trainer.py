@@ -36,7 +36,10 @@ class TrainingStopped(RuntimeError):
 
 
 def step_seed(seed: int, rank: int, samples: int, micro: int = 0) -> int:
-    """A 63-bit seed from (seed, rank, samples seen, micro-batch index), stable across runs and resumes."""
+    """A 63-bit seed from (seed, rank, samples seen, micro-batch index), stable across runs and resumes.
+
+    A hash, not bit packing: torch's CPU generator keeps only the low 32 bits of a seed, and those are
+    as well mixed as the rest here."""
     digest = hashlib.blake2b(f"{seed}/{rank}/{samples}/{micro}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 

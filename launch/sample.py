@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Sample latents (and optionally a decoded PNG grid) from a trained lct_fast model.
+
+Usage::
+
+    python launch/sample.py --checkpoint run/model.safetensors --steps 2 --n 64 --seed 0 --out samples/ \
+        [--config run/config.json] [--set method.ict.sigma_mid=0.9] [--vae path/to/sd-vae] [--stats data/]
+
+``--checkpoint`` is a safetensors file of model weights (the preconditioned model's state dict, or the bare
+backbone's). The resolved config is read from ``--config`` or, if omitted, from ``<checkpoint>.json`` or
+``config.json`` beside the checkpoint. Writes ``<out>/latents.npy`` (float32 [n, C, H, W], normalized space),
+``<out>/labels.npy`` for class-conditional models and, with ``--vae``, ``<out>/grid.png`` decoded with the
+dataset statistics (``--stats``, default: ``stats.json`` of ``data.path`` in the config).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+
+
+def _find_config(checkpoint: str, config: Optional[str]) -> str:
+    if config:
+        return config
+    stem = os.path.splitext(checkpoint)[0]
+    for cand in (stem + ".json", os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")):
+        if os.path.isfile(cand):
+            return cand
+    raise FileNotFoundError(f"{checkpoint}: no config found beside the checkpoint (looked for {stem}.json and "
+                            f"config.json in its folder); pass --config")
+
+
+def load_model(checkpoint: str, cfg, device: str = "cpu") -> torch.nn.Module:
+    """Build ``lct_fast.models.build_model(cfg.model, cfg.method)`` and load the safetensors weights.
+
+    Accepts the preconditioned model's keys (``backbone.*``) or the bare backbone's; any other mismatch is an
+    error listing the first missing / unexpected keys."""
+    from safetensors.torch import load_file
+
+    from lct_fast.models import build_model
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    state = load_file(checkpoint, device="cpu")
+    net = build_model(cfg.model, cfg.method)
+    expected = set(net.state_dict())
+    if set(state) != expected and {"backbone." + k for k in state} == expected:
+        state = {"backbone." + k: v for k, v in state.items()}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: weights do not match the model of the config "
+                         f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    net.load_state_dict(state, strict=True)
+    return net.to(device).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="safetensors file of model weights")
+    p.add_argument("--config", default=None, help="resolved config JSON (default: beside the checkpoint)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. method.ict.sigma_mid=0.9 (repeatable)")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps: 1, 2 (sigma_mid / t_mid) or more")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (noise and labels)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass")
+    p.add_argument("--label", type=int, default=None, help="generate this class only (default: uniform labels)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: also write grid.png")
+    p.add_argument("--stats", default=None, help="dataset folder or stats.json (default: data.path of the config)")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ceil(sqrt(n)))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lct_fast.config import load_config
+    from lct_fast.sample import decode_and_save_grid, generate, save_latents
+
+    cfg = load_config(_find_config(args.checkpoint, args.config), args.overrides)
+    net = load_model(args.checkpoint, cfg, args.device)
+    m = cfg.model
+    res = generate(net, cfg.method, n=args.n, shape=(m.in_channels, m.resolution, m.resolution),
+                   num_classes=m.num_classes, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                   labels=args.label)
+    os.makedirs(args.out, exist_ok=True)
+    written = [save_latents(os.path.join(args.out, "latents.npy"), res.latents)]
+    if res.labels is not None:
+        path = os.path.join(args.out, "labels.npy")
+        np.save(path, res.labels.numpy().astype(np.int64), allow_pickle=False)
+        written.append(path)
+    if args.vae:
+        stats = args.stats or cfg.data.path
+        if not stats:
+            raise SystemExit("--vae needs dataset statistics: pass --stats (the config's data.path is empty)")
+        png = os.path.join(args.out, "grid.png")
+        decode_and_save_grid(res.latents, args.vae, stats, png, sigma_data=cfg.method.sigma_data,
+                             normalize=cfg.data.normalize, nrow=args.nrow, device=args.device)
+        written.append(png)
+    for w in written:
+        print(w)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
