@@ -453,6 +453,9 @@ class Config:
                 raise ConfigError(f"deepspeed.{key}: {ds[key]!r} disagrees with the value {value!r} derived from train.*")
             ds[key] = value
         ds.setdefault("bf16", {})["enabled"] = self.train.precision == "bf16"
+        # Our optimizers are torch's (RAdam, AdamW) in the NaN guard of lct_fast.optim: ZeRO runs them on its
+        # fp32 partitions, which is sound for any element-wise optimizer.
+        ds.setdefault("zero_allow_untested_optimizer", True)
         return ds
 
 

@@ -8,6 +8,8 @@ import torch
 # Must be set before any @triton.jit function is created; harmless where Triton is absent.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # DeepSpeed picks its accelerator at import; without a GPU make it the CPU one (gloo) explicitly.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

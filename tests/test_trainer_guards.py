@@ -1,0 +1,99 @@
+"""Trainer guards, in process (one rank): NaN/Inf steps skipped and counted, stop after K bad steps with
+a checkpoint of the last good state, and a crash during a save never marks a half-written checkpoint."""
+
+import os
+
+import pytest
+import torch
+
+from lct_fast import checkpoint as ckpt
+from lct_fast.config import load_config
+from lct_fast.trainer import Trainer, TrainingStopped
+
+SMALL = ["model.width=32", "train.global_batch=8", "train.log_interval=8", "optim.warmup_samples=0",
+         "data.shuffle_buffer=64", "train.ckpt_interval=0", "train.sample_interval=0"]
+
+
+def make_trainer(tmp_path, *overrides, name="run"):
+    cfg = load_config("tiny", SMALL + list(overrides))
+    return Trainer(cfg, str(tmp_path / name))
+
+
+def poison(trainer, bad_steps):
+    """Make the loss NaN (through the graph, as a real blow-up would be) at the given step indices."""
+    real = trainer.loss_fn.__call__
+    loss_fn = trainer.loss_fn
+
+    class Poisoned:
+        metrics = {}
+
+        def __call__(self, net, x0, labels, *, step, generator, target_net=None):
+            out = real(net, x0, labels, step=step, generator=generator, target_net=target_net)
+            self.metrics = loss_fn.metrics
+            return out * float("nan") if step in bad_steps else out
+
+    trainer.loss_fn = Poisoned()
+
+
+def weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    tr = make_trainer(tmp_path, "train.total_samples=48", "train.max_bad_steps=3")
+    poison(tr, bad_steps={2, 3})
+    tr._batches = iter(tr.loader)
+    history = []
+    for k in range(6):
+        before, ema_before = weights(tr), {n: t.clone() for n, t in tr.ema.shadows[tr.ema.names[0]].items()}
+        m = tr.train_step()
+        after = weights(tr)
+        changed = any(not torch.equal(before[n], after[n]) for n in before)
+        ema_changed = any(not torch.equal(ema_before[n], t) for n, t in tr.ema.shadows[tr.ema.names[0]].items())
+        history.append((m["step_applied"], changed, ema_changed))
+        assert all(torch.isfinite(p).all() for p in after.values())
+    assert history == [(1.0, True, True)] * 2 + [(0.0, False, False)] * 2 + [(1.0, True, True)] * 2
+    assert tr.bad_total == 2 and tr.bad_streak == 0 and tr.optimizer.skipped == 2
+    assert tr.ema.num_updates == 4
+
+
+def test_stops_after_k_bad_steps_with_checkpoint(tmp_path):
+    tr = make_trainer(tmp_path, "train.total_samples=80", "train.max_bad_steps=3")
+    poison(tr, bad_steps=set(range(2, 100)))
+    with pytest.raises(TrainingStopped, match="3 consecutive steps had a NaN/Inf"):
+        tr.run()
+    good = weights(tr)
+    ck_dir = os.path.join(tr.run_dir, "checkpoints")
+    tag = ckpt.find_resume_tag(ck_dir)
+    assert tag == ckpt.tag_for(40)  # 2 good steps + 3 skipped ones, 8 samples each
+    # The checkpoint holds the last good weights: reload them in a fresh trainer and compare.
+    again = make_trainer(tmp_path, "train.total_samples=80", name="run")
+    again._resume("auto")
+    assert again.samples == 40 and again.bad_total == 3
+    for n, p in again.engine.module.named_parameters():
+        assert torch.equal(p, good[n]), n
+
+
+def test_interrupted_save_keeps_previous_latest(tmp_path, monkeypatch):
+    tr = make_trainer(tmp_path, "train.total_samples=32")
+    tr._batches = iter(tr.loader)
+    tr.train_step()
+    first = tr.save_checkpoint()
+    tr.train_step()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        tr.save_checkpoint()
+    ck_dir = os.path.join(tr.run_dir, "checkpoints")
+    second = ckpt.tag_for(16)
+    assert os.path.isdir(os.path.join(ck_dir, second))  # DeepSpeed's part was written...
+    assert not ckpt.is_complete(ck_dir, second)  # ...but it is not marked complete
+    assert open(os.path.join(ck_dir, "latest")).read().strip() == first
+    assert ckpt.find_resume_tag(ck_dir) == first
+    # Even with `latest` pointing at the broken tag, resume picks the newest complete one.
+    with open(os.path.join(ck_dir, "latest"), "w") as f:
+        f.write(second)
+    assert ckpt.find_resume_tag(ck_dir) == first
