@@ -16,7 +16,7 @@ def write(tmp_path, obj, name="run.json"):
     return str(path)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json"))))
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.json"), recursive=True)))
 def test_every_preset_loads(path):
     cfg = load_config(path)
     assert cfg.name == os.path.splitext(os.path.basename(path))[0]
@@ -114,3 +114,17 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(str(out))
     assert config_to_dict(again) == config_to_dict(cfg)
     assert isinstance(again, Config) and again.optim.lr == 3e-4
+
+
+def test_ablation_presets_follow_table_2a():
+    """Table 2a: iLCT -> +Cauchy -> +Diff -> +OT -> +scaled c -> +NsLN, one switch per row."""
+    rows = [load_config(os.path.join(CONFIG_DIR, "ablation", f"{n}.json"))
+            for n in ("a_ilct", "b_cauchy", "c_diff", "d_ot", "e_scaled_c", "f_nsln")]
+    state = [(r.method.ict.distance, r.method.ict.diffusion_weight > 0, r.method.ot.method, r.method.ict.c_mode,
+              r.model.norm) for r in rows]
+    assert state == [("pseudo_huber", False, "none", "fixed", "groupnorm"),
+                     ("cauchy", False, "none", "fixed", "groupnorm"),
+                     ("cauchy", True, "none", "fixed", "groupnorm"),
+                     ("cauchy", True, "exact", "fixed", "groupnorm"),
+                     ("cauchy", True, "exact", "adaptive", "groupnorm"),
+                     ("cauchy", True, "exact", "adaptive", "nsln")]

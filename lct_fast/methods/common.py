@@ -1,0 +1,99 @@
+"""Helpers shared by the loss objects: explicit-generator randomness, label dropout, module unwrapping,
+minibatch OT coupling and its cost metric.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "randn_like_gen", "draw_seed", "unwrap", "null_class", "drop_labels", "couple_noise", "pairing_cost",
+    "as_float",
+]
+
+_SEED_HIGH = 2 ** 62
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """Promote to at least float32 (keeps float64, e.g. in finite-difference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def randn_like_gen(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device, returned on x's device."""
+    z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+    return z.to(x.device)
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """An integer seed from ``generator`` (used as the shared ``dropout_seed`` of both passes)."""
+    return int(torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=generator.device).item())
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The preconditioning module inside DeepSpeed/DDP (``.module``) or torch.compile (``._orig_mod``).
+
+    Stops at the first object that exposes ``backbone`` (VEPrecond / TrigFlowPrecond per the contract).
+    """
+    m = module
+    for _ in range(8):
+        if hasattr(m, "backbone"):
+            return m
+        inner = getattr(m, "module", None)
+        if inner is None:
+            inner = getattr(m, "_orig_mod", None)
+        if inner is None:
+            return m
+        m = inner
+    return m
+
+
+def null_class(net: nn.Module) -> int:
+    """The null label id (= backbone.num_classes); 0 means the model is unconditional."""
+    backbone = getattr(unwrap(net), "backbone", None)
+    n = getattr(backbone, "num_classes", None)
+    if n is None:
+        raise AttributeError(
+            f"{type(net).__name__}: label dropout needs net.backbone.num_classes (the null class id)")
+    return int(n)
+
+
+def drop_labels(labels: Optional[torch.Tensor], p: float, null_id: int,
+                generator: torch.Generator) -> Optional[torch.Tensor]:
+    """Replace each label by the null class ``null_id`` with probability p (classifier-free training)."""
+    if labels is None or p <= 0.0:
+        return labels
+    u = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
+    return torch.where(u < p, torch.full_like(labels, null_id), labels)
+
+
+def pairing_cost(x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Σ_b ‖x0_b − z_b‖² over the batch (float32, detached): the transport cost of a pairing."""
+    d = (x0.detach().float() - z.detach().float()).flatten(1)
+    return d.square().sum()
+
+
+def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = "auto", *,
+                 eps: float = 0.05, iters: int = 100) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Minibatch OT coupling (paper §4.4): returns (z[perm], cost ratio vs the identity pairing).
+
+    ``method == "none"`` returns z unchanged and ratio 1; ``eps``/``iters`` are the Sinkhorn settings. The coupling itself is
+    :func:`lct_fast.ot.couple` (imported lazily: the OT module is optional for methods without OT).
+    """
+    one = torch.ones((), device=x0.device)
+    if method == "none":
+        return z, one
+    from lct_fast.ot import couple  # lazy: keeps the methods importable without the OT stack
+
+    with torch.no_grad():
+        perm = couple(x0.detach(), z.detach(), method=method, backend=backend, eps=eps, iters=iters)
+    perm = perm.to(device=z.device, dtype=torch.long)
+    if perm.shape != (z.shape[0],):
+        raise ValueError(f"lct_fast.ot.couple returned a permutation of shape {tuple(perm.shape)}, "
+                         f"expected ({z.shape[0]},)")
+    zp = z[perm]
+    base = pairing_cost(x0, z)
+    ratio = pairing_cost(x0, zp) / base.clamp_min(torch.finfo(torch.float32).tiny)
+    return zp, ratio.detach()

@@ -1,0 +1,162 @@
+"""Discrete-time improved latent consistency training (``ict``; latent CT paper 2502.01441, SPEC §2).
+
+Per sample: draw a pair (σ_i, σ_{i+1}) of the Karras grid of N(k) levels (eq. 10) from the discrete
+lognormal, noise x0 at both levels with the *same* z (OT-coupled if enabled, §4.4), and compare
+the online f_θ(x_{i+1}, σ_{i+1}) with the stop-gradient target f_θ⁻(x_i, σ_i) (θ⁻ = sg θ, same dropout
+mask) through a robust distance (eqs. 6–8) weighted by λ = 1/(σ_{i+1} − σ_i); on the smallest ⌊N·r⌋
+pairs add the diffusion loss (eq. 9).
+
+Every improvement of Table 2a is a switch (see :class:`ICTLoss`), so iLCT and the ablation rows are
+presets of the same object.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import schedules
+from .common import as_float, couple_noise, draw_seed, drop_labels, null_class, randn_like_gen
+from .distances import reduce_squared, robust_distance
+
+__all__ = ["ICTLoss"]
+
+
+class ICTLoss:
+    """iCT/iLCT loss with the latent CT paper's switches.
+
+    Switches (all from ``cfg.ict`` / ``cfg.ot``): ``distance`` (l2 | pseudo_huber | cauchy |
+    geman_mcclure), ``c_mode`` (fixed c0 = c0_coeff·√D | adaptive eq. 11 with c_a, c_b),
+    ``diffusion_weight`` / ``diffusion_r`` (0 disables eq. 9), ``ot.method`` (none | exact | sinkhorn).
+
+    Args:
+        cfg: ``MethodConfig`` (uses ``sigma_data``, ``label_dropout``, ``ict``, ``ot``).
+        data_dim: D = C·H·W of one latent.
+        total_steps: K, the number of optimizer iterations of the run (curriculum length).
+    """
+
+    def __init__(self, cfg: Any, *, data_dim: int, total_steps: int) -> None:
+        ict = cfg.ict
+        if data_dim < 1:
+            raise ValueError(f"ICTLoss: data_dim must be >= 1, got {data_dim}")
+        if total_steps < 1:
+            raise ValueError(f"ICTLoss: total_steps must be >= 1, got {total_steps}")
+        self.data_dim = int(data_dim)
+        self.total_steps = int(total_steps)
+        self.sigma_data = float(cfg.sigma_data)
+        self.label_dropout = float(cfg.label_dropout)
+        self.sigma_min, self.sigma_max, self.rho = float(ict.sigma_min), float(ict.sigma_max), float(ict.rho)
+        self.s0, self.s1 = int(ict.s0), int(ict.s1)
+        self.p_mean, self.p_std = float(ict.p_mean), float(ict.p_std)
+        self.distance, self.reduction = str(ict.distance), str(ict.reduction)
+        self.c_mode, self.c0_coeff = str(ict.c_mode), float(ict.c0_coeff)
+        self.c_a, self.c_b = float(ict.c_a), float(ict.c_b)
+        self.diffusion_r, self.diffusion_weight = float(ict.diffusion_r), float(ict.diffusion_weight)
+        self.diffusion_sigma_weight = str(ict.diffusion_sigma_weight)
+        self.ot_method, self.ot_backend = str(cfg.ot.method), str(cfg.ot.backend)
+        self.ot_eps, self.ot_iters = float(cfg.ot.sinkhorn_eps), int(cfg.ot.sinkhorn_iters)
+        if getattr(cfg.ot, "global_coupling", False):
+            # Coupling across ranks needs an all-gather; loss objects know nothing about parallelism.
+            raise ValueError("method.ot.global_coupling=true is not supported by the loss objects "
+                             "(they couple each rank's micro-batch); set it to false")
+        # Fail at construction, not at step 1, on a bad switch value.
+        robust_distance(self.distance, torch.zeros(1), 1.0)
+        reduce_squared(torch.zeros(1, 1), self.reduction)
+        self.c_at(2)
+        if self.diffusion_sigma_weight not in ("none", "lambda", "snr"):
+            raise ValueError(f"ICTLoss: diffusion_sigma_weight must be none|lambda|snr, got {self.diffusion_sigma_weight!r}")
+        self.metrics: Dict[str, torch.Tensor] = {}
+        self._grid_cache: Dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ schedules
+    def num_levels(self, step: int) -> int:
+        """N(k) (eq. 10)."""
+        return schedules.curriculum_N(step, self.total_steps, self.s0, self.s1)
+
+    def c_at(self, n: int) -> float:
+        """Robustness scale c for N(k) = n (fixed c0 or eq. 11)."""
+        return schedules.robust_c(self.c_mode, n=n, data_dim=self.data_dim, c0_coeff=self.c0_coeff,
+                                  a=self.c_a, b=self.c_b)
+
+    def _grid(self, n: int):
+        """(σ grid float64 on CPU, pair probabilities float64) for N = n, cached per n."""
+        if n not in self._grid_cache:
+            sig = schedules.karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho)
+            self._grid_cache[n] = (sig, schedules.pair_probs(sig, self.p_mean, self.p_std))
+        return self._grid_cache[n]
+
+    def _diffusion_sigma_weight(self, sig_hi: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Optional per-σ factor of the diffusion term: 1, λ(σ_i), or SNR/(1+SNR) = σ_d²/(σ²+σ_d²) (≤ 1)."""
+        if self.diffusion_sigma_weight == "lambda":
+            return lam
+        if self.diffusion_sigma_weight == "snr":
+            sd2 = self.sigma_data ** 2
+            return sd2 / (sig_hi.square() + sd2)
+        return torch.ones_like(sig_hi)
+
+    # ------------------------------------------------------------------ loss
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *, step: int,
+                 generator: torch.Generator, target_net: Optional[nn.Module] = None) -> torch.Tensor:
+        """Per-sample loss [B] (float32, or float64 for float64 inputs). See the module docstring."""
+        target_net = net if target_net is None else target_net
+        if x0.ndim < 2 or x0[0].numel() != self.data_dim:
+            raise ValueError(f"ICTLoss: x0 of shape {tuple(x0.shape)} does not have data_dim={self.data_dim} per sample")
+        x0 = as_float(x0)
+        batch, dev = x0.shape[0], x0.device
+        bshape = (batch,) + (1,) * (x0.ndim - 1)
+
+        n = self.num_levels(step)
+        sig_grid, probs = self._grid(n)
+        # All randomness from the passed generator, in a fixed order (reproducible per step seed).
+        j = schedules.sample_pair_indices(probs, batch, generator).cpu()          # 0-based: pair (j, j+1)
+        z = randn_like_gen(x0, generator)                                           # VE noise, unit std
+        dropout_seed = draw_seed(generator)
+        if self.label_dropout > 0 and labels is not None:
+            labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
+
+        # §4.4: couple before noising; the same (permuted) z serves both levels.
+        z, ot_ratio = couple_noise(x0, z, self.ot_method, self.ot_backend,
+                                   eps=self.ot_eps, iters=self.ot_iters)
+
+        sig_lo64, sig_hi64 = sig_grid[j], sig_grid[j + 1]
+        lam = (1.0 / (sig_hi64 - sig_lo64)).to(device=dev, dtype=x0.dtype)        # λ(σ_i), float64 difference
+        sig_lo = sig_lo64.to(device=dev, dtype=x0.dtype)
+        sig_hi = sig_hi64.to(device=dev, dtype=x0.dtype)
+        x_hi = x0 + sig_hi.view(bshape) * z
+        x_lo = x0 + sig_lo.view(bshape) * z
+
+        f_hi = net(x_hi, sig_hi, labels, dropout_seed=dropout_seed).to(x0.dtype)
+        with torch.no_grad():  # target θ⁻ = sg(θ): no graph, same dropout mask via the shared seed
+            f_lo = target_net(x_lo, sig_lo, labels, dropout_seed=dropout_seed).to(x0.dtype)
+
+        td = f_hi - f_lo
+        m = reduce_squared(td, self.reduction)
+        c = self.c_at(n)
+        loss = lam * robust_distance(self.distance, m, c)
+
+        # Eq. 9: diffusion loss on pairs with 1-based index i = j+1 <= floor(N·r). torch.where (not a
+        # multiply by the mask) so that a non-finite value on an unselected sample cannot leak as NaN.
+        cutoff = schedules.diffusion_cutoff(n, self.diffusion_r)
+        sel = ((j + 1) <= cutoff).to(dev)
+        if self.diffusion_weight > 0 and cutoff > 0:
+            m_diff = reduce_squared(f_hi - x0, self.reduction)
+            w = self.diffusion_weight * self._diffusion_sigma_weight(sig_hi, lam)
+            loss = loss + torch.where(sel, w * m_diff, torch.zeros_like(m_diff))
+            diff_frac = sel.float().mean()
+        else:
+            diff_frac = torch.zeros((), device=dev)
+
+        with torch.no_grad():
+            self.metrics = {
+                "loss": loss.detach().mean().float(),
+                "td_abs": td.detach().abs().mean().float(),
+                "td_m": m.detach().mean().float(),
+                "c": torch.tensor(c, dtype=torch.float32, device=dev),
+                "num_levels": torch.tensor(float(n), device=dev),
+                "diffusion_cutoff": torch.tensor(float(cutoff), device=dev),
+                "diffusion_frac": diff_frac.detach().float(),
+                "lambda_mean": lam.detach().mean().float(),
+                "ot_cost_ratio": ot_ratio.detach().float(),
+            }
+        return loss

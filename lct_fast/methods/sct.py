@@ -1,0 +1,218 @@
+"""Continuous-time consistency training in TrigFlow (``sct``; sCM 2410.11081, SPEC §3).
+
+x_t = cos t·x0 + sin t·z with z ~ N(0, σ_d²I), t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²),
+f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t).
+
+Training target (no teacher, velocity dx_t/dt = cos t·z − sin t·x0):
+
+    g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + J),   J = cos t·sin t·σ_d·dF⁻/dt,
+    g ← g / (‖g‖ + c),   L = e^{−w(t)}/D·‖F_θ − F⁻ − g‖² + w(t)   [× 1/(σ_d tan t) optionally].
+
+Sign check (why this is the sCM gradient). Differentiating f⁻ along the trajectory,
+    df⁻/dt = −sin t·x_t + cos t·dx_t/dt − cos t·σ_d·F⁻ − sin t·σ_d·dF⁻/dt,
+so cos t·df⁻/dt = −cos²t·(σ_d·F⁻ − dx_t/dt) − (cos t·sin t·x_t + J) = g at r = 1 (before
+normalisation). At θ = θ⁻ (F_θ = F⁻) the gradient of ‖F_θ − F⁻ − g‖²/D is −(2/D)·gᵀ∇_θF_θ =
+−(2/D)·cos t·(df⁻/dt)ᵀ∇_θF_θ, while the sCM objective's gradient is ∇_θE[w·f_θᵀ·df⁻/dt] =
+E[−w·sin t·σ_d·(df⁻/dt)ᵀ∇_θF_θ] (f_θ depends on θ only through −sin t·σ_d·F_θ). Both are a *positive*
+multiple of −(df⁻/dt)ᵀ∇_θF_θ (w ∝ 2 cos t/(D sin t σ_d) > 0 on (0, π/2)), so descending L moves f_θ
+against its own time derivative, i.e. toward consistency. ``tests/test_methods_sct.py`` checks g
+against float64 finite differences of f⁻ and this gradient identity on a tiny model.
+
+The tangent needs no backward pass: one forward-mode JVP of the stop-gradient network under
+``torch.no_grad()`` at inputs (x_t/σ_d, t) with tangents (cos t·sin t·dx_t/dt, cos t·sin t·σ_d), which
+returns F⁻ and J together (the rearrangement keeps fp16/bf16 in range).
+
+Options beyond the paper (iLCT ideas on sCT): minibatch OT coupling of x0 and z (``cfg.ot``), and a
+Cauchy distance on the per-sample mean m = ‖F_θ − F⁻ − g‖²/D:
+    d = 2c²·ln(1 + m/(2c²)),
+scaled by 2c² so that d ≈ m for m ≪ c² (same gradients as L2 in the quadratic regime, so the
+adaptive weight and learning rate carry over); c = ``sct.cauchy_c`` or, if 0, iCT's c0 = 0.00054·√D
+(the config's documented rule). Note that with tangent normalisation ‖g‖ < 1, so at θ ≈ θ⁻ the
+residual m is at most ~1/D; the Cauchy option mostly matters when the residual grows (e.g. a large c
+in g ← g/(‖g‖+c) or a fast-moving network).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import schedules
+from .common import as_float, couple_noise, draw_seed, drop_labels, null_class, randn_like_gen, unwrap
+
+__all__ = ["SCTLoss", "sct_tangent"]
+
+_JVP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+_WARNED_LOW_PRECISION_WEIGHTS = False
+
+
+def _jvp_precision(net: nn.Module, device: torch.device, jvp_dtype: str):
+    """Autocast context of the JVP pass: disabled for fp32 (even inside a bf16 training autocast).
+
+    If the network itself holds fp16/bf16 weights (e.g. DeepSpeed's bf16 mode), an fp32 JVP is not
+    possible; the pass then runs in the ambient precision and a one-time warning says so.
+    """
+    global _WARNED_LOW_PRECISION_WEIGHTS
+    if jvp_dtype not in _JVP_DTYPES:
+        raise ValueError(f"jvp_dtype must be one of {sorted(_JVP_DTYPES)}, got {jvp_dtype!r}")
+    if jvp_dtype == "fp32":
+        p = next(net.parameters(), None)
+        if p is not None and p.dtype in (torch.float16, torch.bfloat16):
+            if not _WARNED_LOW_PRECISION_WEIGHTS:
+                warnings.warn(f"sct.jvp_dtype=fp32 but the target network holds {p.dtype} weights; "
+                              "the JVP runs in the ambient precision", RuntimeWarning, stacklevel=3)
+                _WARNED_LOW_PRECISION_WEIGHTS = True
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=_JVP_DTYPES[jvp_dtype])
+
+
+def sct_tangent(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor,
+                labels: Optional[torch.Tensor], *, sigma_data: float, r: float, g_norm_c: float,
+                dropout_seed: Optional[int] = None, jvp_dtype: str = "fp32"
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sCT target pieces from one JVP of the stop-gradient network.
+
+    Args:
+        target_net: module exposing ``F(x_in, t, labels, *, dropout_seed)`` (TrigFlowPrecond), unwrapped.
+        x_t, t, dxt_dt: noisy latents [B,...], times [B], velocity dx_t/dt [B,...].
+        r: tangent warm-up factor; g_norm_c: c of g/(‖g‖ + c).
+
+    Returns:
+        (g normalised, F⁻, J = cos t·sin t·σ_d·dF⁻/dt, ‖g‖ before normalisation [B]), all detached,
+        in x_t's dtype.
+    """
+    net = unwrap(target_net)
+    if not hasattr(net, "F"):
+        raise AttributeError(f"{type(net).__name__}: sCT needs a TrigFlow preconditioner exposing F(x_in, t, labels)")
+    sd = float(sigma_data)
+    bshape = (x_t.shape[0],) + (1,) * (x_t.ndim - 1)
+    ct, st = torch.cos(t), torch.sin(t)
+    cs = ct * st
+
+    def fn(x_in: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return net.F(x_in, tt, labels, dropout_seed=dropout_seed)
+
+    with torch.no_grad(), _jvp_precision(net, x_t.device, jvp_dtype):
+        f_minus, jac = torch.func.jvp(fn, (x_t / sd, t), (cs.view(bshape) * dxt_dt, cs * sd))
+    f_minus = f_minus.to(x_t.dtype)
+    jac = jac.to(x_t.dtype)
+    ct2, csb = (ct * ct).view(bshape), cs.view(bshape)
+    g = -ct2 * (sd * f_minus - dxt_dt) - r * (csb * x_t + jac)
+    g_norm = g.flatten(1).norm(dim=1)
+    g = g / (g_norm + g_norm_c).view(bshape)
+    return g, f_minus, jac, g_norm
+
+
+class SCTLoss:
+    """sCT loss (TrigFlow, adaptive weighting, tangent warm-up and normalisation) with optional OT / Cauchy.
+
+    Args:
+        cfg: ``MethodConfig`` (uses ``sigma_data``, ``label_dropout``, ``sct``, ``ot``).
+        data_dim: D = C·H·W of one latent.
+        total_steps: K (unused by the schedule; kept for the common loss interface).
+    """
+
+    def __init__(self, cfg: Any, *, data_dim: int, total_steps: int) -> None:
+        s = cfg.sct
+        if data_dim < 1:
+            raise ValueError(f"SCTLoss: data_dim must be >= 1, got {data_dim}")
+        self.data_dim = int(data_dim)
+        self.total_steps = int(total_steps)
+        self.sigma_data = float(cfg.sigma_data)
+        self.label_dropout = float(cfg.label_dropout)
+        self.p_mean, self.p_std = float(s.p_mean), float(s.p_std)
+        self.tangent_warmup = int(s.tangent_warmup)
+        self.g_norm_c = float(s.g_norm_c)
+        self.prior_weight = bool(s.prior_weight)
+        self.adaptive_weight = bool(s.adaptive_weight)
+        self.jvp_dtype = str(s.jvp_dtype)
+        self.distance = str(s.distance)
+        if self.distance not in ("l2", "cauchy"):
+            raise ValueError(f"SCTLoss: sct.distance must be 'l2' or 'cauchy', got {self.distance!r}")
+        if self.jvp_dtype not in _JVP_DTYPES:
+            raise ValueError(f"SCTLoss: sct.jvp_dtype must be one of {sorted(_JVP_DTYPES)}, got {self.jvp_dtype!r}")
+        self.cauchy_c = float(s.cauchy_c) if s.cauchy_c > 0 else schedules.fixed_c(self.data_dim)
+        self.ot_method, self.ot_backend = str(cfg.ot.method), str(cfg.ot.backend)
+        self.ot_eps, self.ot_iters = float(cfg.ot.sinkhorn_eps), int(cfg.ot.sinkhorn_iters)
+        if getattr(cfg.ot, "global_coupling", False):
+            # Coupling across ranks needs an all-gather; loss objects know nothing about parallelism.
+            raise ValueError("method.ot.global_coupling=true is not supported by the loss objects "
+                             "(they couple each rank's micro-batch); set it to false")
+        self.metrics: Dict[str, torch.Tensor] = {}
+
+    def warmup(self, step: int) -> float:
+        """Tangent warm-up r = min(1, k/H)."""
+        return schedules.tangent_warmup(step, self.tangent_warmup)
+
+    def _distance(self, m: torch.Tensor) -> torch.Tensor:
+        if self.distance == "cauchy":
+            two_c2 = 2.0 * self.cauchy_c ** 2
+            return two_c2 * torch.log1p(m / two_c2)   # eq. 6, rescaled to match L2 for small m
+        return m
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *, step: int,
+                 generator: torch.Generator, target_net: Optional[nn.Module] = None) -> torch.Tensor:
+        """Per-sample loss [B] (float32, or float64 for float64 inputs)."""
+        target_net = net if target_net is None else target_net
+        if x0.ndim < 2 or x0[0].numel() != self.data_dim:
+            raise ValueError(f"SCTLoss: x0 of shape {tuple(x0.shape)} does not have data_dim={self.data_dim} per sample")
+        x0 = as_float(x0)
+        batch, dev = x0.shape[0], x0.device
+        bshape = (batch,) + (1,) * (x0.ndim - 1)
+        sd = self.sigma_data
+
+        t = schedules.sample_sct_times(batch, self.p_mean, self.p_std, sd, generator, device=dev).to(x0.dtype)
+        z = randn_like_gen(x0, generator) * sd
+        dropout_seed = draw_seed(generator)
+        if self.label_dropout > 0 and labels is not None:
+            labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
+        z, ot_ratio = couple_noise(x0, z, self.ot_method, self.ot_backend,
+                                   eps=self.ot_eps, iters=self.ot_iters)
+
+        ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
+        x_t = ct * x0 + st * z
+        v = ct * z - st * x0                                   # dx_t/dt (consistency training)
+        r = self.warmup(step)
+        g, f_minus, jac, g_norm = sct_tangent(target_net, x_t, t, v, labels, sigma_data=sd, r=r,
+                                              g_norm_c=self.g_norm_c, dropout_seed=dropout_seed,
+                                              jvp_dtype=self.jvp_dtype)
+
+        online = unwrap(net)
+        f_theta = online.F(x_t / sd, t, labels, dropout_seed=dropout_seed).to(x0.dtype)
+        resid = f_theta - f_minus - g
+        m = resid.flatten(1).square().mean(dim=1)             # ‖·‖²/D
+        d = self._distance(m)
+        if self.adaptive_weight:
+            if not hasattr(online, "logvar"):
+                raise AttributeError(f"{type(online).__name__}: sct.adaptive_weight needs net.logvar(t) "
+                                     "(set model.adaptive_weight=true)")
+            w = online.logvar(t).to(x0.dtype).reshape(batch)
+            loss = torch.exp(-w) * d + w
+        else:
+            w = torch.zeros_like(m)
+            loss = d
+        if self.prior_weight:
+            # Prior weight 1/(σ_d tan t) on the whole per-sample term (SPEC §3: "times the prior weight").
+            loss = loss / (sd * torch.tan(t))
+
+        with torch.no_grad():
+            self.metrics = {
+                "loss": loss.detach().mean().float(),
+                "td_abs": (f_theta.detach() - f_minus).abs().mean().float(),
+                "resid_m": m.detach().mean().float(),
+                "g_norm_mean": g_norm.mean().float(),
+                "g_norm_max": g_norm.max().float(),
+                "g_norm_min": g_norm.min().float(),
+                "jvp_abs": jac.abs().mean().float(),
+                "r": torch.tensor(r, dtype=torch.float32, device=dev),
+                "logvar_mean": w.detach().mean().float(),
+                "t_mean": t.mean().float(),
+                "ot_cost_ratio": ot_ratio.detach().float(),
+            }
+        return loss
