@@ -296,7 +296,8 @@ class Trainer:
                 if self._crossed(cfg.train.log_interval, before) or done:
                     dt = time.perf_counter() - window.t0
                     last = {**window.means(), "samples_per_s": window.samples / max(dt, 1e-9),
-                            "bad_steps_total": self.bad_total, "step": self.samples // cfg.train.global_batch}
+                            "bad_steps_total": self.bad_total, "step": self.samples // cfg.train.global_batch,
+                            "data_skipped": self.loader.errors.total}
                     log.log(self.samples, last)
                     window = _Window()
                 if self._crossed(cfg.train.ckpt_interval, before) or done:
@@ -308,7 +309,7 @@ class Trainer:
         summary = {"name": cfg.name, "samples": self.samples, "params": self.num_params,
                    "world_size": d.world_size, "wall_s": time.perf_counter() - t_start,
                    "samples_per_s": (self.samples - start_samples) / max(time.perf_counter() - t_start, 1e-9),
-                   "bad_steps_total": self.bad_total, "final": last}
+                   "bad_steps_total": self.bad_total, "data": self.loader.report(), "final": last}
         if d.is_main:
             with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
