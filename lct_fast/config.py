@@ -456,6 +456,15 @@ class Config:
         # Our optimizers are torch's (RAdam, AdamW) in the NaN guard of lct_fast.optim: ZeRO runs them on its
         # fp32 partitions, which is sound for any element-wise optimizer.
         ds.setdefault("zero_allow_untested_optimizer", True)
+        zero = ds.setdefault("zero_optimization", {})
+        if zero.get("stage", 0) == 3:
+            # ZeRO-3's "memory efficient linear" swaps torch.nn.functional.linear, process-wide, for an
+            # autograd.Function without a jvp rule: forward-mode AD (the sCT tangent) then fails. Our
+            # parameters are gathered by ZeRO-3's module hooks anyway, so plain F.linear is correct.
+            if zero.get("memory_efficient_linear") and self.method.name == "sct":
+                raise ConfigError("deepspeed.zero_optimization.memory_efficient_linear: must be false for "
+                                  "method sct (its linear has no forward-mode AD rule)")
+            zero.setdefault("memory_efficient_linear", False)
         return ds
 
 

@@ -51,7 +51,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    # DS_ACCELERATOR=cpu forces the CPU path (gloo) even on a GPU machine, matching DeepSpeed's own choice.
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         backend = "nccl"

@@ -73,6 +73,66 @@ def save_latent_grid(x: torch.Tensor, stem: str) -> None:
     save_png(stem + ".png", make_grid(img))
 
 
+class _IdentityFunction:
+    """Stands in for ZeRO-3's per-module backward-hook autograd Functions during a no-grad pass."""
+
+    @staticmethod
+    def apply(x):
+        return x
+
+
+@contextlib.contextmanager
+def _zero3_backward_hooks_off(module: torch.nn.Module):
+    """Bypass ZeRO-3's backward-hook Functions (``pre_bwd_fn``/``post_bwd_fn``) on every submodule.
+
+    ZeRO-3 threads each submodule's inputs and outputs through custom autograd Functions that schedule
+    gradient reduction. They have no ``jvp`` rule, so forward-mode AD (the sCT tangent) fails through
+    them; in a no-grad pass they have nothing to schedule anyway. The forward hooks that gather and
+    release the partitioned parameters stay active, so the JVP sees the full weights.
+    """
+    saved = []
+    for m in module.modules():
+        for attr in ("pre_bwd_fn", "post_bwd_fn"):
+            if attr in m.__dict__:
+                saved.append((m, attr, m.__dict__[attr]))
+                setattr(m, attr, _IdentityFunction)
+    try:
+        yield
+    finally:
+        for m, attr, fn in saved:
+            setattr(m, attr, fn)
+
+
+class _TargetNet:
+    """The unwrapped module as the loss's ``target_net`` (stop-gradient pass and sCT JVP).
+
+    Attribute access goes to the module; calls made with gradients disabled run with ZeRO-3's backward
+    hooks bypassed (see :func:`_zero3_backward_hooks_off`). Calls with gradients enabled run untouched.
+    """
+
+    _CALLS = ("forward", "F", "logvar")
+
+    def __init__(self, module: torch.nn.Module, zero3: bool):
+        self._module = module
+        self._zero3 = zero3
+
+    def _wrap(self, fn):
+        def call(*args, **kwargs):
+            if self._zero3 and not torch.is_grad_enabled():
+                with _zero3_backward_hooks_off(self._module):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def __call__(self, *args, **kwargs):
+        return self._wrap(self._module)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        return self._wrap(attr) if name in self._CALLS else attr
+
+
 class _Logger:
     """Rank-0 JSONL + TensorBoard + tqdm; every other rank logs nothing."""
 
@@ -191,6 +251,7 @@ class Trainer:
                                                     config=cfg.deepspeed_config(d.world_size))
         self.ema = EMA(self.engine.module.named_parameters(), decays=cfg.train.ema.decays,
                        power_stds=cfg.train.ema.power_stds)
+        self.target_net = _TargetNet(self.engine.module, zero3=self.engine.zero_optimization_stage() == 3)
 
         self.samples = 0
         self.bad_streak = 0
@@ -240,7 +301,7 @@ class Trainer:
             gen = torch.Generator(d.device).manual_seed(step_seed(cfg.train.seed, d.rank, self.samples, micro))
             with self.autocast:
                 per_sample = self.loss_fn(self.engine, x0, labels, step=k, generator=gen,
-                                          target_net=self.engine.module)
+                                          target_net=self.target_net)
             loss = per_sample.mean()
             # A NaN/Inf loss is back-propagated on purpose: the guarded optimizer then sees non-finite
             # gradients on every rank (they are reduced) and skips the step as a whole.

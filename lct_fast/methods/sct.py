@@ -38,6 +38,7 @@ import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from . import schedules
@@ -95,11 +96,15 @@ def sct_tangent(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_d
     ct, st = torch.cos(t), torch.sin(t)
     cs = ct * st
 
-    def fn(x_in: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-        return net.F(x_in, tt, labels, dropout_seed=dropout_seed)
-
-    with torch.no_grad(), _jvp_precision(net, x_t.device, jvp_dtype):
-        f_minus, jac = torch.func.jvp(fn, (x_t / sd, t), (cs.view(bshape) * dxt_dt, cs * sd))
+    # Forward-mode AD with dual tensors (torch.autograd.forward_ad) rather than torch.func.jvp: both give
+    # the same JVP, but functorch's wrapper levels break inside DeepSpeed ZeRO-3, whose module hooks
+    # gather parameters mid-forward ("escaped" functorch tensors); dual tensors are plain tensors there.
+    with torch.no_grad(), _jvp_precision(net, x_t.device, jvp_dtype), fwAD.dual_level():
+        x_in = fwAD.make_dual(x_t / sd, cs.view(bshape) * dxt_dt)
+        t_in = fwAD.make_dual(t, cs * sd)
+        f_minus, jac = fwAD.unpack_dual(net.F(x_in, t_in, labels, dropout_seed=dropout_seed))
+        if jac is None:  # output independent of (x, t): a zero tangent
+            jac = torch.zeros_like(f_minus)
     f_minus = f_minus.to(x_t.dtype)
     jac = jac.to(x_t.dtype)
     ct2, csb = (ct * ct).view(bshape), cs.view(bshape)

@@ -117,8 +117,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)
-        x = x + g1[:, None] * self.attn(self.norm1.modulate(x, sh1, sc1))
-        return x + g2[:, None] * self.mlp(self.norm2.modulate(x, sh2, sc2), seed)
+        x = x + g1[:, None] * self.attn(self.norm1(x, sh1, sc1))
+        return x + g2[:, None] * self.mlp(self.norm2(x, sh2, sc2), seed)
 
 
 class FinalLayer(nn.Module):
@@ -130,7 +130,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
-        return self.linear(self.norm.modulate(x, shift, scale))
+        return self.linear(self.norm(x, shift, scale))
 
 
 class DiT(nn.Module):
@@ -197,8 +197,8 @@ class DiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         if self.logvar_head is not None:
-            nn.init.zeros_(self.logvar_head.linear.weight)
-            nn.init.zeros_(self.logvar_head.linear.bias)
+            nn.init.zeros_(self.logvar_head.weight)
+            nn.init.zeros_(self.logvar_head.bias)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % self.patch or x.shape[3] % self.patch:

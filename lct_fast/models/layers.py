@@ -33,12 +33,20 @@ class NsLN(nn.Module):
         self.dim, self.eps, self.backend = dim, eps, backend
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.nsln(x, self.bias, eps=self.eps, backend=self.backend)
+    def forward(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """NsLN(x), or the fused adaLN form NsLN(x)·(1 + scale) + shift when shift/scale [B, N] are given.
+
+        Every parameter use goes through a module's ``forward``: ZeRO-3 gathers a module's partitioned
+        parameters in its forward hooks, so reading ``self.bias`` from a parent's forward would see an
+        empty partition."""
+        if shift is None and scale is None:
+            return ops.nsln(x, self.bias, eps=self.eps, backend=self.backend)
+        return ops.nsln_modulate(x, shift, scale, self.bias, eps=self.eps, backend=self.backend)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Fused adaLN: NsLN(x)·(1 + scale) + shift, shift/scale [B, N] (β added last, SPEC §4)."""
-        return ops.nsln_modulate(x, shift, scale, self.bias, eps=self.eps, backend=self.backend)
+        return self(x, shift, scale)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
@@ -135,16 +143,15 @@ class LogVarHead(nn.Module):
     def __init__(self, freq_dim: int = 256) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.linear = nn.Linear(freq_dim, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+        # Own parameters (not a child nn.Linear whose forward is bypassed): ZeRO-3 gathers them in this
+        # module's forward hook.
+        self.weight = nn.Parameter(torch.zeros(1, freq_dim))
+        self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         emb = sinusoidal_embedding(c_noise, self.freq_dim)
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            w = self.linear.weight.to(emb.dtype)
-            b = self.linear.bias.to(emb.dtype)
-            return F.linear(emb, w, b).reshape(-1)
+            return F.linear(emb, self.weight.to(emb.dtype), self.bias.to(emb.dtype)).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------

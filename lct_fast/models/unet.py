@@ -168,8 +168,8 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         if self.logvar_head is not None:
-            nn.init.zeros_(self.logvar_head.linear.weight)
-            nn.init.zeros_(self.logvar_head.linear.bias)
+            nn.init.zeros_(self.logvar_head.weight)
+            nn.init.zeros_(self.logvar_head.bias)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 dropout_seed: Optional[int] = None) -> torch.Tensor:
