@@ -48,3 +48,22 @@ def test_dead_rank_makes_the_job_fail_not_hang():
     assert proc.returncode != 0
     assert "completed a collective with a dead peer" not in proc.stdout
     assert time.monotonic() - t0 < 240
+
+
+def test_torchrun_launch_and_bf16(tmp_path):
+    """torchrun is a supported launcher too; bf16 (DeepSpeed's bf16 engine + autocast) runs and stays finite."""
+    run = str(tmp_path / "run")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    sets = ["model.width=32", "train.global_batch=8", "train.total_samples=16", "train.log_interval=8",
+            "train.sample_interval=0", "train.ckpt_interval=0", "optim.warmup_samples=0", "train.precision=bf16"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "launch/train.py", "--config", "configs/tiny_sct.json", "--out", run, *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["samples"] for r in rows] == [8, 16]
+    assert all(np.isfinite(r["loss"]) and r["step_applied"] == 1.0 for r in rows)
+    resolved = json.load(open(os.path.join(run, "config.json")))
+    assert resolved["train"]["precision"] == "bf16"
+    clients = glob.glob(os.path.join(run, "checkpoints", "samples-000000000016", "client-rank*.pt"))
+    assert len(clients) == 2
