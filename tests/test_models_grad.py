@@ -1,41 +1,15 @@
 """Backward pass: gradients reach every trainable parameter; seeded dropout; checkpointing."""
-import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lct_fast.models import TrigFlowPrecond, VEPrecond, build_backbone
 
-try:
-    from lct_fast.config import ModelConfig
-except ImportError:  # pragma: no cover
-    ModelConfig = None
-
-ARCHS = {
-    "dit": dict(arch="dit", size="custom", width=32, depth=2, heads=2, patch_size=2),
-    "unet": dict(arch="unet", unet_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
-                 head_channels=8),
-}
+from model_helpers import ARCHS, randomize as _randomize, small_cfg  # noqa: E402,F401
 
 
 def _cfg(arch, **kw):
-    base = dict(size="S", width=0, depth=0, heads=0, patch_size=2, mlp_ratio=4.0, in_channels=4, resolution=8,
-                num_classes=3, dropout=0.2, norm="nsln", unet_channels=128, channel_mult=[1, 2, 3, 4],
-                num_res_blocks=4, attn_resolutions=[16, 8], head_channels=64, adaptive_weight=True,
-                checkpointing=False, ops_backend="auto")
-    base.update(ARCHS[arch])
-    base.update(kw)
-    return ModelConfig(**base) if ModelConfig is not None else SimpleNamespace(**base)
-
-
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = 1.0 / math.sqrt(p[0].numel()) if p.dim() >= 2 else 0.3
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
+    return small_cfg(arch, **{"dropout": 0.2, "checkpointing": False, **kw})
 
 
 @pytest.mark.parametrize("arch,norm", [("dit", "nsln"), ("unet", "nsln"), ("unet", "groupnorm")])

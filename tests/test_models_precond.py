@@ -1,9 +1,10 @@
 """Preconditioning wrappers: boundary conditions, coefficient formulas, dtypes, build_model."""
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from model_helpers import randomize as _randomize, small_cfg  # noqa: E402
 
 from lct_fast.models import TrigFlowPrecond, VEPrecond, build_backbone, build_model
 
@@ -13,23 +14,8 @@ except ImportError:  # pragma: no cover
     ModelConfig = MethodConfig = None
 
 
-def _cfg(**kw):
-    base = dict(arch="dit", size="custom", width=32, depth=2, heads=2, patch_size=2, mlp_ratio=4.0,
-                in_channels=4, resolution=8, num_classes=3, dropout=0.0, norm="nsln", unet_channels=16,
-                channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], head_channels=8,
-                adaptive_weight=True, checkpointing=False, ops_backend="auto")
-    base.update(kw)
-    return ModelConfig(**base) if ModelConfig is not None else SimpleNamespace(**base)
-
-
-def _randomize(model, seed=0):
-    """Non-zero init everywhere (the zero-initialised output layers would make F ≡ 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = 1.0 / math.sqrt(p[0].numel()) if p.dim() >= 2 else 0.3
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
+def _cfg(arch="dit", **kw):
+    return small_cfg(arch, **kw)
 
 
 @pytest.mark.parametrize("arch", ["dit", "unet"])
