@@ -215,13 +215,25 @@ def sinkhorn_log(C: torch.Tensor, eps_schedule: Sequence[float], iters: int | No
 
 
 _SINKHORN_BACKENDS: dict[str, SinkhornFn] = {"reference": sinkhorn_log}
+# Optional whole-pipeline replacements of sinkhorn_assignment (issue #8): a GPU backend that also rounds and
+# polishes on the device registers one, so that the host-checked torch rounding is not used with it.
+_ASSIGNMENT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def register_sinkhorn_backend(name: str, fn: SinkhornFn) -> None:
-    """Register a replacement for :func:`sinkhorn_log` (same signature), e.g. a Triton or CUDA kernel."""
+def register_sinkhorn_backend(name: str, fn: SinkhornFn, *,
+                              assignment: Callable[..., torch.Tensor] | None = None) -> None:
+    """Register a replacement for :func:`sinkhorn_log` (same signature), e.g. a Triton or CUDA kernel.
+
+    ``assignment`` (optional): a replacement for the whole :func:`sinkhorn_assignment` pipeline on
+    [P, n, n] costs, called as ``assignment(C, eps=, iters=, eps_start=, refine_rounds=)``.
+    """
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"ot: backend name must be one of {BACKENDS[1:]}, got {name!r}")
     _SINKHORN_BACKENDS[name] = fn
+    if assignment is not None:
+        _ASSIGNMENT_BACKENDS[name] = assignment
+    else:
+        _ASSIGNMENT_BACKENDS.pop(name, None)
 
 
 def get_sinkhorn_backend(backend: str = "auto", device: torch.device | str | None = None
@@ -326,7 +338,11 @@ def sinkhorn_assignment(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100,
     if C.dim() != 3 or C.shape[1] != C.shape[2]:
         raise ValueError(f"ot: sinkhorn_assignment expects C of shape [P, n, n] or [n, n], got {tuple(C.shape)}")
     C = C.float()
-    _, fn = get_sinkhorn_backend(backend, C.device)
+    name, fn = get_sinkhorn_backend(backend, C.device)
+    full = _ASSIGNMENT_BACKENDS.get(name)
+    if full is not None:  # device-side rounding + 2-opt as well (e.g. lct_fast.ot_triton)
+        perm = full(C, eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)
+        return perm[0] if squeeze else perm
     Cn = _reduce_and_scale(C)
     f, g = fn(Cn, eps_schedule(eps, iters, eps_start=eps_start), iters)
     perm = round_to_permutation(Cn - f.unsqueeze(2) - g.unsqueeze(1))
@@ -384,3 +400,29 @@ def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, backend:
         ratio = cost / ident.clamp_min(torch.finfo(torch.float32).tiny)
     return CouplingResult(perm=perm, cost=cost, identity_cost=ident, ratio=ratio, method=method,
                           backend=used_backend)
+
+
+# ------------------------------------------------------------------- optional Triton backend (issue #8)
+# Registered lazily: importing lct_fast.ot never imports Triton or creates kernels (on a CPU-only machine the
+# kernels need TRITON_INTERPRET=1 set before they are created). get_sinkhorn_backend only hands the Triton
+# backend out for CUDA tensors.
+def _triton_sinkhorn(C: torch.Tensor, sched: Sequence[float], iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .ot_triton import sinkhorn_log_triton
+
+    return sinkhorn_log_triton(C, sched, iters)
+
+
+def _triton_assignment(C: torch.Tensor, **kwargs) -> torch.Tensor:
+    from .ot_triton import sinkhorn_assignment_triton
+
+    return sinkhorn_assignment_triton(C, **kwargs)
+
+
+def _register_triton() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        register_sinkhorn_backend("triton", _triton_sinkhorn, assignment=_triton_assignment)
+
+
+_register_triton()

@@ -12,6 +12,7 @@ a resumed run draws exactly what the uninterrupted run drew.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -242,6 +243,14 @@ class Trainer:
         self.num_params = sum(p.numel() for p in self.module.parameters())
         data_dim = m.in_channels * m.resolution * m.resolution
         self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
+        ot = cfg.method.ot
+        if ot.global_coupling and ot.method != "none":
+            # One OT problem over the whole global micro-batch (all ranks); a collective, which is safe because
+            # every rank calls the loss once per micro-step with the same micro-batch size.
+            from .ot_global import couple_noise_global
+
+            self.loss_fn.coupler = functools.partial(couple_noise_global, method=ot.method, backend=ot.backend,
+                                                     eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters)
 
         optimizer = build_optimizer(self.module.parameters(), cfg.optim, d.device)
         scheduler = build_scheduler(optimizer, cfg.optim, global_batch=cfg.train.global_batch,

@@ -243,10 +243,21 @@ def test_build_loss_and_errors():
     assert isinstance(build_loss(make(), data_dim=D, total_steps=10), ICTLoss)
     with pytest.raises(ValueError, match="data_dim"):
         ICTLoss(make(), data_dim=D, total_steps=10)(tiny_ve(), torch.zeros(2, 3, 8, 8), None, step=0, generator=gen())
-    with pytest.raises(ValueError, match="global_coupling"):
-        cfg = make()
-        cfg.ot.global_coupling = True
-        ICTLoss(cfg, data_dim=D, total_steps=10)
+
+
+
+def test_coupler_is_injectable():
+    """The trainer swaps in a global (all-gather) coupler; the loss must use whatever it is given."""
+    loss = ICTLoss(make(), data_dim=D, total_steps=10)
+    seen = []
+
+    def reverse(x0, z):
+        seen.append(z.shape)
+        return z.flip(0), torch.tensor(0.5)
+
+    loss.coupler = reverse
+    loss(tiny_ve(), torch.randn(4, 4, 8, 8), None, step=0, generator=gen())
+    assert seen == [torch.Size([4, 4, 8, 8])] and float(loss.metrics["ot_cost_ratio"]) == 0.5
 
 
 def test_real_model_integration():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import functools
+
 import torch
 from torch import nn
 
@@ -56,10 +58,10 @@ class ICTLoss:
         self.diffusion_sigma_weight = str(ict.diffusion_sigma_weight)
         self.ot_method, self.ot_backend = str(cfg.ot.method), str(cfg.ot.backend)
         self.ot_eps, self.ot_iters = float(cfg.ot.sinkhorn_eps), int(cfg.ot.sinkhorn_iters)
-        if getattr(cfg.ot, "global_coupling", False):
-            # Coupling across ranks needs an all-gather; loss objects know nothing about parallelism.
-            raise ValueError("method.ot.global_coupling=true is not supported by the loss objects "
-                             "(they couple each rank's micro-batch); set it to false")
+        # (x0, z) -> (z paired with x0, cost ratio vs identity). Per micro-batch by default; the trainer swaps
+        # in lct_fast.ot_global's all-gather coupler for method.ot.global_coupling (losses stay rank-agnostic).
+        self.coupler = functools.partial(couple_noise, method=self.ot_method, backend=self.ot_backend,
+                                         eps=self.ot_eps, iters=self.ot_iters)
         # Fail at construction, not at step 1, on a bad switch value.
         robust_distance(self.distance, torch.zeros(1), 1.0)
         reduce_squared(torch.zeros(1, 1), self.reduction)
@@ -116,8 +118,7 @@ class ICTLoss:
             labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
 
         # §4.4: couple before noising; the same (permuted) z serves both levels.
-        z, ot_ratio = couple_noise(x0, z, self.ot_method, self.ot_backend,
-                                   eps=self.ot_eps, iters=self.ot_iters)
+        z, ot_ratio = self.coupler(x0, z)
 
         sig_lo64, sig_hi64 = sig_grid[j], sig_grid[j + 1]
         lam = (1.0 / (sig_hi64 - sig_lo64)).to(device=dev, dtype=x0.dtype)        # λ(σ_i), float64 difference

@@ -34,6 +34,7 @@ in g ← g/(‖g‖+c) or a fast-moving network).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -145,10 +146,10 @@ class SCTLoss:
         self.cauchy_c = float(s.cauchy_c) if s.cauchy_c > 0 else schedules.fixed_c(self.data_dim)
         self.ot_method, self.ot_backend = str(cfg.ot.method), str(cfg.ot.backend)
         self.ot_eps, self.ot_iters = float(cfg.ot.sinkhorn_eps), int(cfg.ot.sinkhorn_iters)
-        if getattr(cfg.ot, "global_coupling", False):
-            # Coupling across ranks needs an all-gather; loss objects know nothing about parallelism.
-            raise ValueError("method.ot.global_coupling=true is not supported by the loss objects "
-                             "(they couple each rank's micro-batch); set it to false")
+        # (x0, z) -> (z paired with x0, cost ratio vs identity). Per micro-batch by default; the trainer swaps
+        # in lct_fast.ot_global's all-gather coupler for method.ot.global_coupling (losses stay rank-agnostic).
+        self.coupler = functools.partial(couple_noise, method=self.ot_method, backend=self.ot_backend,
+                                         eps=self.ot_eps, iters=self.ot_iters)
         self.metrics: Dict[str, torch.Tensor] = {}
 
     def warmup(self, step: int) -> float:
@@ -177,8 +178,7 @@ class SCTLoss:
         dropout_seed = draw_seed(generator)
         if self.label_dropout > 0 and labels is not None:
             labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
-        z, ot_ratio = couple_noise(x0, z, self.ot_method, self.ot_backend,
-                                   eps=self.ot_eps, iters=self.ot_iters)
+        z, ot_ratio = self.coupler(x0, z)
 
         ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
         x_t = ct * x0 + st * z

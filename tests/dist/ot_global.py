@@ -1,0 +1,78 @@
+"""2-rank check of the global OT coupling (issue #8), launched by ``tests/test_ot_global.py``::
+
+    PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 --master_port PORT \
+        tests/dist/ot_global.py --out result.json
+
+Each rank builds its own latents and noise from fixed seeds (:func:`rank_batch`), calls
+:func:`lct_fast.ot_global.couple_global` / :func:`couple_noise_global` on the gloo group (CPU), and also
+couples its batch alone with :func:`lct_fast.ot.couple`. Rank 0 writes what every rank returned to ``--out``
+(JSON); the pytest wrapper rebuilds the data from the same seeds and checks it independently. The script
+itself never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU/gloo check, also on a GPU machine
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from lct_fast.ot import couple  # noqa: E402
+from lct_fast.ot_global import couple_global, couple_noise_global  # noqa: E402
+
+BATCH, SHAPE = 40, (3, 8, 8)
+METHODS = ("exact", "sinkhorn")
+
+
+def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s clustered latents (4 modes shared by all ranks) and standard-normal noise."""
+    d = SHAPE[0] * SHAPE[1] * SHAPE[2]
+    centres = 1.5 * torch.randn(4, d, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(100 + rank)
+    x = centres[torch.randint(4, (BATCH,), generator=g)] + 0.7 * torch.randn(BATCH, d, generator=g)
+    z = torch.randn(BATCH, d, generator=g)
+    return x.reshape(BATCH, *SHAPE), z.reshape(BATCH, *SHAPE)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, z = rank_batch(rank)
+    mine: dict = {"rank": rank, "world": world}
+    for method in METHODS:
+        mine[f"{method}/global_root"] = couple_global(x, z, method=method, backend="reference").tolist()
+        mine[f"{method}/global_all"] = couple_global(x, z, method=method, backend="reference", solve_on="all",
+                                                     check_sizes=True).tolist()
+        zp, ratio = couple_noise_global(x, z, method=method, backend="reference")
+        mine[f"{method}/paired_noise"] = zp.reshape(BATCH, -1).tolist()
+        mine[f"{method}/ratio"] = float(ratio)
+        mine[f"{method}/local"] = couple(x, z, method, backend="reference").tolist()
+    try:  # unequal batch sizes must fail with a clear error, on every rank
+        xb, zb = (x, z) if rank == 0 else (x[:-1], z[:-1])
+        couple_global(xb, zb, method="exact", check_sizes=True)
+        mine["size_error"] = ""
+    except ValueError as e:
+        mine["size_error"] = str(e)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(everyone, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
