@@ -49,6 +49,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(py), None))
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -66,7 +74,13 @@ def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int) 
     os.makedirs(tag_dir, exist_ok=True)
     path = os.path.join(tag_dir, f"client-rank{rank:05d}.pt")
     torch.save(client_state, f"{path}.tmp")
+    _fsync(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
+    # Make this rank's files durable before rank 0 may mark the tag COMPLETE (a node crash after the
+    # marker must not lose shards): fsync DeepSpeed's files too, then the directory entries.
+    for name in os.listdir(tag_dir):
+        _fsync(os.path.join(tag_dir, name))
+    _fsync(tag_dir)
     torch.distributed.barrier()
     if rank == 0:
         _atomic_write_text(os.path.join(tag_dir, "COMPLETE"), f"{samples}\n")

@@ -366,7 +366,9 @@ class TrainConfig:
     sample_interval: int = 0
     """Write a sample grid every this many samples (0 = off)."""
     precision: str = "fp32"
-    """Training precision: fp32 | bf16 (autocast; DeepSpeed bf16 block)."""
+    """fp32 | bf16: bf16 autocast over fp32 weights (so method.sct.jvp_dtype=fp32 really runs the JVP in
+    fp32, and the EMA tracks fp32 weights). deepspeed.bf16.enabled=true instead stores bf16 weights
+    (less memory; the JVP then runs in bf16)."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (written into deepspeed.gradient_clipping; 0 disables)."""
     max_bad_steps: int = 10
@@ -452,7 +454,9 @@ class Config:
             if key in ds and ds[key] != value:
                 raise ConfigError(f"deepspeed.{key}: {ds[key]!r} disagrees with the value {value!r} derived from train.*")
             ds[key] = value
-        ds.setdefault("bf16", {})["enabled"] = self.train.precision == "bf16"
+        ds.setdefault("bf16", {}).setdefault("enabled", False)
+        if ds["bf16"]["enabled"] and self.train.precision != "bf16":
+            raise ConfigError("deepspeed.bf16.enabled: true needs train.precision=bf16")
         # Our optimizers are torch's (RAdam, AdamW) in the NaN guard of lct_fast.optim: ZeRO runs them on its
         # fp32 partitions, which is sound for any element-wise optimizer.
         ds.setdefault("zero_allow_untested_optimizer", True)

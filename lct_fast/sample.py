@@ -331,15 +331,16 @@ def _load_vae(vae_path: str, device: Union[str, torch.device]):
     return AutoencoderKL.from_pretrained(vae_path, local_files_only=True).to(device).eval()
 
 
-def decode_latents(latents: torch.Tensor, vae: Any, *, vae_scale: float = 1.0, batch_size: int = 16
-                   ) -> np.ndarray:
-    """Decode VAE-space latents (already denormalized; divided here by ``vae_scale``) to uint8 images
-    [N, H, W, 3]: the decoder's output in [−1, 1] mapped to [0, 255] and rounded."""
+def decode_latents(latents: torch.Tensor, vae: Any, *, vae_scale: float = 1.0, vae_shift: float = 0.0,
+                   batch_size: int = 16) -> np.ndarray:
+    """Decode VAE-space latents (already denormalized) to uint8 images [N, H, W, 3]: the encoder stored
+    (z − vae_shift)·vae_scale, so z = latent / vae_scale + vae_shift is decoded; the decoder's output in
+    [−1, 1] is mapped to [0, 255] and rounded."""
     dev = next(vae.parameters()).device
     out = []
     with torch.no_grad():
         for s in range(0, latents.shape[0], batch_size):
-            lat = latents[s:s + batch_size].to(dev, torch.float32) / vae_scale
+            lat = latents[s:s + batch_size].to(dev, torch.float32) / vae_scale + vae_shift
             img = vae.decode(lat).sample.float()
             img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             out.append(img.permute(0, 2, 3, 1).cpu().numpy())
@@ -373,15 +374,17 @@ def decode_and_save_grid(latents: torch.Tensor, vae_path: str, stats: Any, out_p
                          sigma_data: float = 0.5, normalize: str = "channel", nrow: Optional[int] = None,
                          padding: int = 2, batch_size: int = 16,
                          device: Union[str, torch.device] = "cpu") -> np.ndarray:
-    """Denormalize generated latents with the dataset ``stats`` (then / ``stats.vae_scale``; 1 if unset),
+    """Denormalize generated latents with the dataset ``stats`` (then / ``stats.vae_scale`` + ``stats.vae_shift``),
     decode with the local diffusers ``AutoencoderKL`` at ``vae_path`` and write a PNG grid to ``out_png``.
     Returns the grid as a uint8 array."""
     stats = _load_stats(stats)
     vae_scale = _stat(stats, "vae_scale")
     vae_scale = 1.0 if vae_scale is None else float(vae_scale)
+    vae_shift = _stat(stats, "vae_shift")
+    vae_shift = 0.0 if vae_shift is None else float(vae_shift)
     vae = _load_vae(vae_path, device)
     images = decode_latents(denormalize_latents(latents, stats, sigma_data=sigma_data, normalize=normalize),
-                            vae, vae_scale=vae_scale, batch_size=batch_size)
+                            vae, vae_scale=vae_scale, vae_shift=vae_shift, batch_size=batch_size)
     grid = make_grid(images, nrow=nrow, padding=padding)
     save_png(out_png, grid)
     return grid

@@ -45,7 +45,7 @@ def step_seed(seed: int, rank: int, samples: int, micro: int = 0) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def resolve_data_path(cfg: Config, *, is_main: bool = True) -> str:
+def resolve_data_path(cfg: Config) -> str:
     """The dataset folder: ``data.path`` or the embedded synthetic dataset (written once, cached)."""
     if cfg.data.path:
         return cfg.data.path
@@ -208,7 +208,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str, *, resume: str | None = None, dist: DistEnv | None = None):
         import deepspeed
 
-        from .data import make_loader, load_stats
+        from .data import load_stats
         from .methods import build_loss
         from .models import build_model
 
@@ -222,11 +222,12 @@ class Trainer:
         torch.distributed.barrier()
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
 
-        # Data first: its stats fix the latent shape the model must match.
-        data_path = resolve_data_path(cfg, is_main=d.is_main) if d.is_main else None
-        obj = [data_path]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        self.data_path = obj[0]
+        # Data first: its stats fix the latent shape the model must match. The embedded dataset is written
+        # once per node (local rank 0; nodes need not share a filesystem), then every rank reads the cache.
+        if d.local_rank == 0:
+            resolve_data_path(cfg)
+        torch.distributed.barrier()
+        self.data_path = resolve_data_path(cfg)
         self.stats = load_stats(self.data_path)
         m = cfg.model
         expect = (m.in_channels, m.resolution, m.resolution)
@@ -267,13 +268,20 @@ class Trainer:
         self.bad_total = 0
         if resume:
             self._resume(resume)
-        self.loader = make_loader(
+        self.loader = self._make_loader()
+        self.autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                         else contextlib.nullcontext())
+
+    def _make_loader(self):
+        """This rank's stream, positioned after the samples already seen (exact resume)."""
+        from .data import make_loader
+
+        cfg, d = self.cfg, self.dist
+        return make_loader(
             self.data_path, batch_size=self.micro_batch, rank=d.rank, world_size=d.world_size,
             seed=cfg.train.seed, sigma_data=cfg.method.sigma_data, normalize=cfg.data.normalize,
             shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers, resample=cfg.data.resample,
             start_sample=self.samples // d.world_size)
-        self.autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                         else contextlib.nullcontext())
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _resume(self, resume: str) -> None:
@@ -307,6 +315,8 @@ class Trainer:
         for micro in range(self.grad_accum):
             x0, labels = next(self._batches)
             x0, labels = x0.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            if self.stats.num_classes == 0:
+                labels = None  # unconditional data: the null class, not class 0 of a conditional model
             gen = torch.Generator(d.device).manual_seed(step_seed(cfg.train.seed, d.rank, self.samples, micro))
             with self.autocast:
                 per_sample = self.loss_fn(self.engine, x0, labels, step=k, generator=gen,
@@ -318,7 +328,9 @@ class Trainer:
             self.engine.step()
             for key, v in self.loss_fn.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(v) / self.grad_accum
-        applied = not getattr(self.optimizer, "overflow", False)
+        # DeepSpeed skips a step itself when its own overflow / invalid-norm check fires (ZeRO 1-3, bf16,
+        # clipping on) without calling our optimizer; our guard covers the cases it does not check.
+        applied = self.engine.was_step_applied() and not getattr(self.optimizer, "overflow", False)
         if applied:
             self.ema.update()
             self.bad_streak = 0
@@ -344,6 +356,8 @@ class Trainer:
             print(f"lct_fast: {cfg.name}: {cfg.model.arch} with {self.num_params:,} parameters, method "
                   f"{cfg.method.name}, world size {d.world_size}, micro-batch {self.micro_batch} x "
                   f"{self.grad_accum} accumulation, {total:,} samples", file=sys.stderr)
+        if self.loader.start_sample != self.samples // d.world_size:
+            self.loader = self._make_loader()  # a second run() continues where the first stopped
         self._batches = iter(self.loader)
         window = _Window()
         t_start = time.perf_counter()

@@ -128,3 +128,11 @@ def test_ablation_presets_follow_table_2a():
                      ("cauchy", True, "exact", "fixed", "groupnorm"),
                      ("cauchy", True, "exact", "adaptive", "groupnorm"),
                      ("cauchy", True, "exact", "adaptive", "nsln")]
+
+
+def test_bf16_weights_need_bf16_precision():
+    assert load_config("tiny", ["train.precision=bf16"]).deepspeed_config(1)["bf16"]["enabled"] is False
+    cfg = load_config("tiny", ["train.precision=bf16", "deepspeed.bf16.enabled=true"])
+    assert cfg.deepspeed_config(1)["bf16"]["enabled"] is True
+    with pytest.raises(ConfigError, match="deepspeed.bf16.enabled: true needs train.precision=bf16"):
+        load_config("tiny", ["deepspeed.bf16.enabled=true"]).deepspeed_config(1)

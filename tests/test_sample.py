@@ -170,13 +170,13 @@ def test_save_latents_roundtrip(tmp_path):
         S.save_latents(str(tmp_path / "lat.bin"), x)
 
 
-def _stats(tmp_path, vae_scale=0.5):
+def _stats(tmp_path, vae_scale=0.5, vae_shift=None):
     from lct_fast.data.stats import Stats, write_stats
 
     g = np.random.default_rng(0)
     st = Stats(count=10, shape=SHAPE, dtype="float32", mean=g.normal(size=4), std=g.uniform(0.5, 2, size=4),
                mean_element=g.normal(size=SHAPE), std_element=g.uniform(0.5, 2, size=SHAPE),
-               vae="tiny", vae_scale=vae_scale, num_classes=4)
+               vae="tiny", vae_scale=vae_scale, vae_shift=vae_shift, num_classes=4)
     d = tmp_path / "data"
     d.mkdir(exist_ok=True)
     write_stats(st, str(d))
@@ -209,21 +209,23 @@ def _tiny_vae(path):
     return vae.eval()
 
 
-def test_decode_and_save_grid_pixels(tmp_path):
+@pytest.mark.parametrize("vae_shift", [None, 0.3])
+def test_decode_and_save_grid_pixels(tmp_path, vae_shift):
     from PIL import Image
 
     vae = _tiny_vae(tmp_path / "vae")
-    st, d = _stats(tmp_path, vae_scale=0.5)
+    st, d = _stats(tmp_path, vae_scale=0.5, vae_shift=vae_shift)
     x0 = torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(1))
     out_png = str(tmp_path / "out" / "grid.png")
     S.decode_and_save_grid(x0, str(tmp_path / "vae"), d, out_png, sigma_data=0.5, nrow=3, padding=2, batch_size=2)
     img = np.asarray(Image.open(out_png).convert("RGB"))
     h = w = 16  # two encoder levels: 8x8 latents -> 16x16 pixels
     assert img.shape == (2 * (h + 2) + 2, 3 * (w + 2) + 2, 3)  # 5 images, 3 per row -> 2 rows
-    # Independent decode: SPEC §1 inverse, / vae_scale, diffusers decoder, [-1, 1] -> [0, 255].
+    # Independent decode: SPEC §1 inverse, / vae_scale (+ vae_shift, which the encoder subtracted), diffusers
+    # decoder, [-1, 1] -> [0, 255].
     lat = x0.double() * torch.tensor(st.std).reshape(1, -1, 1, 1) / 0.5 + torch.tensor(st.mean).reshape(1, -1, 1, 1)
     with torch.no_grad():
-        ref = vae.decode((lat / 0.5).float()).sample
+        ref = vae.decode((lat / 0.5 + (vae_shift or 0.0)).float()).sample
     ref = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     # The check below compares real images: varied pixels, mostly not saturated.
     assert ref.std() > 10 and ((ref == 0) | (ref == 255)).mean() < 0.2

@@ -288,7 +288,7 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
             torch.distributed.all_reduce(global_loss)
             global_loss /= WORLD
             engine.step()
-            row["overflow"] = bool(getattr(optimizer, "overflow", False))
+            row["overflow"] = not engine.was_step_applied() or bool(getattr(optimizer, "overflow", False))
             if not row["overflow"]:
                 ds_ema.update()
 
