@@ -190,7 +190,11 @@ class SCTLoss:
 
         online = unwrap(net)
         f_theta = online.F(x_t / sd, t, labels, dropout_seed=dropout_seed).to(x0.dtype)
-        resid = f_theta - f_minus - g
+        # F⁻ = F_{sg θ} at the same inputs and dropout mask, so its value is the online pass's own value; taking
+        # it from f_theta.detach() keeps the residual's value exactly −g even when the JVP pass ran in another
+        # precision or kernel (fp32 JVP vs bf16 online, flash-JVP vs SDPA). The gradient is unchanged:
+        # ∇θ ‖F_θ − sg(F_θ) − g‖² = −2 gᵀ∇θF_θ. td_abs below reports the size of that mismatch.
+        resid = f_theta - f_theta.detach() - g
         m = resid.flatten(1).square().mean(dim=1)             # ‖·‖²/D
         d = self._distance(m)
         if self.adaptive_weight:
