@@ -76,13 +76,13 @@ def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int) 
     torch.save(client_state, f"{path}.tmp")
     _fsync(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
-    # Make this rank's files durable before rank 0 may mark the tag COMPLETE (a node crash after the
-    # marker must not lose shards): fsync DeepSpeed's files too, then the directory entries.
-    for name in os.listdir(tag_dir):
-        _fsync(os.path.join(tag_dir, name))
-    _fsync(tag_dir)
     torch.distributed.barrier()
     if rank == 0:
+        # Every rank has finished writing: make the whole tag durable before marking it COMPLETE, so a node
+        # crash after the marker cannot lose shards (DeepSpeed does not fsync its files).
+        for name in os.listdir(tag_dir):
+            _fsync(os.path.join(tag_dir, name))
+        _fsync(tag_dir)
         _atomic_write_text(os.path.join(tag_dir, "COMPLETE"), f"{samples}\n")
         _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag + "\n")
     torch.distributed.barrier()

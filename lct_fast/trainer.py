@@ -262,6 +262,15 @@ class Trainer:
         self.ema = EMA(self.engine.module.named_parameters(), decays=cfg.train.ema.decays,
                        power_stds=cfg.train.ema.power_stds)
         self.target_net = _TargetNet(self.engine.module, zero3=self.engine.zero_optimization_stage() == 3)
+        self._zero3_coordinator = None
+        if self.engine.zero_optimization_stage() == 3:
+            # ZeRO-3 prefetches parameters by replaying the module order it recorded over one fwd+bwd; it marks
+            # a new fwd+bwd on every forward of the root module. Our micro-step runs the root module 0 (sCT:
+            # JVP + online pass through .F) or 2 (iCT: online + target) times, so that marker never matches
+            # a step and the trace stays invalid (no prefetch). Mark the step boundary ourselves instead.
+            offload = self.engine.optimizer.parameter_offload
+            offload.fwd_pre_hook.remove()
+            self._zero3_coordinator = offload.get_param_coordinator()
 
         self.samples = 0
         self.bad_streak = 0
@@ -313,6 +322,8 @@ class Trainer:
         k = self.samples // cfg.train.global_batch
         metrics: dict = {}
         for micro in range(self.grad_accum):
+            if self._zero3_coordinator is not None:
+                self._zero3_coordinator.reset_step()
             x0, labels = next(self._batches)
             x0, labels = x0.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
             if self.stats.num_classes == 0:

@@ -108,3 +108,17 @@ def test_interrupted_save_keeps_previous_latest(tmp_path, monkeypatch):
     with open(os.path.join(ck_dir, "latest"), "w") as f:
         f.write(second)
     assert ckpt.find_resume_tag(ck_dir) == first
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sct"])
+def test_zero3_records_a_prefetch_trace(tmp_path, preset):
+    """Under ZeRO-3 the per-step module order must become a complete trace (else no prefetching)."""
+    cfg = load_config(preset, SMALL + ["train.total_samples=40", "deepspeed.zero_optimization.stage=3",
+                                       "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"])
+    tr = Trainer(cfg, str(tmp_path / "run"))
+    coord = tr.engine.optimizer.parameter_offload.get_param_coordinator()
+    tr._batches = iter(tr.loader)
+    for _ in range(4):
+        m = tr.train_step()
+        assert m["step_applied"] == 1.0
+    assert coord.is_complete_trace()
