@@ -33,6 +33,9 @@ def _guarded(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
                 norms = torch._foreach_norm(grads)
                 bad = (~torch.isfinite(torch.stack(norms))).any().float()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # NCCL reduces CUDA tensors only; with optimizer offload the gradients live on the CPU.
+                if torch.distributed.get_backend() == "nccl" and bad.device.type != "cuda":
+                    bad = bad.to(torch.device("cuda", torch.cuda.current_device()))
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
             self.overflow = bool(bad.item())
             if self.overflow:

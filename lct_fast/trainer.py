@@ -317,7 +317,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- steps
     def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean metrics."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean metrics.
+
+        The curriculum index k counts steps taken, skipped ones included (it is derived from samples seen,
+        like everything else that must survive a resume); the LR schedule advances only on applied steps
+        (DeepSpeed does not step the scheduler on a skipped step)."""
         cfg, d = self.cfg, self.dist
         k = self.samples // cfg.train.global_batch
         metrics: dict = {}
