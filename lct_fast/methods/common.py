@@ -97,3 +97,11 @@ def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = 
     base = pairing_cost(x0, z)
     ratio = pairing_cost(x0, zp) / base.clamp_min(torch.finfo(torch.float32).tiny)
     return zp, ratio.detach()
+
+
+def prepare_batch(loss_name: str, x0: torch.Tensor, data_dim: int) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """Check x0 has ``data_dim`` values per sample and return (x0 as float, per-sample broadcast shape)."""
+    if x0.ndim < 2 or x0[0].numel() != data_dim:
+        raise ValueError(f"{loss_name}: x0 of shape {tuple(x0.shape)} does not have data_dim={data_dim} per sample")
+    x0 = as_float(x0)
+    return x0, (x0.shape[0],) + (1,) * (x0.ndim - 1)

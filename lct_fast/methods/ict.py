@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import schedules
-from .common import as_float, couple_noise, draw_seed, drop_labels, null_class, randn_like_gen
+from .common import couple_noise, draw_seed, drop_labels, null_class, prepare_batch, randn_like_gen
 from .distances import reduce_squared, robust_distance
 
 __all__ = ["ICTLoss"]
@@ -102,11 +102,8 @@ class ICTLoss:
                  generator: torch.Generator, target_net: Optional[nn.Module] = None) -> torch.Tensor:
         """Per-sample loss [B] (float32, or float64 for float64 inputs). See the module docstring."""
         target_net = net if target_net is None else target_net
-        if x0.ndim < 2 or x0[0].numel() != self.data_dim:
-            raise ValueError(f"ICTLoss: x0 of shape {tuple(x0.shape)} does not have data_dim={self.data_dim} per sample")
-        x0 = as_float(x0)
+        x0, bshape = prepare_batch("ICTLoss", x0, self.data_dim)
         batch, dev = x0.shape[0], x0.device
-        bshape = (batch,) + (1,) * (x0.ndim - 1)
 
         n = self.num_levels(step)
         sig_grid, probs = self._grid(n)

@@ -43,7 +43,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from . import schedules
-from .common import as_float, couple_noise, draw_seed, drop_labels, null_class, randn_like_gen, unwrap
+from .common import couple_noise, draw_seed, drop_labels, null_class, prepare_batch, randn_like_gen, unwrap
 
 __all__ = ["SCTLoss", "sct_tangent"]
 
@@ -166,11 +166,8 @@ class SCTLoss:
                  generator: torch.Generator, target_net: Optional[nn.Module] = None) -> torch.Tensor:
         """Per-sample loss [B] (float32, or float64 for float64 inputs)."""
         target_net = net if target_net is None else target_net
-        if x0.ndim < 2 or x0[0].numel() != self.data_dim:
-            raise ValueError(f"SCTLoss: x0 of shape {tuple(x0.shape)} does not have data_dim={self.data_dim} per sample")
-        x0 = as_float(x0)
+        x0, bshape = prepare_batch("SCTLoss", x0, self.data_dim)
         batch, dev = x0.shape[0], x0.device
-        bshape = (batch,) + (1,) * (x0.ndim - 1)
         sd = self.sigma_data
 
         t = schedules.sample_sct_times(batch, self.p_mean, self.p_std, sd, generator, device=dev).to(x0.dtype)
