@@ -58,7 +58,8 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "webdataset>=0.2.86",
-        "deepspeed>=0.15",
+        # ZeRO-3 JVP support relies on 0.19-series internals (see lct_fast/trainer.py); tested with 0.19.8.
+        "deepspeed>=0.19.3,<0.20",
         "POT>=0.9",
         "scipy>=1.10",
         "safetensors>=0.4",
