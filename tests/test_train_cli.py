@@ -79,6 +79,18 @@ def test_tiny_job_writes_run_directory(tmp_path):
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["samples"] == 48 and summary["bad_steps_total"] == 0
 
+    # encode -> train -> export -> sample, as the README shows it (the last two steps here).
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), "--run", run], env=env, check=True,
+                   capture_output=True, timeout=300)
+    out = str(tmp_path / "samples")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sample.py"), "--checkpoint",
+                           os.path.join(run, "export", "ema_0.999.safetensors"), "--steps", "2", "--n", "6",
+                           "--out", out], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lat = np.load(os.path.join(out, "latents.npy"), allow_pickle=False)
+    assert lat.shape == (6, 4, 8, 8) and np.isfinite(lat).all()
+
 
 @pytest.mark.parametrize("preset, ranks, stage", [("tiny", 1, 0), ("tiny_sct", 2, 3)])
 def test_resume_is_exact(tmp_path, preset, ranks, stage):
