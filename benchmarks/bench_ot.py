@@ -14,6 +14,7 @@ device, synchronised, median over repeats after a warm-up):
                       reduced/scaled cost, ε and iteration budget as ours, rounded by our greedy rounding.
 ``ours_reference``    ``couple(method="sinkhorn", backend="reference")`` (PyTorch, host check every 4 rounds).
 ``ours_triton``       ``couple(method="sinkhorn", backend="triton")`` (GPU only).
+``ours_cuda``         ``couple(method="sinkhorn", backend="cuda")`` (GPU with the csrc/ extension built).
 
 ``ratio_to_exact`` is the mean pair cost over the exact optimum on the same batch (1.0 = optimal).
 Data: 'spiky' latents (Gaussian body plus 1 % large spikes, like SD-VAE latents, SPEC §1) and N(0, I) noise.
@@ -92,6 +93,10 @@ def providers(device: str, eps: float, iters: int) -> dict[str, Callable]:
     }
     if device == "cuda":
         out["ours_triton"] = lambda x, z: O.couple(x, z, "sinkhorn", backend="triton", eps=eps, iters=iters)
+        from lct_fast.ot_cuda import cuda_ops_loaded
+
+        if cuda_ops_loaded()[0]:  # the csrc/ extension is built (pip install --no-build-isolation -e .)
+            out["ours_cuda"] = lambda x, z: O.couple(x, z, "sinkhorn", backend="cuda", eps=eps, iters=iters)
     return out
 
 

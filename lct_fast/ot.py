@@ -426,3 +426,47 @@ def _register_triton() -> None:
 
 
 _register_triton()
+
+
+# --------------------------------------------------------------------- optional CUDA C++ backend (issue #8)
+# Registered only when the compiled extension lct_fast._C exists (setup.py builds it with a CUDA torch); it is
+# imported lazily, on first use with CUDA tensors (lct_fast.ot_cuda). get_sinkhorn_backend's "auto" prefers it
+# over Triton on CUDA. Should the extension lack the Sinkhorn ops (a stale build), the calls fall back to the
+# Triton pipeline when registered, else to the PyTorch reference, with a warning.
+def _cuda_fallback(what: str, why: str) -> str:
+    name = "triton" if "triton" in _SINKHORN_BACKENDS else "reference"
+    warnings.warn(f"ot: sinkhorn backend 'cuda' {what} unavailable ({why}); using {name!r}", stacklevel=4)
+    return name
+
+
+def _cuda_sinkhorn(C: torch.Tensor, sched: Sequence[float], iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .ot_cuda import cuda_ops_loaded, sinkhorn_log_cuda
+
+    ok, why = cuda_ops_loaded()
+    if not ok:
+        return _SINKHORN_BACKENDS[_cuda_fallback("iterations", why)](C, sched, iters)
+    return sinkhorn_log_cuda(C, sched, iters)
+
+
+def _cuda_assignment(C: torch.Tensor, **kwargs) -> torch.Tensor:
+    from .ot_cuda import cuda_ops_loaded, sinkhorn_assignment_cuda
+
+    ok, why = cuda_ops_loaded()
+    if not ok:
+        name = _cuda_fallback("pipeline", why)
+        return sinkhorn_assignment(C, backend=name, **kwargs)
+    return sinkhorn_assignment_cuda(C, **kwargs)
+
+
+def _register_cuda() -> None:
+    import importlib.util
+
+    try:
+        present = importlib.util.find_spec("lct_fast._C") is not None
+    except (ImportError, ValueError):  # lct_fast not importable as a package (e.g. a vendored copy)
+        present = False
+    if present:
+        register_sinkhorn_backend("cuda", _cuda_sinkhorn, assignment=_cuda_assignment)
+
+
+_register_cuda()
