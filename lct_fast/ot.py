@@ -82,6 +82,21 @@ def _flatten(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+_SCHED_CACHE: dict = {}
+
+
+def schedule_tensor(sched, device: torch.device) -> torch.Tensor:
+    """ε schedule as a device fp32 vector, cached so that a training step does no host→device copy
+    (shared by the Triton and CUDA Sinkhorn backends)."""
+    key = (str(device), tuple(float(e) for e in sched))
+    t = _SCHED_CACHE.get(key)
+    if t is None:
+        if len(_SCHED_CACHE) > 64:
+            _SCHED_CACHE.clear()
+        t = _SCHED_CACHE[key] = torch.tensor(key[1], dtype=torch.float32, device=device)
+    return t
+
+
 def cost_matrix(x0: torch.Tensor, z: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Squared-distance cost C_jk = ||x_j||² + ||z_k||² − 2·x_j·z_k over flattened samples (SPEC §4).
 

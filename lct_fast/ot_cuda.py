@@ -73,21 +73,6 @@ def _require(C: torch.Tensor, who: str) -> None:
     if not ok:
         raise RuntimeError(f"ot_cuda: {who}: CUDA Sinkhorn backend requested but {why}")
 
-
-_SCHED_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def _schedule_tensor(sched: Sequence[float], device: torch.device) -> torch.Tensor:
-    """ε schedule as a device fp32 vector, cached so that a training step does no host→device copy."""
-    key = (str(device), tuple(float(e) for e in sched))
-    t = _SCHED_CACHE.get(key)
-    if t is None:
-        if len(_SCHED_CACHE) > 64:
-            _SCHED_CACHE.clear()
-        t = _SCHED_CACHE[key] = torch.tensor(key[1], dtype=torch.float32, device=device)
-    return t
-
-
 def sinkhorn_log_cuda(C: torch.Tensor, eps_schedule: Sequence[float], iters: int | None = None, *,
                       tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA replacement of :func:`lct_fast.ot.sinkhorn_log` (same signature and result up to fp32 rounding).
@@ -103,7 +88,7 @@ def sinkhorn_log_cuda(C: torch.Tensor, eps_schedule: Sequence[float], iters: int
         raise ValueError(f"ot_cuda: ε schedule must be non-empty and positive, got {sched[:4]}...")
     if tol < 0:
         raise ValueError(f"ot_cuda: tol must be >= 0, got {tol}")
-    return torch.ops.lct_fast.sinkhorn_cuda(C.float().contiguous(), _schedule_tensor(sched, C.device),
+    return torch.ops.lct_fast.sinkhorn_cuda(C.float().contiguous(), _ot.schedule_tensor(sched, C.device),
                                             float(tol), float(sched[-1]))
 
 

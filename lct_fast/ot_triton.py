@@ -317,21 +317,6 @@ def _check_square(C: torch.Tensor, who: str) -> None:
     if not (C.is_cuda or interpreting()):
         raise ValueError(f"ot_triton: {who} needs a CUDA tensor (or TRITON_INTERPRET=1), got device {C.device}")
 
-
-_SCHED_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def _schedule_tensor(sched: Sequence[float], device: torch.device) -> torch.Tensor:
-    """ε schedule as a device fp32 vector, cached so that a training step does no host→device copy."""
-    key = (str(device), tuple(float(e) for e in sched))
-    t = _SCHED_CACHE.get(key)
-    if t is None:
-        if len(_SCHED_CACHE) > 64:
-            _SCHED_CACHE.clear()
-        t = _SCHED_CACHE[key] = torch.tensor(key[1], dtype=torch.float32, device=device)
-    return t
-
-
 def sinkhorn_log_triton(C: torch.Tensor, eps_schedule: Sequence[float], iters: int | None = None, *,
                         tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton replacement of :func:`lct_fast.ot.sinkhorn_log` (same signature and result).
@@ -355,7 +340,7 @@ def sinkhorn_log_triton(C: torch.Tensor, eps_schedule: Sequence[float], iters: i
     if n < 2 or P == 0:  # Triton specialises n == 1 to a constant; trivial problems take the reference
         return _ot.sinkhorn_log(C, sched, len(sched)) if n == 1 and P else (f, g)
     bm, bn, warps = _blocks(n)
-    _sinkhorn_kernel[(P,)](C, f, g, _schedule_tensor(sched, C.device), n, len(sched), -math.log(n),
+    _sinkhorn_kernel[(P,)](C, f, g, _ot.schedule_tensor(sched, C.device), n, len(sched), -math.log(n),
                            float(tol), float(sched[-1]), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return f, g
 
