@@ -85,6 +85,18 @@ def _flatten(x: torch.Tensor, name: str) -> torch.Tensor:
 _SCHED_CACHE: dict = {}
 
 
+def check_schedule(who: str, eps_schedule, iters, tol: float = 0.0) -> list:
+    """Validate a Sinkhorn backend's (ε schedule, iteration budget, tolerance) and return the schedule."""
+    sched = list(eps_schedule)
+    if iters is not None and iters != len(sched):
+        raise ValueError(f"{who}: sinkhorn got iters={iters} but an ε schedule of length {len(sched)}")
+    if not sched or min(sched) <= 0:
+        raise ValueError(f"{who}: ε schedule must be non-empty and positive, got {sched[:4]}...")
+    if tol < 0:
+        raise ValueError(f"{who}: tol must be >= 0, got {tol}")
+    return sched
+
+
 def schedule_tensor(sched, device: torch.device) -> torch.Tensor:
     """ε schedule as a device fp32 vector, cached so that a training step does no host→device copy
     (shared by the Triton and CUDA Sinkhorn backends)."""

@@ -81,13 +81,7 @@ def sinkhorn_log_cuda(C: torch.Tensor, eps_schedule: Sequence[float], iters: int
     lets the kernel stop at the final ε once max|Δf| ≤ tol·ε; 0 keeps the fixed budget.
     """
     _require(C, "sinkhorn_log_cuda")
-    sched = list(eps_schedule)
-    if iters is not None and iters != len(sched):
-        raise ValueError(f"ot_cuda: sinkhorn got iters={iters} but an ε schedule of length {len(sched)}")
-    if not sched or min(sched) <= 0:
-        raise ValueError(f"ot_cuda: ε schedule must be non-empty and positive, got {sched[:4]}...")
-    if tol < 0:
-        raise ValueError(f"ot_cuda: tol must be >= 0, got {tol}")
+    sched = _ot.check_schedule("ot_cuda", eps_schedule, iters, tol)
     return torch.ops.lct_fast.sinkhorn_cuda(C.float().contiguous(), _ot.schedule_tensor(sched, C.device),
                                             float(tol), float(sched[-1]))
 

@@ -326,13 +326,7 @@ def sinkhorn_log_triton(C: torch.Tensor, eps_schedule: Sequence[float], iters: i
     (it can still stop at an exact fixed point, which changes nothing).
     """
     _check_square(C, "sinkhorn_log_triton")
-    sched = list(eps_schedule)
-    if iters is not None and iters != len(sched):
-        raise ValueError(f"ot_triton: sinkhorn got iters={iters} but an ε schedule of length {len(sched)}")
-    if not sched or min(sched) <= 0:
-        raise ValueError(f"ot_triton: ε schedule must be non-empty and positive, got {sched[:4]}...")
-    if tol < 0:
-        raise ValueError(f"ot_triton: tol must be >= 0, got {tol}")
+    sched = _ot.check_schedule("ot_triton", eps_schedule, iters, tol)
     P, n, _ = C.shape
     C = C.contiguous().float()
     f = torch.zeros(P, n, device=C.device, dtype=torch.float32)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from .config import Config, save_config
 from .distributed import DistEnv, init_distributed
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
+from .seeding import derive_seed
 
 __all__ = ["Trainer", "step_seed", "resolve_data_path", "TrainingStopped"]
 
@@ -37,12 +37,9 @@ class TrainingStopped(RuntimeError):
 
 
 def step_seed(seed: int, rank: int, samples: int, micro: int = 0) -> int:
-    """A 63-bit seed from (seed, rank, samples seen, micro-batch index), stable across runs and resumes.
-
-    A hash, not bit packing: torch's CPU generator keeps only the low 32 bits of a seed, and those are
-    as well mixed as the rest here."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{samples}/{micro}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    """The seed of one micro-step's generator, from (seed, rank, samples seen, micro-batch index): stable
+    across runs and resumes."""
+    return derive_seed(seed, "step", rank, samples, micro)
 
 
 def resolve_data_path(cfg: Config) -> str:

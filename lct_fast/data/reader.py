@@ -53,7 +53,6 @@ reason); they never stop the run. A missing folder or ``stats.json`` raises imme
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import itertools
 import logging
@@ -67,22 +66,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..seeding import derive_seed
 from .stats import Stats, StatsError, load_stats
 
 log = logging.getLogger("lct_fast.data")
 
 _LOG_FIRST = 3  # log the first few occurrences of each reason per worker
-
-
-def derive_seed(*parts: Union[int, str]) -> int:
-    """A stable 63-bit seed from ints/strings (independent of PYTHONHASHSEED)."""
-    ints = []
-    for p in parts:
-        if isinstance(p, str):
-            ints.append(int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little"))
-        else:
-            ints.append(int(p) % (1 << 64))
-    return int(np.random.SeedSequence(ints).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 # --------------------------------------------------------------------------------------
