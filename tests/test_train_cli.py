@@ -19,7 +19,11 @@ def train(*args, check=True, ranks=1):
     """Run launch/train.py: plain python for one rank, the deepspeed launcher (gloo) for several."""
     from lct_fast.distributed import free_port
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    # A process group of this pytest process (in-process trainer tests) leaves MASTER_PORT etc. in the
+    # environment; the child must pick its own rendezvous.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port())]
     cmd = [*launcher, os.path.join(ROOT, "launch", "train.py"), *args]
