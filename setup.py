@@ -38,7 +38,9 @@ def _cuda_extension():
     ext = CUDAExtension(
         name="lct_fast._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+        # cxx: torch's builder picks the C++ standard its headers need (C++20 since 2.10); the .cu files
+        # include no torch header, so nvcc keeps C++17.
+        extra_compile_args={"cxx": ["-O3"],
                             "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_ot.py                      # GPU: the full grid, results saved
     PYTHONPATH=. python benchmarks/bench_ot.py --quick              # CPU sanity mode (tiny sizes, not saved)
     PYTHONPATH=. python benchmarks/bench_ot.py --step-ms 310        # also print overhead vs a training step
+    PYTHONPATH=. python benchmarks/bench_ot.py --step-config configs/b.json   # measure that step here
 
 Providers (each returns a permutation; time is end to end from device tensors x0, z to the permutation on the
 device, synchronised, median over repeats after a warm-up):
@@ -148,6 +149,66 @@ def bench_global(per_rank, worlds, d, device, eps, iters) -> list[dict]:
     return rows
 
 
+def measure_step_ms(config_path: str, device: str, repeats: int = 10) -> tuple[float, int, int]:
+    """One optimizer step of a preset on this device, without DeepSpeed: (median ms, micro-batch, data dim).
+    The micro-batch is the preset's (or its whole global batch when it leaves micro_batch derived).
+
+    Loss forward (with the sCT JVP pass when the method is sct) + backward + fused AdamW, at the preset's
+    micro-batch and precision, past the tangent warm-up. The coupling runs once per micro-step, so its
+    overhead is ours(n = micro-batch, D = data dim) / this time."""
+    import contextlib
+
+    from lct_fast.config import load_config
+    from lct_fast.methods import build_loss
+    from lct_fast.models import build_model
+
+    cfg = load_config(config_path)
+    m = cfg.model
+    micro, _ = cfg.train.batch_layout(1)
+    shape = (micro, m.in_channels, m.resolution, m.resolution)
+    dim = shape[1] * shape[2] * shape[3]
+    net = build_model(cfg.model, cfg.method).to(device)
+    loss_fn = build_loss(cfg.method, data_dim=dim, total_steps=cfg.train.total_steps)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device == "cuda")
+    gen = torch.Generator(device).manual_seed(0)
+    x0 = 0.5 * torch.randn(shape, device=device, generator=gen)
+    labels = (torch.randint(0, m.num_classes, (shape[0],), device=device, generator=gen)
+              if m.num_classes else None)
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                else contextlib.nullcontext())
+    late = cfg.train.total_steps // 2  # past every warm-up
+
+    def step():
+        with autocast:
+            loss = loss_fn(net, x0, labels, step=late, generator=gen).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms, _ = timed(lambda: (step(), None)[1], device, repeats)
+    del net, opt
+    return ms, shape[0], dim
+
+
+def bench_overhead(config_path: str, device: str, repeats: int, eps: float, iters: int) -> list[dict]:
+    step_ms, n, d = measure_step_ms(config_path, device)
+    x, z = make_batch(n, d, device, seed=n + d)
+    rows = []
+    for name, fn in providers(device, eps, iters).items():
+        if not name.startswith("ours") and name != "pot_emd":
+            continue
+        try:
+            ms, _ = timed(lambda: fn(x, z), device, repeats)
+        except Exception as e:  # noqa: BLE001 — reported, not fatal
+            print(f"  {name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        rows.append({"config": os.path.basename(config_path), "micro_batch": n, "D": d, "step_ms": round(step_ms, 3),
+                     "provider": name, "coupling_ms": round(ms, 4), "overhead_pct": round(100 * ms / step_ms, 3)})
+        print(f"{os.path.basename(config_path)}: step {step_ms:.2f} ms at micro-batch {n}; {name} coupling "
+              f"{ms:.3f} ms = {100 * ms / step_ms:.2f} % of the step", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*", default=[128, 256, 512, 1024, 2048])
@@ -160,6 +221,8 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=0.0,
                     help="time of one training step (e.g. the b preset) to report the coupling overhead in %%")
     ap.add_argument("--micro-batch", type=int, default=256, help="per-rank batch for the overhead figure")
+    ap.add_argument("--step-config", default=None,
+                    help="measure one training step of this preset here and the coupling overhead against it")
     ap.add_argument("--quick", action="store_true", help="tiny CPU sanity run (no GPU needed)")
     ap.add_argument("--save", action="store_true", help="write results via the harness (default on GPU)")
     args = ap.parse_args()
@@ -183,13 +246,27 @@ def main() -> None:
         for r in ours:
             print(f"overhead of {r['provider']} at n={r['n']} D={r['D']}: {100 * r['ms'] / args.step_ms:.2f} % "
                   f"of a {args.step_ms} ms step")
-    if device == "cuda" or args.save:
+    save = device == "cuda" or args.save
+    if save:
         notes = (f"ε={args.eps} (relative to the mean reduced cost), {args.iters} Sinkhorn iterations, 8 2-opt "
                  "rounds; 'spiky' latents vs N(0, I) noise; ms = median end to end incl. copies, synchronised.")
         paths = write_results("bench_ot", rows, notes=notes)
         if grows:
             paths += write_results("bench_ot_global", grows, notes="per-rank vs global-batch coupling quality")
         print("results:", *paths)
+    if args.step_config:
+        # last, and guarded: the first full training step on a device must not cost the tables above
+        try:
+            orows = bench_overhead(args.step_config, device, args.repeats, args.eps, args.iters)
+        except Exception as e:  # noqa: BLE001
+            print(f"bench_ot: step measurement for {args.step_config} failed: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            orows = []
+        if orows and save:
+            print("results:", *write_results(
+                "bench_ot_overhead", orows,
+                notes="one optimizer step of the preset (loss incl. JVP pass + backward + AdamW, 1 device, "
+                      "no DeepSpeed) vs one coupling at its micro-batch"))
 
 
 if __name__ == "__main__":

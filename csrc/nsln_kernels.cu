@@ -491,18 +491,26 @@ struct OnePass {
   int iters = 0, threads = 0;
 };
 
-// one pass: smallest ITERS in {1,2,4,8} with ≤ 512 threads (≤ 1024 at ITERS 8); iters = 0: too wide
-OnePass one_pass_plan(int64_t n, int vec) {
+// The backward keeps five [ITERS][VEC] float arrays live (scale, two accumulators, x̂, dy): at ITERS 8 with
+// 16-byte packs that is 320 floats and ptxas (sm_90, -v) spills ~1 KB per thread; at ITERS 4 it uses ≤ 208
+// registers and no spill. Wider rows take the split path instead.
+constexpr int kFwdMaxIters = 8;
+constexpr int kBwdMaxIters = 4;
+
+// one pass: smallest ITERS in {1,2,4,8} (≤ max_iters) with ≤ 512 threads (≤ 1024 at max_iters);
+// iters = 0: too wide
+OnePass one_pass_plan(int64_t n, int vec, int max_iters) {
   const int64_t nvec = n / vec;
   for (int it : {1, 2, 4, 8}) {
+    if (it > max_iters) break;
     const int64_t t = ((nvec + it - 1) / it + 31) / 32 * 32;
-    if (t <= 512 || (it == 8 && t <= 1024)) return {it, (int)(t < 32 ? 32 : t)};
+    if (t <= 512 || (it == max_iters && t <= 1024)) return {it, (int)(t < 32 ? 32 : t)};
   }
   return {};
 }
 
-bool use_split(int64_t n, int64_t split_threshold, int vec) {
-  return n > split_threshold || one_pass_plan(n, vec).iters == 0;
+bool use_split(int64_t n, int64_t split_threshold, int vec, int max_iters) {
+  return n > split_threshold || one_pass_plan(n, vec, max_iters).iters == 0;
 }
 
 int64_t chunk_span(int vec) { return (int64_t)kChunkThreads * kChunkIters * vec; }
@@ -527,7 +535,7 @@ struct BwdPlan {
 BwdPlan bwd_plan(int64_t rows, int64_t n, int64_t samples, int64_t split_threshold, int vec, int device) {
   BwdPlan p{};
   p.vec = vec;
-  p.split = use_split(n, split_threshold, vec);
+  p.split = use_split(n, split_threshold, vec, kBwdMaxIters);
   p.chunks = p.split ? (n + chunk_span(vec) - 1) / chunk_span(vec) : 1;
   const int64_t tokens = samples > 0 ? rows / samples : 0;
   const int64_t target = 4LL * num_sms(device);
@@ -565,8 +573,8 @@ void launch_fwd_split(const FwdArgs& a, float* ws, cudaStream_t st) {
 
 template <typename T, int VEC>
 void launch_fwd(const FwdArgs& a, int64_t split_threshold, float* ws, cudaStream_t st) {
-  if (use_split(a.n, split_threshold, VEC)) launch_fwd_split<T, VEC>(a, ws, st);
-  else launch_fwd_onepass<T, VEC>(a, one_pass_plan(a.n, VEC), st);
+  if (use_split(a.n, split_threshold, VEC, kFwdMaxIters)) launch_fwd_split<T, VEC>(a, ws, st);
+  else launch_fwd_onepass<T, VEC>(a, one_pass_plan(a.n, VEC, kFwdMaxIters), st);
 }
 
 template <typename T>
@@ -594,15 +602,14 @@ void launch_bwd(const BwdArgs& a, const BwdPlan& p, float* ws, cudaStream_t st) 
     bwd_kernel<T, VEC, kChunkIters><<<dim3((unsigned)groups, (unsigned)p.chunks), kChunkThreads, 0, st>>>(
         a, mg, need_pdy ? pdy : nullptr, need_pdyx ? pdyx : nullptr, tokens, p.rpg, p.groups_per_sample, true);
   } else {
-    const OnePass op = one_pass_plan(a.n, VEC);
+    const OnePass op = one_pass_plan(a.n, VEC, kBwdMaxIters);
     const dim3 grid((unsigned)groups, 1);
     float* q1 = need_pdy ? pdy : nullptr;
     float* q2 = need_pdyx ? pdyx : nullptr;
     switch (op.iters) {
       case 1: bwd_kernel<T, VEC, 1><<<grid, op.threads, 0, st>>>(a, mg, q1, q2, tokens, p.rpg, p.groups_per_sample, false); break;
       case 2: bwd_kernel<T, VEC, 2><<<grid, op.threads, 0, st>>>(a, mg, q1, q2, tokens, p.rpg, p.groups_per_sample, false); break;
-      case 4: bwd_kernel<T, VEC, 4><<<grid, op.threads, 0, st>>>(a, mg, q1, q2, tokens, p.rpg, p.groups_per_sample, false); break;
-      default: bwd_kernel<T, VEC, 8><<<grid, op.threads, 0, st>>>(a, mg, q1, q2, tokens, p.rpg, p.groups_per_sample, false); break;
+      default: bwd_kernel<T, VEC, kBwdMaxIters><<<grid, op.threads, 0, st>>>(a, mg, q1, q2, tokens, p.rpg, p.groups_per_sample, false); break;
     }
   }
   const unsigned cb = (unsigned)((a.n + 255) / 256);
@@ -628,7 +635,7 @@ int64_t fwd_workspace_floats(int64_t rows, int64_t n, int64_t split_threshold, i
   // worst case over the vector width (the pointers' alignment is only known at launch)
   int64_t need = 0;
   for (int vec : {1, 16 / elem_size(dtype)}) {
-    if (!use_split(n, split_threshold, vec)) continue;
+    if (!use_split(n, split_threshold, vec, kFwdMaxIters)) continue;
     const int64_t chunks = (n + chunk_span(vec) - 1) / chunk_span(vec);
     const int64_t w = rows * chunks * 4 + rows * 4;
     if (w > need) need = w;

@@ -269,3 +269,21 @@ def test_dual_tensors_with_grad_enabled_give_tangent_and_gradient():
     _close(qg.grad, rq.grad, 5e-6 * max(1.0, rq.grad.abs().max().item()))
     _, rod = torch.func.jvp(lambda a: _math(a, k, v)[0], (q.double(),), (tq.double(),))
     _close(od.detach(), rod, 5e-6 * max(1.0, rod.abs().max().item()))
+
+
+def test_fp32_dot_precision_follows_torch_tf32_setting():
+    """fp32 inputs take exact (IEEE) dots unless TF32 is allowed, through either of torch's APIs; reading
+    the legacy flag after the new API was used raises in torch, which must not reach the kernel launch."""
+    from lct_fast.ops import flash_kernels as K
+
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert K._precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert K._precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"  # the new API
+        assert K._precision(torch.float32) == "ieee"
+        assert K._precision(torch.bfloat16) == K._precision(torch.float16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(saved)

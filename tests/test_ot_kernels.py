@@ -74,8 +74,10 @@ def test_sinkhorn_kernel_device_side_early_stop():
     sched = [1.0, 0.5, 0.3, 0.3, 0.3, 0.3]
     f, g = T.sinkhorn_log_triton(C, sched, 6, tol=1e9)
     fr, gr = O.sinkhorn_log(C.cpu(), sched[:3], 3)
-    torch.testing.assert_close(f.cpu(), fr, rtol=0, atol=2e-6)
-    torch.testing.assert_close(g.cpu(), gr, rtol=0, atol=2e-6)
+    # 1e-5: room for the GPU's approximate exp2/log2 (~2^-22 relative each) yet 10x below the 1e-4 gap that
+    # one more iteration opens (asserted next)
+    torch.testing.assert_close(f.cpu(), fr, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g.cpu(), gr, rtol=0, atol=1e-5)
     assert (f.cpu() - O.sinkhorn_log(C.cpu(), sched, 6)[0]).abs().max() > 1e-4  # it did not run all 6
     # A realistic tol stops once max|Δf| <= tol·ε: the potentials then sit within a few tol·ε of the fixed point.
     full_f, full_g = T.sinkhorn_log_triton(C, [0.3] * 120, 120)

@@ -19,6 +19,7 @@ Each distinct decision is logged once (logger ``lct_fast.ops``) and kept in :fun
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,15 @@ import torch.autograd.forward_ad as fwAD
 logger = logging.getLogger("lct_fast.ops")
 
 BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda", "auto")
+
+
+def autotune_enabled() -> bool:
+    """Whether Triton kernels autotune their launch configuration (env ``LCT_FAST_AUTOTUNE``, default 1).
+
+    With ``LCT_FAST_AUTOTUNE=0`` each kernel takes the first candidate left after pruning (a sensible default
+    per shape) and compiles once instead of once per candidate: for correctness runs (the GPU test suite
+    would otherwise compile hundreds of candidates), never for benchmarks."""
+    return os.environ.get("LCT_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 _AUTO_ORDER: Tuple[str, ...] = ("cuda", "triton")
 
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import autotune_enabled
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -222,46 +224,82 @@ def _configs(blocks, warps=(4, 8), stages=(2, 3, 4)):
             for bm, bn in blocks for w in warps for s in stages]
 
 
-def _prune(tangent: bool):
-    """Drop configurations whose tiles clearly exceed shared memory / registers for big head dims."""
+# fp32 values a thread holds live in registers, per kernel: accumulators (×BLOCK_D) and score tiles
+# (×BLOCK_N). fwd: O and S/P; jvp: O, Ȯ-accumulator, S and Ṡ; dkdv: dK, dV, P and dP; dq: dQ, P and dP.
+_LIVE = {"fwd": (("m", 1), ("m", 1)), "jvp": (("m", 2), ("m", 2)),
+         "dkdv": (("n", 2), ("m", 2)), "dq": (("m", 1), ("m", 2))}
+MAX_LIVE_PER_THREAD = 192  # of 255 registers; the rest holds pointers, offsets and softmax state
+
+
+def live_per_thread(kind: str, bm: int, bn: int, bd: int, warps: int) -> float:
+    """Estimated live fp32 values per thread of a tile configuration (register-pressure model).
+
+    Calibrated on sm_90 cubins (benchmarks/triton_aot.py, results/triton_aot-sm90-*.md): every
+    configuration above 192 spilled ≥ 400 B per thread; at or below it at most ~200 B."""
+    (acc_rows, n_acc), (tile_rows, n_tiles) = _LIVE[kind]
+    rows = {"m": bm, "n": bn}
+    return (n_acc * rows[acc_rows] * bd + n_tiles * bm * bn) / (32 * warps)
+
+
+def _prune(kind: str):
+    """Drop configurations that exceed shared memory or would spill registers (see live_per_thread)."""
+    tangent = kind != "fwd"
+
     def prune(configs, named_args, **kwargs):
         bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        q = named_args.get("Q")
+        elem = q.element_size() if hasattr(q, "element_size") else 2
         keep = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             tiles = bm * bd + c.num_stages * bn * bd * (4 if tangent else 2)  # elements held in smem
-            if tiles * 2 > 200 * 1024 or (bd >= 256 and bm * bn > 64 * 64) or (tangent and bd >= 128 and bm * bn > 128 * 64):
+            if tiles * elem > 200 * 1024 or (bd >= 256 and bm * bn > 64 * 64):
+                continue
+            if live_per_thread(kind, bm, bn, bd, c.num_warps) > MAX_LIVE_PER_THREAD:
                 continue
             keep.append(c)
-        return keep or configs[:1]
+        if not keep:  # nothing fits the model: keep the least register-hungry configuration
+            keep = [min(configs, key=lambda c: live_per_thread(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                               bd, c.num_warps))]
+        return keep if autotune_enabled() else keep[:1]
     return prune
 
 
 _FWD_KEY = ["LQ", "LK", "BLOCK_D", "TANGENT", "HAS_TQ", "HAS_TK", "HAS_TV", "PREC"]
 _BWD_KEY = ["LQ", "LK", "BLOCK_D", "PREC"]
-_fwd_tuned = None
-_jvp_tuned = None
-_dkdv_tuned = None
-_dq_tuned = None
+
+# Candidate tiles per kernel. Tensor-core dots (bf16/fp16, and fp32 as TF32 when the user allows it):
+_MMA_TILES = {"fwd": [(128, 64), (128, 128), (64, 64), (128, 32)],
+              "jvp": [(64, 64), (128, 64), (64, 32), (128, 32)],
+              "dkdv": [(32, 128), (64, 128), (32, 64), (64, 64)],
+              "dq": [(128, 32), (128, 64), (64, 64), (64, 32)]}
+# Exact fp32 ("ieee") dots run on the FMA units with both operands spread over registers: on sm_90 the
+# MMA tiles above spill 0.5–17 KB per thread (benchmarks/triton_aot.py). These are the spill-free (or
+# near: the five-dot tangent kernel has none at all above 16×32) tiles at 8 warps for Dh = 64.
+_IEEE_TILES = {"fwd": [(64, 32), (32, 64), (32, 32), (16, 64)],
+               "jvp": [(16, 32)],
+               "dkdv": [(32, 32), (16, 64), (16, 32)],
+               "dq": [(64, 32), (32, 64), (32, 32), (16, 64)]}
+_KERNELS = {"fwd": "_attn_fwd_kernel", "jvp": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel",
+            "dq": "_attn_bwd_dq_kernel"}
+_tuned_cache: dict = {}
 
 
-def _tuned():
-    """Autotuned kernel wrappers, built once on first GPU use (never under the interpreter)."""
-    global _fwd_tuned, _jvp_tuned, _dkdv_tuned, _dq_tuned
-    if _fwd_tuned is None:
-        _fwd_tuned = triton.autotune(
-            _configs([(128, 64), (128, 128), (64, 64), (128, 32)]), key=_FWD_KEY,
-            prune_configs_by={"early_config_prune": _prune(False)})(_attn_fwd_kernel)
-        _jvp_tuned = triton.autotune(
-            _configs([(64, 64), (128, 64), (64, 32), (128, 32)], stages=(2, 3)), key=_FWD_KEY,
-            prune_configs_by={"early_config_prune": _prune(True)})(_attn_fwd_kernel)
-        _dkdv_tuned = triton.autotune(
-            _configs([(32, 128), (64, 128), (32, 64), (64, 64)], stages=(2, 3)), key=_BWD_KEY,
-            prune_configs_by={"early_config_prune": _prune(True)})(_attn_bwd_dkdv_kernel)
-        _dq_tuned = triton.autotune(
-            _configs([(128, 32), (128, 64), (64, 64), (64, 32)], stages=(2, 3)), key=_BWD_KEY,
-            prune_configs_by={"early_config_prune": _prune(True)})(_attn_bwd_dq_kernel)
-    return _fwd_tuned, _jvp_tuned, _dkdv_tuned, _dq_tuned
+def _tuned(ieee: bool = False):
+    """Autotuned (fwd, jvp, dkdv, dq) kernel wrappers for MMA or exact-fp32 dots, built once on first GPU use
+    (never under the interpreter)."""
+    if ieee not in _tuned_cache:
+        out = []
+        for kind in ("fwd", "jvp", "dkdv", "dq"):
+            if ieee:
+                configs = _configs(_IEEE_TILES[kind], warps=(8,), stages=(2,))
+            else:
+                configs = _configs(_MMA_TILES[kind], stages=(2, 3, 4) if kind == "fwd" else (2, 3))
+            out.append(triton.autotune(configs, key=_FWD_KEY if kind in ("fwd", "jvp") else _BWD_KEY,
+                                       prune_configs_by={"early_config_prune": _prune(kind)})(
+                globals()[_KERNELS[kind]]))
+        _tuned_cache[ieee] = tuple(out)
+    return _tuned_cache[ieee]
 
 
 _INTERP_BLOCK = 16  # smallest tile tl.dot accepts
@@ -278,10 +316,21 @@ def _strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for fp32 matmuls, through either of torch's two APIs."""
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch refuses the legacy flag once the two APIs were mixed
+        return False
+
+
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 dots unless the user allowed TF32 for matmuls (as cuBLAS would).
     16-bit inputs: the backend default ("tf32", meaning plain tensor-core MMA for fp16/bf16)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_allowed():
         return "ieee"
     return "tf32"
 
@@ -316,7 +365,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         _attn_fwd_kernel[grid](*args, BLOCK_M=_INTERP_BLOCK, BLOCK_N=_INTERP_BLOCK,
                                EVEN_N=LK % _INTERP_BLOCK == 0, **flags)
     else:
-        fwd, jvp, _, _ = _tuned()
+        fwd, jvp, _, _ = _tuned(flags["PREC"] == "ieee")
         kern = jvp if tangent else fwd
         grid = lambda meta: (triton.cdiv(LQ, meta["BLOCK_M"]), B * H)  # noqa: E731
         # EVEN_N depends on the tuned BLOCK_N; all candidates are ≤ 128 and powers of two
@@ -354,7 +403,7 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             q, k, v, do, lse, delta, dq, *strides, *common, BLOCK_M=bs, BLOCK_N=bs, BLOCK_D=BD,
             EVEN_N=LK % bs == 0, PREC=prec)
     else:
-        _, _, dkdv, dqk = _tuned()
+        _, _, dkdv, dqk = _tuned(prec == "ieee")
         dkdv[lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), B * H)](
             q, k, v, do, lse, delta, dk, dv, *strides, *common, BLOCK_D=BD, PREC=prec)
         dqk[lambda meta: (triton.cdiv(LQ, meta["BLOCK_M"]), B * H)](

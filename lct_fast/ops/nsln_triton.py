@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import autotune_enabled
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEFAULT_SPLIT_THRESHOLD = 8192
 SPLIT_BLOCK = 4096  # columns per program in the split-row path
@@ -207,16 +209,38 @@ def _warps_for(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-def _tuned(kernel, block_arg: str = "BLOCK_N"):
-    """Wrap ``kernel`` in triton.autotune over num_warps keyed on the row width (GPU only)."""
+# A row chunk lives in registers: BLOCK_N / (32·num_warps) fp32 values per thread per live array. On sm_90
+# cubins (benchmarks/triton_aot.py): the forward/JVP kernel spilled above 32 values per thread (64 → up to
+# 1.3 KB/thread) and not at 32; the backward, which keeps x̂, dy, 1 + scale and two partial sums live,
+# still spilled at 32 (552 B, fp32, one warp) and not at 16. Below one value per thread, threads idle.
+MAX_PER_THREAD = {"fwd": 32, "bwd": 16}
+
+
+def _prune_warps(kind: str):
+    limit = MAX_PER_THREAD[kind]
+
+    def prune(configs, named_args, **kwargs):
+        block = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+        keep = [c for c in configs if 32 * c.num_warps <= block <= limit * 32 * c.num_warps]
+        keep = keep or [max(configs, key=lambda c: c.num_warps) if block > 32 * limit
+                        else min(configs, key=lambda c: c.num_warps)]
+        return keep if autotune_enabled() else keep[:1]
+    return prune
+
+
+def _tuned(kernel, key, kind: str):
+    """Wrap ``kernel`` in triton.autotune over num_warps (GPU only). The key holds the row width and the
+    constexpr flags: the forward, modulated and JVP variants keep different numbers of rows live, so one
+    variant's choice must not be reused for another at the same width."""
     if INTERPRET:
         return None
     configs = [triton.Config({}, num_warps=w) for w in _WARPS]
-    return triton.autotune(configs=configs, key=["N", block_arg])(kernel)
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": _prune_warps(kind)})(kernel)
 
 
-_FWD_TUNED = _tuned(_fwd_kernel)
-_BWD_TUNED = _tuned(_bwd_kernel)
+_FWD_TUNED = _tuned(_fwd_kernel, ["N", "BLOCK_N", "SPLIT", "WRITE_Y", "JVP", "HAS_MOD", "HAS_XD"], "fwd")
+_BWD_TUNED = _tuned(_bwd_kernel, ["N", "BLOCK_N", "SPLIT", "HAS_MOD", "NEED_DX", "NEED_PDY", "NEED_PDYX"], "bwd")
 
 
 def _launch(kernel, tuned, grid, *args, **meta):

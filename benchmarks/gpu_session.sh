@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One GPU lease, few calls: everything the kernels (#6 NsLN, #7 attention, #8 Sinkhorn) need verified on a GPU.
+#
+#   bash benchmarks/gpu_session.sh tests        # build lct_fast._C, GPU tests + the kernel test files
+#   bash benchmarks/gpu_session.sh nsln attention ot   # one or more benchmarks (bench_<name>.py)
+#   bash benchmarks/gpu_session.sh tests nsln    # stages run in the order given
+#
+# Prerequisites here (no GPU needed): `bash ../shared/device/wheels.sh` fills .whl/ (deepspeed, POT,
+# webdataset, ...): carry `.whl` in the device call; without it the suite cannot even be collected.
+# Results land in $OUT (./gpu-out when OUT is unset): one log per stage, and benchmarks/results/ tarred
+# again after every benchmark (a call returns at most 8 files, and one that hits its time limit keeps
+# only what is already under $OUT). The tests run with LCT_FAST_AUTOTUNE=0: one launch configuration per
+# kernel specialisation instead of compiling and timing every candidate (hundreds of compiles, most of a
+# call); every candidate's compile is checked on CPU by tests/test_triton_aot.py. Benchmarks autotune.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_session: no .whl/ — run bash ../shared/device/wheels.sh here and carry .whl"; exit 2; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "gpu_session: installing .whl failed"; exit 2; }
+export PYTHONPATH=/tmp/site:$root${PYTHONPATH:+:$PYTHONPATH}
+
+{
+  date -u +"date %Y-%m-%dT%H:%MZ"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+build() {
+  # the CUDA extension (csrc/) against the machine's CUDA torch; the .so lands in lct_fast/ (in-place build)
+  python3 setup.py build_ext --inplace > "$out/build.log" 2>&1; tail -3 "$out/build.log"
+  python3 -c "import lct_fast._C; print('lct_fast._C built')" || echo "gpu_session: lct_fast._C did not build"
+}
+
+run_tests() {
+  build
+  export LCT_FAST_AUTOTUNE=0
+  python3 -m pytest -q -rs -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
+  # the same kernel files' non-gpu tests (they take CUDA too when it is present); -m gpu ran above
+  python3 -m pytest -q -rs -m "not gpu" tests/test_nsln_kernels.py tests/test_flash_attention.py \
+    tests/test_ops_nsln.py tests/test_ops_attention.py tests/test_ot_kernels.py tests/test_ot_cuda.py \
+    tests/test_models_jvp.py 2>&1 | tee "$out/kernel_tests.log"
+  unset LCT_FAST_AUTOTUNE
+}
+
+run_bench() {  # $1: nsln | attention | ot
+  ls lct_fast/_C*.so >/dev/null 2>&1 || build
+  local extra=()
+  [ "$1" = ot ] && extra=(--global --step-config configs/b.json)
+  python3 "benchmarks/bench_$1.py" "${extra[@]}" 2>&1 | tee "$out/bench_$1.log"
+  tar czf "$out/results.tar.gz" benchmarks/results
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 tests|nsln|attention|ot ..."; exit 2; }
+for stage in "$@"; do
+  case "$stage" in
+    tests) run_tests ;;
+    nsln|attention|ot) run_bench "$stage" ;;
+    *) echo "gpu_session: unknown stage $stage (tests|nsln|attention|ot)"; exit 2 ;;
+  esac
+done
