@@ -239,22 +239,39 @@ def run(arch: int, quick: bool, only: Optional[str] = None) -> List[Compiled]:
     return state.results
 
 
+def _split(constexprs: str) -> tuple[str, str]:
+    """(tile sizes BLOCK_M/BLOCK_N, the other constexprs) of a record's constexpr string."""
+    parts = constexprs.split(" [")[0].split(",")
+    tiles = [p for p in parts if p.startswith(("BLOCK_M=", "BLOCK_N="))]
+    return ",".join(p.split("=")[1] for p in tiles), ",".join(p for p in parts if p not in tiles)
+
+
 def to_markdown(results: List[Compiled], arch: int) -> str:
+    """A summary per launch (kernel + flags): candidates, how many spill, worst spill, resource ranges."""
     bad = [r for r in results if r.error or not r.fits]
     spill = [r for r in results if r.spill_bytes > 0]
+    groups: Dict[tuple, List[Compiled]] = {}
+    for r in results:
+        groups.setdefault((r.case, r.launch), []).append(r)
     lines = [f"# Triton AOT compile check, sm_{arch}",
              "",
              f"triton {triton.__version__}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; compiled on a "
              f"CPU-only machine with `benchmarks/triton_aot.py` (no kernel ran). {len(results)} kernel "
-             f"specialisations, {len(bad)} failing, {len(spill)} spilling; shared-memory limit "
-             f"{SMEM_LIMIT.get(arch, 232448)} B.",
+             f"specialisations (autotune candidates included), {len(bad)} failing, {len(spill)} spilling; "
+             f"shared-memory limit {SMEM_LIMIT.get(arch, 232448)} B. One row per launch: its candidates after "
+             "pruning, how many spill registers, and the best (least-spilling) candidate.",
              "",
-             "| case | kernel | constexprs | warps | stages | smem B | regs | spill B | ok |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        ok = "FAIL: " + r.error if r.error else ("yes" if r.fits else "no: smem")
-        lines.append(f"| {r.case} | {r.kernel} | {r.constexprs} | {r.num_warps} | {r.num_stages} | {r.shared} | "
-                     f"{r.regs} | {r.spill_bytes} | {ok} |")
+             "| case | kernel | flags | candidates | spilling | best: tiles, warps | best spill B | regs | smem B (max) | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (case, _), rs in groups.items():
+        best = min(rs, key=lambda r: (r.spill_bytes, -r.num_warps))
+        tiles, flags = _split(best.constexprs)
+        kernel = best.kernel
+        ok = "yes" if not any(r.error or not r.fits for r in rs) else "FAIL: " + next(
+            (r.error for r in rs if r.error), "shared memory")
+        lines.append(f"| {case} | {kernel} | {flags} | {len(rs)} | {sum(r.spill_bytes > 0 for r in rs)} | "
+                     f"{tiles or '-'}, {best.num_warps} | {best.spill_bytes} | {min(r.regs for r in rs)}–"
+                     f"{max(r.regs for r in rs)} | {max(r.shared for r in rs)} | {ok} |")
     return "\n".join(lines) + "\n"
 
 
