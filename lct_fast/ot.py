@@ -50,6 +50,7 @@ __all__ = [
     "two_opt",
     "register_sinkhorn_backend",
     "get_sinkhorn_backend",
+    "run_assignment",
 ]
 
 METHODS = ("none", "exact", "hungarian", "exact_scipy", "sinkhorn")
@@ -359,22 +360,33 @@ def sinkhorn_assignment(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100,
     the reduced costs C − f − g to a permutation with the mutual-best greedy and polish with
     ``refine_rounds`` of 2-opt on the true cost. Returns LongTensor [P, n] (or [n]).
     """
+    name, fn = get_sinkhorn_backend(backend, C.device)
+    full = _ASSIGNMENT_BACKENDS.get(name)
+    if full is not None:  # device-side rounding + 2-opt as well (e.g. lct_fast.ot_triton)
+        return full(C, eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)
+    return run_assignment(C, "ot: sinkhorn_assignment", fn, _round_and_two_opt, eps=eps, iters=iters,
+                          eps_start=eps_start, refine_rounds=refine_rounds)
+
+
+def _round_and_two_opt(Cn: torch.Tensor, f: torch.Tensor, g: torch.Tensor, refine_rounds: int) -> torch.Tensor:
+    perm = round_to_permutation(Cn - f.unsqueeze(2) - g.unsqueeze(1))
+    return two_opt(Cn, perm, refine_rounds) if refine_rounds > 0 else perm
+
+
+def run_assignment(C: torch.Tensor, who: str, sinkhorn: SinkhornFn,
+                   finish: Callable[..., torch.Tensor], *,
+                   eps: float, iters: int, eps_start: float, refine_rounds: int) -> torch.Tensor:
+    """The assignment pipeline every backend shares: C [P, n, n] or [n, n] → row/column-min reduction and
+    scaling → ``sinkhorn(Cn, ε schedule, iters)`` → ``finish(Cn, f, g, refine_rounds=…)`` (rounding to a
+    permutation + 2-opt) → LongTensor [P, n] (or [n])."""
     squeeze = C.dim() == 2
     if squeeze:
         C = C.unsqueeze(0)
     if C.dim() != 3 or C.shape[1] != C.shape[2]:
-        raise ValueError(f"ot: sinkhorn_assignment expects C of shape [P, n, n] or [n, n], got {tuple(C.shape)}")
-    C = C.float()
-    name, fn = get_sinkhorn_backend(backend, C.device)
-    full = _ASSIGNMENT_BACKENDS.get(name)
-    if full is not None:  # device-side rounding + 2-opt as well (e.g. lct_fast.ot_triton)
-        perm = full(C, eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)
-        return perm[0] if squeeze else perm
-    Cn = _reduce_and_scale(C)
-    f, g = fn(Cn, eps_schedule(eps, iters, eps_start=eps_start), iters)
-    perm = round_to_permutation(Cn - f.unsqueeze(2) - g.unsqueeze(1))
-    if refine_rounds > 0:
-        perm = two_opt(Cn, perm, refine_rounds)
+        raise ValueError(f"{who} expects C of shape [P, n, n] or [n, n], got {tuple(C.shape)}")
+    Cn = _reduce_and_scale(C.float()).contiguous()
+    f, g = sinkhorn(Cn, eps_schedule(eps, iters, eps_start=eps_start), iters)
+    perm = finish(Cn, f, g, refine_rounds=refine_rounds)
     return perm[0] if squeeze else perm
 
 

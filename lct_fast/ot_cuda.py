@@ -16,17 +16,16 @@ pipeline issues a fixed number of launches and performs no host synchronisation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
 from . import ot as _ot
+from .ops.dispatch import load_extension_ops
 
 __all__ = ["cuda_ops_loaded", "available", "sinkhorn_log_cuda", "round_and_refine_cuda",
            "sinkhorn_assignment_cuda"]
-
-_STATE: dict = {}
-
 
 def _sinkhorn_fake(C: torch.Tensor, sched: torch.Tensor, tol: float, eps_final: float):
     P, n = C.shape[0], C.shape[1]
@@ -39,22 +38,7 @@ def _round_fake(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, max_rounds: i
 
 def cuda_ops_loaded() -> tuple[bool, str]:
     """Import ``lct_fast._C`` once; (True, "") when it registered the Sinkhorn ops (fakes are added then)."""
-    if "ok" not in _STATE:
-        try:
-            import lct_fast._C  # noqa: F401  (registers torch.ops.lct_fast.*)
-
-            ok = all(hasattr(torch.ops.lct_fast, op) for op in ("sinkhorn_cuda", "sinkhorn_round_cuda"))
-            why = "" if ok else "lct_fast._C has no sinkhorn_cuda / sinkhorn_round_cuda ops (rebuild it)"
-        except ImportError as exc:
-            ok, why = False, f"lct_fast._C not built ({exc})"
-        if ok:
-            for name, fake in (("sinkhorn_cuda", _sinkhorn_fake), ("sinkhorn_round_cuda", _round_fake)):
-                try:
-                    torch.library.register_fake(f"lct_fast::{name}")(fake)
-                except RuntimeError:  # already registered (module reloaded)
-                    pass
-        _STATE.update(ok=ok, why=why)
-    return _STATE["ok"], _STATE["why"]
+    return load_extension_ops({"sinkhorn_cuda": _sinkhorn_fake, "sinkhorn_round_cuda": _round_fake})
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -104,13 +88,6 @@ def sinkhorn_assignment_cuda(C: torch.Tensor, *, eps: float = 0.05, iters: int =
 
     ``C`` [P, n, n] or [n, n]. Returns LongTensor [P, n] (or [n]).
     """
-    squeeze = C.dim() == 2
-    if squeeze:
-        C = C.unsqueeze(0)
-    _require(C, "sinkhorn_assignment_cuda")
-    Cn = _ot._reduce_and_scale(C.float()).contiguous()
-    f, g = sinkhorn_log_cuda(Cn, _ot.eps_schedule(eps, iters, eps_start=eps_start), iters, tol=tol)
-    perm = round_and_refine_cuda(Cn, f, g, max_rounds=max_rounds, refine_rounds=refine_rounds)
-    return perm[0] if squeeze else perm
-
-
+    return _ot.run_assignment(C, "ot_cuda: sinkhorn_assignment_cuda", functools.partial(sinkhorn_log_cuda, tol=tol),
+                              functools.partial(round_and_refine_cuda, max_rounds=max_rounds),
+                              eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)

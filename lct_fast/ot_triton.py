@@ -32,8 +32,8 @@ before importing it (tests/conftest.py does). :mod:`lct_fast.ot` imports this mo
 """
 from __future__ import annotations
 
+import functools
 import math
-import os
 from typing import Sequence
 
 import torch
@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import ot as _ot
+from .ops.dispatch import interpreting
 
 __all__ = [
     "sinkhorn_log_triton",
@@ -52,11 +53,6 @@ __all__ = [
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -391,13 +387,13 @@ def sinkhorn_assignment_triton(C: torch.Tensor, *, eps: float = 0.05, iters: int
 
     ``C`` [P, n, n] or [n, n] (any float dtype; used in fp32). Returns LongTensor [P, n] (or [n]).
     """
-    squeeze = C.dim() == 2
-    if squeeze:
-        C = C.unsqueeze(0)
-    _check_square(C, "sinkhorn_assignment_triton")
-    Cn = _ot._reduce_and_scale(C.float()).contiguous()
-    f, g = sinkhorn_log_triton(Cn, _ot.eps_schedule(eps, iters, eps_start=eps_start), iters, tol=tol)
+    return _ot.run_assignment(C, "ot_triton: sinkhorn_assignment_triton",
+                              functools.partial(sinkhorn_log_triton, tol=tol),
+                              functools.partial(_round_and_two_opt, max_rounds=max_rounds),
+                              eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)
+
+
+def _round_and_two_opt(Cn: torch.Tensor, f: torch.Tensor, g: torch.Tensor, refine_rounds: int, *,
+                       max_rounds: int | None) -> torch.Tensor:
     perm = round_to_permutation_triton(Cn, f, g, max_rounds)
-    if refine_rounds > 0:
-        perm = two_opt_triton(Cn, perm, refine_rounds)
-    return perm[0] if squeeze else perm
+    return two_opt_triton(Cn, perm, refine_rounds) if refine_rounds > 0 else perm

@@ -98,6 +98,7 @@ def test_pruning_rules_and_the_autotune_switch(monkeypatch):
 
     from lct_fast.ops import flash_kernels as FK
     from lct_fast.ops import nsln_triton as NT
+    from lct_fast.ops.dispatch import with_autotune_switch as switched
 
     cfgs = FK._configs(FK._MMA_TILES["jvp"], stages=(2, 3))
     q16 = torch.zeros(1, 1, 16, 128, dtype=torch.bfloat16)
@@ -113,5 +114,5 @@ def test_pruning_rules_and_the_autotune_switch(monkeypatch):
     assert [c.num_warps for c in NT._prune_warps("bwd")(warps, {}, BLOCK_N=8192)] == [16]
     assert [c.num_warps for c in NT._prune_warps("fwd")(warps, {}, BLOCK_N=64)] == [1, 2]
     monkeypatch.setenv("LCT_FAST_AUTOTUNE", "0")  # correctness runs: the first surviving candidate only
-    assert FK._prune("jvp")(cfgs, {"Q": q16}, BLOCK_D=128) == kept[:1]
-    assert [c.num_warps for c in NT._prune_warps("fwd")(warps, {}, BLOCK_N=8192)] == [8]
+    assert switched(FK._prune("jvp"))(cfgs, {"Q": q16}, BLOCK_D=128) == kept[:1]
+    assert [c.num_warps for c in switched(NT._prune_warps("fwd"))(warps, {}, BLOCK_N=8192)] == [8]

@@ -31,6 +31,15 @@ import torch.autograd.forward_ad as fwAD
 logger = logging.getLogger("lct_fast.ops")
 
 BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda", "auto")
+_AUTO_ORDER: Tuple[str, ...] = ("cuda", "triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# How the kernel backends run: Triton interpreter, autotuning, the compiled C++/CUDA extension
+# ---------------------------------------------------------------------------------------------
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def autotune_enabled() -> bool:
@@ -40,7 +49,49 @@ def autotune_enabled() -> bool:
     per shape) and compiles once instead of once per candidate: for correctness runs (the GPU test suite
     would otherwise compile hundreds of candidates), never for benchmarks."""
     return os.environ.get("LCT_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
-_AUTO_ORDER: Tuple[str, ...] = ("cuda", "triton")
+
+
+def with_autotune_switch(prune: Callable[..., list]) -> Callable[..., list]:
+    """A Triton ``early_config_prune`` that applies ``prune`` and then the ``LCT_FAST_AUTOTUNE`` switch."""
+    def early_config_prune(configs, named_args, **kwargs):
+        keep = prune(configs, named_args, **kwargs)
+        return keep if autotune_enabled() else keep[:1]
+    return early_config_prune
+
+
+def autotune(kernel, configs: list, key: list, prune: Callable[..., list]):
+    """``triton.autotune`` of ``kernel`` over ``configs`` keyed on ``key``, pruned by ``prune`` (and the switch)."""
+    import triton  # lazy: the dispatcher itself must import without Triton
+
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": with_autotune_switch(prune)})(kernel)
+
+
+_EXTENSION_OPS: Dict[Tuple[str, ...], Tuple[bool, str]] = {}
+
+
+def load_extension_ops(fakes: Dict[str, Callable[..., Any]]) -> Tuple[bool, str]:
+    """Import ``lct_fast._C`` once per op set; (True, "") when it registered every ``torch.ops.lct_fast.<name>``
+    in ``fakes``, whose fake (meta) implementations are then registered so ``torch.compile`` can trace
+    around the ops. Otherwise (False, why)."""
+    names = tuple(sorted(fakes))
+    if names not in _EXTENSION_OPS:
+        try:
+            import lct_fast._C  # noqa: F401  (registers torch.ops.lct_fast.*)
+
+            missing = [n for n in names if not hasattr(torch.ops.lct_fast, n)]
+            ok = not missing
+            why = "" if ok else f"lct_fast._C has no {', '.join(missing)} op (rebuild it)"
+        except ImportError as exc:
+            ok, why = False, f"lct_fast._C not built ({exc})"
+        if ok:
+            for name, fake in fakes.items():
+                try:
+                    torch.library.register_fake(f"lct_fast::{name}")(fake)
+                except RuntimeError:  # already registered (module reloaded)
+                    pass
+        _EXTENSION_OPS[names] = (ok, why)
+    return _EXTENSION_OPS[names]
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,16 @@ configuration is used, since autotuning there is both slow and meaningless.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import autotune_enabled
+from .dispatch import autotune, interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,7 +255,7 @@ def _prune(kind: str):
         if not keep:  # nothing fits the model: keep the least register-hungry configuration
             keep = [min(configs, key=lambda c: live_per_thread(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                                                                bd, c.num_warps))]
-        return keep if autotune_enabled() else keep[:1]
+        return keep
     return prune
 
 
@@ -295,9 +289,8 @@ def _tuned(ieee: bool = False):
                 configs = _configs(_IEEE_TILES[kind], warps=(8,), stages=(2,))
             else:
                 configs = _configs(_MMA_TILES[kind], stages=(2, 3, 4) if kind == "fwd" else (2, 3))
-            out.append(triton.autotune(configs, key=_FWD_KEY if kind in ("fwd", "jvp") else _BWD_KEY,
-                                       prune_configs_by={"early_config_prune": _prune(kind)})(
-                globals()[_KERNELS[kind]]))
+            out.append(autotune(globals()[_KERNELS[kind]], configs,
+                                key=_FWD_KEY if kind in ("fwd", "jvp") else _BWD_KEY, prune=_prune(kind)))
         _tuned_cache[ieee] = tuple(out)
     return _tuned_cache[ieee]
 

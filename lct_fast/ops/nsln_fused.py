@@ -15,13 +15,13 @@ tangent-only kernel). sCT's tangent pass uses ``torch.autograd.forward_ad`` dual
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .dispatch import forward_ad_active, register_backend
+from .dispatch import forward_ad_active, load_extension_ops, register_backend
 
 IMPLS = ("triton", "cuda")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,27 +119,9 @@ torch.library.register_fake("lct_fast::nsln_jvp_triton")(_jvp_fake)
 # CUDA extension (csrc/nsln.cpp registers lct_fast::nsln_{fwd,bwd,jvp}_cuda)
 # ---------------------------------------------------------------------------------------------
 
-_CUDA_STATE: Dict[str, Any] = {}
-
-
 def cuda_ops_loaded() -> Tuple[bool, str]:
     """Import ``lct_fast._C`` once; True when it registered the NsLN CUDA ops (fakes added then)."""
-    if "ok" not in _CUDA_STATE:
-        try:
-            import lct_fast._C  # noqa: F401  (registers torch.ops.lct_fast.*)
-
-            ok = all(hasattr(torch.ops.lct_fast, f"nsln_{k}_cuda") for k in ("fwd", "bwd", "jvp"))
-            why = "" if ok else "lct_fast._C has no nsln_*_cuda ops"
-        except ImportError as exc:
-            ok, why = False, f"lct_fast._C not built ({exc})"
-        if ok:
-            for k, fake in (("fwd", _fwd_fake), ("bwd", _bwd_fake), ("jvp", _jvp_fake)):
-                try:
-                    torch.library.register_fake(f"lct_fast::nsln_{k}_cuda")(fake)
-                except RuntimeError:  # already registered (module reloaded)
-                    pass
-        _CUDA_STATE.update(ok=ok, why=why)
-    return _CUDA_STATE["ok"], _CUDA_STATE["why"]
+    return load_extension_ops({"nsln_fwd_cuda": _fwd_fake, "nsln_bwd_cuda": _bwd_fake, "nsln_jvp_cuda": _jvp_fake})
 
 
 def _ops(impl: str) -> Tuple[Callable, Callable, Callable]:

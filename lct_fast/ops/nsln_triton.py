@@ -25,16 +25,15 @@ Under the interpreter the autotuner is bypassed and a fixed ``num_warps`` heuris
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import autotune_enabled
+from .dispatch import autotune, interpreting
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()  # fixed at import, like the kernels themselves
 DEFAULT_SPLIT_THRESHOLD = 8192
 SPLIT_BLOCK = 4096  # columns per program in the split-row path
 
@@ -224,7 +223,7 @@ def _prune_warps(kind: str):
         keep = [c for c in configs if 32 * c.num_warps <= block <= limit * 32 * c.num_warps]
         keep = keep or [max(configs, key=lambda c: c.num_warps) if block > 32 * limit
                         else min(configs, key=lambda c: c.num_warps)]
-        return keep if autotune_enabled() else keep[:1]
+        return keep
     return prune
 
 
@@ -235,8 +234,7 @@ def _tuned(kernel, key, kind: str):
     if INTERPRET:
         return None
     configs = [triton.Config({}, num_warps=w) for w in _WARPS]
-    return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": _prune_warps(kind)})(kernel)
+    return autotune(kernel, configs, key=key, prune=_prune_warps(kind))
 
 
 _FWD_TUNED = _tuned(_fwd_kernel, ["N", "BLOCK_N", "SPLIT", "WRITE_Y", "JVP", "HAS_MOD", "HAS_XD"], "fwd")
