@@ -1,8 +1,10 @@
 """Typed run configuration: one JSON preset per run in ``configs/`` -> :class:`Config`.
 
-A preset holds every section (``model``, ``method``, ``data``, ``optim``, ``train``, ``deepspeed``).
-:func:`load_config` reads it, applies ``--set KEY=VALUE`` overrides (dotted keys), converts it into the
-dataclasses below and validates it.  Every error names the file, the dotted key and what was expected.
+A preset holds every section (``model``, ``method``, ``data``, ``optim``, ``train``, ``deepspeed``), or
+names another preset in ``"extends"`` and holds only what it changes: the base (recursively) is loaded first
+and the preset deep-merged on top (objects merge key by key; numbers, strings and lists replace).
+:func:`load_config` resolves that, applies ``--set KEY=VALUE`` overrides (dotted keys), converts the result
+into the dataclasses below and validates it.  Every error names the file, the dotted key and what was expected.
 The ``deepspeed`` block is passed through to DeepSpeed untouched except for the batch and clipping keys,
 which are derived from ``train`` (one source of truth) and must agree if the preset also sets them.
 
@@ -431,7 +433,10 @@ class Config:
     deepspeed: dict = field(default_factory=dict)
     """Passed through to deepspeed.initialize (batch/clipping keys derived from train)."""
     name: str = ""
-    """Preset name (the JSON file's stem unless set)."""
+    """Preset name (the JSON file's stem unless set; never inherited through ``extends``)."""
+    notes: list[str] = field(default_factory=list)
+    """Free-text notes, e.g. why the preset departs from a paper setting (JSON has no comments). A preset's
+    list replaces its base's."""
 
     def __post_init__(self) -> None:
         if self.method.name == "sct" and self.method.sct.adaptive_weight and not self.model.adaptive_weight:
@@ -557,19 +562,44 @@ def apply_override(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _find(name: str, folders: Sequence[str]) -> str | None:
+    for folder in folders:
+        for cand in (os.path.join(folder, name), os.path.join(folder, name + ".json")):
+            if os.path.isfile(cand):
+                return cand
+    return None
+
+
 def preset_path(name_or_path: str) -> str:
     """Resolve ``tiny`` / ``tiny.json`` / a path to a preset file."""
     if os.path.exists(name_or_path):
         return name_or_path
-    for cand in (os.path.join(CONFIG_DIR, name_or_path), os.path.join(CONFIG_DIR, name_or_path + ".json")):
-        if os.path.exists(cand):
-            return cand
-    raise ConfigError(f"{name_or_path}: no such config file (presets live in {CONFIG_DIR})")
+    found = _find(name_or_path, [CONFIG_DIR])
+    if found is None:
+        raise ConfigError(f"{name_or_path}: no such config file (presets live in {CONFIG_DIR})")
+    return found
 
 
-def load_config(path: str, overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> Config:
-    """Load a preset, apply ``--set`` overrides and validate. Errors name ``path`` and the key."""
-    path = preset_path(path)
+def _base_path(name: str, child: str) -> str:
+    """Where ``"extends": name`` in ``child`` points: beside ``child`` first (so ``../s`` or a sibling
+    works from ``configs/ablation/``), then ``configs/``."""
+    found = _find(name, [os.path.dirname(child), CONFIG_DIR])
+    if found is None:
+        raise ConfigError(f"{child}: extends {name!r}: no such preset (looked next to it and in {CONFIG_DIR})")
+    return found
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep merge: objects merge key by key, any other value (lists included) replaces the base's."""
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _read_preset(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """The raw preset at ``path`` with its ``extends`` chain merged in (``chain``: the files extending it)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -577,6 +607,26 @@ def load_config(path: str, overrides: Sequence[str] | Sequence[tuple[str, Any]] 
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
+    chain += (path,)
+    name = raw.pop("extends", None)
+    if name is None:
+        return raw
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: extends: expected a preset name, got {type(name).__name__} {name!r}")
+    base_path = _base_path(name, path)
+    if any(os.path.samefile(base_path, p) for p in chain):
+        raise ConfigError(f"{chain[0]}: extends cycle: {' -> '.join(chain + (base_path,))}")
+    base = _read_preset(base_path, chain)
+    # The name identifies the file itself: a derived preset defaults to its own stem.
+    base.pop("name", None)
+    return _merge(base, raw)
+
+
+def load_config(path: str, overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> Config:
+    """Load a preset (its ``extends`` chain merged in), apply ``--set`` overrides and validate.
+    Errors name ``path`` and the key."""
+    path = preset_path(path)
+    raw = _read_preset(path)
     pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else list(overrides)
     for key, value in pairs:
         apply_override(raw, key, value)

@@ -6,8 +6,10 @@ import os
 
 import pytest
 
-from lct_fast.config import (CONFIG_DIR, Config, ConfigError, config_to_dict, load_config, parse_overrides,
-                             save_config)
+from lct_fast.config import (CONFIG_DIR, Config, ConfigError, _base_path, config_to_dict, load_config,
+                             parse_overrides, save_config)
+
+PRESETS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.json"), recursive=True))
 
 
 def write(tmp_path, obj, name="run.json"):
@@ -16,7 +18,7 @@ def write(tmp_path, obj, name="run.json"):
     return str(path)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.json"), recursive=True)))
+@pytest.mark.parametrize("path", PRESETS)
 def test_every_preset_loads(path):
     cfg = load_config(path)
     assert cfg.name == os.path.splitext(os.path.basename(path))[0]
@@ -136,3 +138,80 @@ def test_bf16_weights_need_bf16_precision():
     assert cfg.deepspeed_config(1)["bf16"]["enabled"] is True
     with pytest.raises(ConfigError, match="deepspeed.bf16.enabled: true needs train.precision=bf16"):
         load_config("tiny", ["deepspeed.bf16.enabled=true"]).deepspeed_config(1)
+
+
+def test_extends_chain_deep_merges(tmp_path):
+    write(tmp_path, {"model": {"width": 64, "depth": 2, "heads": 2, "size": "custom"},
+                     "train": {"ema": {"decays": [0.9, 0.99], "power_stds": [0.05]}}, "notes": ["base"]}, "a.json")
+    write(tmp_path, {"extends": "a", "model": {"depth": 3}, "train": {"ema": {"decays": [0.5]}}}, "b.json")
+    leaf = write(tmp_path, {"extends": "b.json", "model": {"heads": 4}, "optim": {"lr": 3e-4}}, "c.json")
+    cfg = load_config(leaf, ["model.depth=5", "optim.betas=[0.8, 0.9]"])
+    assert (cfg.model.size, cfg.model.width, cfg.model.heads) == ("custom", 64, 4)  # nested keys merge
+    assert cfg.model.depth == 5 and cfg.optim.betas == [0.8, 0.9]  # --set applies after the merge
+    assert cfg.optim.lr == 3e-4
+    assert cfg.train.ema.decays == [0.5] and cfg.train.ema.power_stds == [0.05]  # lists replace, siblings stay
+    assert cfg.notes == ["base"]
+    assert cfg.name == "c"  # the leaf's stem, not a base's
+    assert load_config(leaf, ["notes=[\"mine\"]"]).notes == ["mine"]
+
+
+def test_extends_does_not_inherit_name_and_errors_name_the_leaf(tmp_path):
+    write(tmp_path, {"name": "base_run", "optim": {"lr": -1}}, "base.json")
+    leaf = write(tmp_path, {"extends": "base", "train": {"seed": 1}}, "leaf.json")
+    with pytest.raises(ConfigError) as e:
+        load_config(leaf)
+    assert leaf in str(e.value) and "optim.lr" in str(e.value)
+    assert load_config(leaf, ["optim.lr=1e-4"]).name == "leaf"
+
+
+def test_extends_relative_to_the_file_then_configs(tmp_path):
+    sub = tmp_path / "ablation"
+    sub.mkdir()
+    write(tmp_path, {"model": {"width": 96, "heads": 2}}, "root.json")
+    write(sub, {"extends": "../root", "model": {"depth": 3}}, "one.json")
+    cfg = load_config(write(sub, {"extends": "one"}, "two.json"))  # a sibling, found beside the file
+    assert (cfg.model.width, cfg.model.depth, cfg.name) == (96, 3, "two")
+    # Not beside the file: a shipped preset in configs/.
+    cfg = load_config(write(sub, {"extends": "tiny", "optim": {"lr": 5e-4}}, "mine.json"))
+    assert cfg.optim.lr == 5e-4 and config_to_dict(cfg) == {**config_to_dict(load_config("tiny", ["optim.lr=5e-4"])),
+                                                             "name": "mine"}
+
+
+def test_extends_cycle_is_an_error_naming_the_chain(tmp_path):
+    a = write(tmp_path, {"extends": "b"}, "a.json")
+    b = write(tmp_path, {"extends": "a"}, "b.json")
+    with pytest.raises(ConfigError, match="extends cycle") as e:
+        load_config(a)
+    assert f"{a} -> {b} -> {a}" in str(e.value)
+    with pytest.raises(ConfigError, match="extends cycle"):
+        load_config(write(tmp_path, {"extends": "self"}, "self.json"))
+
+
+def test_extends_missing_base_names_file_and_name(tmp_path):
+    leaf = write(tmp_path, {"extends": "no_such_base"}, "leaf.json")
+    with pytest.raises(ConfigError) as e:
+        load_config(leaf)
+    assert leaf in str(e.value) and "'no_such_base'" in str(e.value) and "no such preset" in str(e.value)
+    with pytest.raises(ConfigError, match="extends: expected a preset name"):
+        load_config(write(tmp_path, {"extends": ["tiny"]}, "bad.json"))
+
+
+def test_notes_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, {"extends": "tiny", "notes": ["lr 1e-3: the paper's 1e-4 is slow on CPU"]}))
+    assert cfg.notes == ["lr 1e-3: the paper's 1e-4 is slow on CPU"] and load_config("tiny").notes == []
+    out = tmp_path / "config.json"
+    save_config(cfg, str(out))
+    assert json.loads(out.read_text())["notes"] == cfg.notes
+    assert config_to_dict(load_config(str(out))) == config_to_dict(cfg)
+    with pytest.raises(ConfigError, match="notes\\[0\\]: expected a string"):
+        load_config(write(tmp_path, {"notes": [1]}, "bad.json"))
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if "extends" in json.load(open(p, encoding="utf-8"))])
+def test_every_extending_preset_changes_something(path):
+    """No shipped preset is a pointless copy of its base."""
+    with open(path, encoding="utf-8") as f:
+        base = _base_path(json.load(f)["extends"], path)
+    mine, theirs = config_to_dict(load_config(path)), config_to_dict(load_config(base))
+    mine.pop("name"), theirs.pop("name")
+    assert mine != theirs, f"{path} resolves to the same config as its base {base}"
