@@ -91,6 +91,10 @@ class ModelConfig:
     """UNet channels per attention head."""
     adaptive_weight: bool = False
     """Build the scalar head w_phi(t) used by sCT's adaptive loss weighting."""
+    adaptive_double_norm: bool = False
+    """Adaptive double normalization (sCM sec. 4.1): every conditioned norm computes
+    norm(x) * pnorm(1 + scale(emb)) + pnorm(shift(emb)), pnorm = unit RMS over the feature dim, bounding the
+    conditioning's scale. On in the continuous-time presets (Tables 3-4: every size)."""
     checkpointing: bool = False
     """Activation checkpointing per block (only in grad-enabled passes, never in the JVP pass)."""
     ops_backend: str = "auto"
@@ -143,7 +147,9 @@ class ICTConfig:
     distance: str = "cauchy"
     """Robust distance: l2 | pseudo_huber (eq. 7) | cauchy (eq. 6) | geman_mcclure (eq. 8)."""
     reduction: str = "mean"
-    """Per-sample reduction of the squared difference over the D latent dims: mean | sum."""
+    """Per-sample reduction of the squared difference over the D latent dims: mean | sum. The adaptive c
+    (eq. 11) is fitted for the mean: with sum it is scaled by sqrt(D), which gives the same Cauchy /
+    Geman-McClure loss and sqrt(D) x the pseudo-Huber one. The fixed c0 = c0_coeff * sqrt(D) is used as is."""
     c_mode: str = "adaptive"
     """Robustness scale c: fixed (c0 = c0_coeff * sqrt(D), iCT) | adaptive (eq. 11)."""
     c0_coeff: float = 0.00054
@@ -154,10 +160,14 @@ class ICTConfig:
     """Adaptive c (eq. 11) intercept. Authors' code used -0.85."""
     diffusion_r: float = 0.25
     """Diffusion loss (eq. 9) on pair indices i <= floor(N * r); 0 disables it."""
-    diffusion_weight: float = 1.0
-    """Weight of the diffusion loss term."""
-    diffusion_sigma_weight: str = "none"
-    """Optional per-sigma weighting of the diffusion loss: none | lambda | snr."""
+    diffusion_weight: float = 5.0
+    """Weight of the diffusion loss term (the authors' released code: 5)."""
+    diffusion_sigma_weight: str = "edm"
+    """Per-sigma weighting of the diffusion loss at the online level: edm (1/sigma^2 + 1/sigma_d^2, the
+    authors' code; it puts the term on the scale of the consistency term) | none | lambda | snr."""
+    diffusion_average: str = "selected"
+    """Average of the diffusion term: selected (over the samples whose pair gets it, the authors' code) | batch
+    (over the whole batch, i.e. diluted by the selected fraction)."""
     sigma_mid: float = 0.821
     """Intermediate noise level for 2-step sampling."""
 
@@ -176,7 +186,8 @@ class ICTConfig:
         _positive("method.ict.c0_coeff", self.c0_coeff)
         _unit("method.ict.diffusion_r", self.diffusion_r, closed=True)
         _positive("method.ict.diffusion_weight", self.diffusion_weight, allow_zero=True)
-        _choice("method.ict.diffusion_sigma_weight", self.diffusion_sigma_weight, ["none", "lambda", "snr"])
+        _choice("method.ict.diffusion_sigma_weight", self.diffusion_sigma_weight, ["edm", "none", "lambda", "snr"])
+        _choice("method.ict.diffusion_average", self.diffusion_average, ["selected", "batch"])
         if not self.sigma_min < self.sigma_mid < self.sigma_max:
             raise ConfigError(f"method.ict.sigma_mid: expected in (sigma_min, sigma_max), got {self.sigma_mid}")
 
@@ -192,7 +203,8 @@ class SCTConfig:
     g_norm_c: float = 0.1
     """Tangent normalisation g <- g / (||g|| + c)."""
     prior_weight: bool = False
-    """Multiply the loss by the prior weight 1 / (sigma_d * tan t)."""
+    """Prior weight 1 / (sigma_d * tan t) on the squared term only (e^{-w} * lambda * d + w, EDM2/sCM form), so
+    that the learned w(t) absorbs it."""
     adaptive_weight: bool = True
     """Learned adaptive weighting w_phi(t) (needs model.adaptive_weight)."""
     jvp_dtype: str = "fp32"
@@ -203,8 +215,9 @@ class SCTConfig:
     """Cauchy scale for the sCT robust option; 0 = c0 rule 0.00054 * sqrt(D)."""
     t_mid: float = 1.1
     """Intermediate time for 2-step sampling."""
-    time_scale: float = 1000.0
-    """The backbone sees c_noise = time_scale * t."""
+    time_scale: float = 1.0
+    """The backbone sees c_noise = time_scale * t. sCM conditions on c_noise(t) = t (Tables 3-4, Fig. 4): a
+    scale s multiplies dF/dt, and with it the tangent J, by s (measured: 1000 diverges on real data)."""
 
     def __post_init__(self) -> None:
         _positive("method.sct.p_std", self.p_std)
@@ -315,7 +328,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     schedule: str = "constant"
-    """Learning-rate schedule after warm-up: constant | cosine."""
+    """Learning-rate schedule after warm-up: constant | cosine | rsqrt (lr / sqrt(max(k / t_ref, 1)), k the
+    optimizer step: EDM2 / sCM Tables 3-4)."""
+    t_ref: int = 70000
+    """rsqrt schedule: optimizer steps before the decay starts (sCM: 70k at 512px, 35k at 64px)."""
     warmup_samples: int = 0
     """Linear warm-up length, in training samples."""
     min_lr_ratio: float = 0.0
@@ -328,7 +344,8 @@ class OptimConfig:
             raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.betas!r}")
         _positive("optim.eps", self.eps)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        _choice("optim.schedule", self.schedule, ["constant", "cosine"])
+        _choice("optim.schedule", self.schedule, ["constant", "cosine", "rsqrt"])
+        _positive("optim.t_ref", self.t_ref)
         _positive("optim.warmup_samples", self.warmup_samples, allow_zero=True)
         _unit("optim.min_lr_ratio", self.min_lr_ratio, closed=True)
 

@@ -50,7 +50,8 @@ def _guarded(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (torch's fused kernel on CUDA) or RAdam (the paper's choice), wrapped in the NaN guard."""
+    """AdamW (torch's fused kernel on CUDA; with weight_decay 0 it is Adam, sCM's optimizer) or RAdam (the latent
+    CT paper's), wrapped in the NaN guard."""
     params = [p for p in params if p.requires_grad]
     common = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
@@ -58,8 +59,13 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, devi
     return _guarded(torch.optim.RAdam)(params, decoupled_weight_decay=True, **common)
 
 
-def lr_factor(samples: int, cfg: OptimConfig, total_samples: int) -> float:
-    """Multiplier of the peak lr after ``samples`` training samples: linear warm-up, then constant or cosine."""
+def lr_factor(samples: int, cfg: OptimConfig, total_samples: int, global_batch: int = 1) -> float:
+    """Multiplier of the peak lr after ``samples`` training samples: linear warm-up, then constant, cosine or
+    rsqrt. rsqrt is EDM2's / sCM's inverse-square-root decay 1/√max(k/t_ref, 1), k = samples/global_batch
+    the optimizer step (Tables 3–4 count t_ref in iterations); the warm-up ramp multiplies it."""
+    if cfg.schedule == "rsqrt":
+        warm = min(1.0, (samples + 1) / cfg.warmup_samples) if cfg.warmup_samples else 1.0
+        return warm / math.sqrt(max(samples / (global_batch * cfg.t_ref), 1.0))
     if cfg.warmup_samples and samples < cfg.warmup_samples:
         return (samples + 1) / cfg.warmup_samples
     if cfg.schedule == "constant":
@@ -73,4 +79,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, globa
                     total_samples: int) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR stepped once per optimizer step; the step index is converted to samples seen."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step * global_batch, cfg, total_samples))
+        optimizer, lambda step: lr_factor(step * global_batch, cfg, total_samples, global_batch))

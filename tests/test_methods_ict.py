@@ -96,7 +96,9 @@ def test_distance_and_c_applied(distance, c_mode):
 
 
 def test_diffusion_loss_selects_exactly_smallest_levels():
-    cfg_on = make(distance="cauchy", diffusion_r=0.25, diffusion_weight=0.7)
+    # unweighted, batch-averaged form (the paper's eq. 9 as written); the default weighting is tested below
+    cfg_on = make(distance="cauchy", diffusion_r=0.25, diffusion_weight=0.7, diffusion_sigma_weight="none",
+                  diffusion_average="batch")
     cfg_off = make(distance="cauchy", diffusion_weight=0.0)
     x0 = data(128)
     rec_on, rec_off = Recorder(tiny_ve()), Recorder(tiny_ve())
@@ -118,6 +120,41 @@ def test_diffusion_loss_selects_exactly_smallest_levels():
     m(Recorder(tiny_ve()), x0, None, step=0, generator=gen(5))
     assert m.metrics["diffusion_frac"].item() == pytest.approx(sel.float().mean().item())
     assert m.metrics["diffusion_cutoff"].item() == 2
+
+
+def test_default_diffusion_term_is_edm_weighted_mean_over_selected_times_five():
+    # Defaults = the authors' released code: 5 · mean over the selected samples of (1/σ² + 1/σ_d²)·m_diff at
+    # the online level σ = σ_{i+1}; the per-sample vector's batch mean must equal exactly that plus the
+    # consistency term's batch mean.
+    x0 = data(128)
+    rec_on = Recorder(tiny_ve())
+    on = ICTLoss(make(distance="cauchy"), data_dim=D, total_steps=1000)(rec_on, x0, None, step=0, generator=gen(5))
+    off = ICTLoss(make(distance="cauchy", diffusion_weight=0.0), data_dim=D, total_steps=1000)(
+        Recorder(tiny_ve()), x0, None, step=0, generator=gen(5))
+    s_hi = rec_on.calls[0]["sigma"].double()
+    grid = schedules.karras_sigmas(11)
+    sel = s_hi <= grid[2] + 1e-9
+    assert 0 < int(sel.sum()) < 128
+    m_diff = (rec_on.calls[0]["out"].double() - x0.double()).flatten(1).square().mean(1)
+    edm = 1 / s_hi ** 2 + 1 / 0.5 ** 2
+    expect = 5.0 * (edm * m_diff)[sel].mean()
+    torch.testing.assert_close((on - off).double().mean(), expect, rtol=1e-4, atol=0)
+    assert bool(((on - off)[~sel] == 0).all())
+
+
+def test_reduction_sum_rescales_adaptive_c():
+    # Eq. 11's c is fitted for the per-dim mean: with reduction=sum it is ×√D, so Cauchy losses agree exactly.
+    x0 = data(32)
+    kw = dict(distance="cauchy", diffusion_weight=0.0)
+    mean_fn = ICTLoss(make(reduction="mean", **kw), data_dim=D, total_steps=1000)
+    sum_fn = ICTLoss(make(reduction="sum", **kw), data_dim=D, total_steps=1000)
+    assert sum_fn.c_at(21) == pytest.approx(mean_fn.c_at(21) * math.sqrt(D), rel=1e-12)
+    a = mean_fn(tiny_ve(), x0, None, step=0, generator=gen(3))
+    b = sum_fn(tiny_ve(), x0, None, step=0, generator=gen(3))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the fixed c0 = 0.00054·√D keeps its definition for either reduction
+    assert ICTLoss(make(reduction="sum", c_mode="fixed"), data_dim=D, total_steps=9).c_at(11) == pytest.approx(
+        0.00054 * math.sqrt(D))
 
 
 @pytest.mark.parametrize("r, p_mean", [(0.0, -1.1), (0.05, -1.1), (0.25, 4.0)])

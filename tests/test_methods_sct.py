@@ -139,7 +139,8 @@ def test_adaptive_weight_prior_and_cauchy_forms():
     got = ada(rec, x0, None, step=20_000, generator=gen(6))
     t = rec.online[0]["t"]
     w = net.logvar(t).detach()
-    torch.testing.assert_close(got, (torch.exp(-w) * m + w) / (SD * torch.tan(t)), rtol=1e-5, atol=1e-7)
+    # prior weight λ = 1/(σ_d tan t) on the squared term only: e^{−w}·λ·m + w (EDM2 / sCM form)
+    torch.testing.assert_close(got, torch.exp(-w) * m / (SD * torch.tan(t)) + w, rtol=1e-5, atol=1e-7)
     cc = 0.02
     cau = SCTLoss(make(adaptive_weight=False, distance="cauchy", cauchy_c=cc), data_dim=D, total_steps=10)
     got_c = cau(net, x0, None, step=20_000, generator=gen(6))
@@ -271,3 +272,37 @@ def test_real_model_tangent_vs_finite_differences():
     raw = ct * df
     ref = raw / (raw.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 0.1)
     close(gg, ref, 1e-6)
+
+
+def test_derivative_split_matches_finite_differences():
+    # dF/dt along the trajectory = ∂F/∂t + ∇ₓF·(dx_t/dt)/σ_d: each term against float64 central differences.
+    from lct_fast.methods.sct import derivative_split
+
+    net = tiny_trigflow(base_freq=1.0).double()
+    net.time_scale = 1.0
+    g = gen(3)
+    x_t = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64) * SD
+    v = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64) * SD
+    t = torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=torch.float64)
+    dfdt, dxf = derivative_split(net, x_t, t, v, None, sigma_data=SD)
+    h = 1e-6
+    with torch.no_grad():
+        ft = (net.F(x_t / SD, t + h) - net.F(x_t / SD, t - h)) / (2 * h)
+        fx = (net.F((x_t + h * v) / SD, t) - net.F((x_t - h * v) / SD, t)) / (2 * h)
+    assert float(dfdt) == pytest.approx(float(ft.square().mean().sqrt()), rel=1e-5)
+    assert float(dxf) == pytest.approx(float(fx.square().mean().sqrt()), rel=1e-5)
+    # a time scale s multiplies the ∂F/∂t term by s (why c_noise = t)
+    net.time_scale = 1000.0
+    dfdt_big, dxf_big = derivative_split(net, x_t, t / 1000.0, v, None, sigma_data=SD)
+    assert float(dfdt_big) == pytest.approx(1000.0 * float(dfdt), rel=1e-4)
+    assert float(dxf_big) == pytest.approx(float(dxf), rel=1e-6)
+
+
+def test_diagnostics_keys_and_rng_isolation():
+    net = tiny_trigflow()
+    fn = SCTLoss(make(adaptive_weight=False), data_dim=D, total_steps=10)
+    x0 = torch.randn(8, 4, 8, 8, generator=gen(1)) * SD
+    state = torch.get_rng_state()
+    out = fn.diagnostics(net, x0, None, generator=gen(2))
+    assert torch.equal(state, torch.get_rng_state())
+    assert set(out) == {"dFdt_rms", "dxF_v_rms"} and all(torch.isfinite(v) for v in out.values())

@@ -24,11 +24,12 @@ def _three_ways(f, primals, tangents, h=1e-6):
     return t_func, t_fwad, fd
 
 
+@pytest.mark.parametrize("adn", [False, True], ids=["adagn", "double_norm"])
 @pytest.mark.parametrize("arch", ["dit", "unet"])
 @pytest.mark.parametrize("wrapper", ["ve", "trigflow", "trigflow_F"])
-def test_jvp_equals_forward_ad_and_finite_difference(arch, wrapper):
+def test_jvp_equals_forward_ad_and_finite_difference(arch, wrapper, adn):
     torch.manual_seed(0)
-    bb = _randomize(build_backbone(_cfg(arch))).double().train()  # dropout on, shared seed below
+    bb = _randomize(build_backbone(_cfg(arch, adaptive_double_norm=adn))).double().train()  # dropout on, shared seed
     labels = torch.tensor([0, 3])
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)

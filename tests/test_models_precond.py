@@ -79,7 +79,7 @@ def test_autocast_returns_fp32_and_logvar():
     # the head is a linear map of the positional embedding of time_scale·t
     emb_t = bb.logvar_head
     from lct_fast.models import sinusoidal_embedding
-    want = sinusoidal_embedding(1000.0 * t, 256) @ emb_t.weight.T + emb_t.bias
+    want = sinusoidal_embedding(tf.time_scale * t, 256) @ emb_t.weight.T + emb_t.bias
     torch.testing.assert_close(lv, want.reshape(-1), rtol=1e-5, atol=1e-5)
 
 

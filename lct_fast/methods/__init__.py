@@ -2,7 +2,9 @@
 
 Loss interface (shared contract): ``loss = build_loss(method_cfg, data_dim=D, total_steps=K)``;
 ``per_sample = loss(net, x0, labels, step=k, generator=g, target_net=raw_module)`` -> [B] float32;
-``loss.metrics`` holds detached 0-dim tensors from the last call.
+``loss.metrics`` holds detached 0-dim tensors from the last call; ``loss.diagnostics(target_net, x0, labels,
+generator=g)`` -> dict of 0-dim tensors is the extra, costlier divergence check the trainer runs at its log
+interval only (sCT: the two terms of dF/dt).
 """
 from __future__ import annotations
 

@@ -56,6 +56,7 @@ class ICTLoss:
         self.c_a, self.c_b = float(ict.c_a), float(ict.c_b)
         self.diffusion_r, self.diffusion_weight = float(ict.diffusion_r), float(ict.diffusion_weight)
         self.diffusion_sigma_weight = str(ict.diffusion_sigma_weight)
+        self.diffusion_average = str(getattr(ict, "diffusion_average", "selected"))
         self.ot_method, self.ot_backend = str(cfg.ot.method), str(cfg.ot.backend)
         self.ot_eps, self.ot_iters = float(cfg.ot.sinkhorn_eps), int(cfg.ot.sinkhorn_iters)
         # (x0, z) -> (z paired with x0, cost ratio vs identity). Per micro-batch by default; the trainer swaps
@@ -66,8 +67,11 @@ class ICTLoss:
         robust_distance(self.distance, torch.zeros(1), 1.0)
         reduce_squared(torch.zeros(1, 1), self.reduction)
         self.c_at(2)
-        if self.diffusion_sigma_weight not in ("none", "lambda", "snr"):
-            raise ValueError(f"ICTLoss: diffusion_sigma_weight must be none|lambda|snr, got {self.diffusion_sigma_weight!r}")
+        if self.diffusion_sigma_weight not in ("edm", "none", "lambda", "snr"):
+            raise ValueError(f"ICTLoss: diffusion_sigma_weight must be edm|none|lambda|snr, "
+                             f"got {self.diffusion_sigma_weight!r}")
+        if self.diffusion_average not in ("selected", "batch"):
+            raise ValueError(f"ICTLoss: diffusion_average must be selected|batch, got {self.diffusion_average!r}")
         self.metrics: Dict[str, torch.Tensor] = {}
         self._grid_cache: Dict[int, tuple] = {}
 
@@ -79,7 +83,7 @@ class ICTLoss:
     def c_at(self, n: int) -> float:
         """Robustness scale c for N(k) = n (fixed c0 or eq. 11)."""
         return schedules.robust_c(self.c_mode, n=n, data_dim=self.data_dim, c0_coeff=self.c0_coeff,
-                                  a=self.c_a, b=self.c_b)
+                                  a=self.c_a, b=self.c_b, reduction=self.reduction)
 
     def _grid(self, n: int):
         """(σ grid float64 on CPU, pair probabilities float64) for N = n, cached per n."""
@@ -89,13 +93,21 @@ class ICTLoss:
         return self._grid_cache[n]
 
     def _diffusion_sigma_weight(self, sig_hi: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """Optional per-σ factor of the diffusion term: 1, λ(σ_i), or SNR/(1+SNR) = σ_d²/(σ²+σ_d²) (≤ 1)."""
+        """Per-σ factor of the diffusion term at the online level σ: EDM's 1/σ² + 1/σ_d² (= 1/c_out² of the
+        EDM denoiser, so the term weighs F's error at unit scale), 1, λ(σ_i), or SNR/(1+SNR) = σ_d²/(σ²+σ_d²)."""
+        if self.diffusion_sigma_weight == "edm":
+            return 1.0 / sig_hi.square() + 1.0 / self.sigma_data ** 2
         if self.diffusion_sigma_weight == "lambda":
             return lam
         if self.diffusion_sigma_weight == "snr":
             sd2 = self.sigma_data ** 2
             return sd2 / (sig_hi.square() + sd2)
         return torch.ones_like(sig_hi)
+
+    def diagnostics(self, target_net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *,
+                    generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        """Extra divergence diagnostics for the log interval (none beyond the per-step metrics)."""
+        return {}
 
     # ------------------------------------------------------------------ loss
     def __call__(self, net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *, step: int,
@@ -140,8 +152,12 @@ class ICTLoss:
         if self.diffusion_weight > 0 and cutoff > 0:
             m_diff = reduce_squared(f_hi - x0, self.reduction)
             w = self.diffusion_weight * self._diffusion_sigma_weight(sig_hi, lam)
-            loss = loss + torch.where(sel, w * m_diff, torch.zeros_like(m_diff))
             diff_frac = sel.float().mean()
+            if self.diffusion_average == "selected":
+                # The batch mean of the returned per-sample loss then adds w·mean over the *selected* samples
+                # (the authors' code); a batch without selected samples adds 0.
+                w = w / diff_frac.clamp_min(1.0 / batch)
+            loss = loss + torch.where(sel, w * m_diff, torch.zeros_like(m_diff))
         else:
             diff_frac = torch.zeros((), device=dev)
 

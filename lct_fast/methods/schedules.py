@@ -91,17 +91,24 @@ def adaptive_c(n: int, a: float = -1.18, b: float = -0.72) -> float:
 
 
 def robust_c(mode: str, *, n: int, data_dim: int, c0_coeff: float = 0.00054, a: float = -1.18,
-             b: float = -0.72) -> float:
+             b: float = -0.72, reduction: str = "mean") -> float:
     """The scale c used by the robust distance at curriculum size N = n: ``fixed`` or ``adaptive``.
 
-    c is applied to the per-sample reduced squared difference m as is (SPEC §2). With the default
-    ``reduction="mean"`` this is the authors' code convention (eq. 11's fit starts at ≈ c0 for D = 4096:
-    0.032 vs 0.035); with ``reduction="sum"`` and ``fixed`` it is exactly iCT's pixel-space definition.
+    c is applied to the per-sample reduced squared difference m (SPEC §2). ``fixed``: iCT's
+    c0 = 0.00054·√D, as is for either reduction (with ``reduction="sum"`` exactly iCT's pixel-space
+    definition). ``adaptive``: eq. 11 was fitted with the authors' per-dimension mean (its fit starts at
+    ≈ c0 for D = 4096: 0.032 vs 0.035); for ``reduction="sum"`` (m_sum = D·m_mean) it is scaled by √D, so
+    that m/(2c²) — hence the Cauchy and Geman–McClure losses — is the same as with the mean.
     """
     if mode == "fixed":
         return fixed_c(data_dim, c0_coeff)
     if mode == "adaptive":
-        return adaptive_c(n, a, b)
+        c = adaptive_c(n, a, b)
+        if reduction == "sum":
+            return c * math.sqrt(data_dim)
+        if reduction != "mean":
+            raise ValueError(f"robust_c: reduction must be 'mean' or 'sum', got {reduction!r}")
+        return c
     raise ValueError(f"robust_c: c_mode must be 'fixed' or 'adaptive', got {mode!r}")
 
 

@@ -6,7 +6,7 @@ f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t).
 Training target (no teacher, velocity dx_t/dt = cos t·z − sin t·x0):
 
     g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + J),   J = cos t·sin t·σ_d·dF⁻/dt,
-    g ← g / (‖g‖ + c),   L = e^{−w(t)}/D·‖F_θ − F⁻ − g‖² + w(t)   [× 1/(σ_d tan t) optionally].
+    g ← g / (‖g‖ + c),   L = e^{−w(t)}·λ(t)/D·‖F_θ − F⁻ − g‖² + w(t),   λ = 1 or 1/(σ_d tan t).
 
 Sign check (why this is the sCM gradient). Differentiating f⁻ along the trajectory,
     df⁻/dt = −sin t·x_t + cos t·dx_t/dt − cos t·σ_d·F⁻ − sin t·σ_d·dF⁻/dt,
@@ -45,7 +45,7 @@ from torch import nn
 from . import schedules
 from .common import couple_noise, draw_seed, drop_labels, null_class, prepare_batch, randn_like_gen, unwrap
 
-__all__ = ["SCTLoss", "sct_tangent"]
+__all__ = ["SCTLoss", "sct_tangent", "derivative_split"]
 
 _JVP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -115,6 +115,26 @@ def sct_tangent(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_d
     return g, f_minus, jac, g_norm
 
 
+@torch.no_grad()
+def derivative_split(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor,
+                     labels: Optional[torch.Tensor], *, sigma_data: float, dropout_seed: Optional[int] = None,
+                     jvp_dtype: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of dF⁻/dt along the trajectory, dF/dt = ∂F/∂t + ∇ₓF·(dx_t/dt)/σ_d (sCM Fig. 4), each
+    from its own forward-mode JVP (time tangent 1 / input tangent (dx_t/dt)/σ_d). Returns their RMS over all
+    elements. A time scale s in c_noise = s·t multiplies the first by s; a runaway of either is the sCT
+    instability the paper's Fig. 4 shows."""
+    net = unwrap(target_net)
+    x_in, sd = x_t / sigma_data, float(sigma_data)
+    out = []
+    with _jvp_precision(net, x_t.device, jvp_dtype):
+        for tx, tt in ((torch.zeros_like(x_in), torch.ones_like(t)), (dxt_dt / sd, torch.zeros_like(t))):
+            with fwAD.dual_level():
+                _, jac = fwAD.unpack_dual(net.F(fwAD.make_dual(x_in, tx), fwAD.make_dual(t, tt), labels,
+                                                dropout_seed=dropout_seed))
+            out.append(torch.zeros((), device=x_t.device) if jac is None else jac.float().square().mean().sqrt())
+    return out[0], out[1]
+
+
 class SCTLoss:
     """sCT loss (TrigFlow, adaptive weighting, tangent warm-up and normalisation) with optional OT / Cauchy.
 
@@ -151,6 +171,21 @@ class SCTLoss:
         self.coupler = functools.partial(couple_noise, method=self.ot_method, backend=self.ot_backend,
                                          eps=self.ot_eps, iters=self.ot_iters)
         self.metrics: Dict[str, torch.Tensor] = {}
+
+    def diagnostics(self, target_net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *,
+                    generator: torch.Generator, max_samples: int = 64) -> Dict[str, torch.Tensor]:
+        """Divergence diagnostics on (up to ``max_samples`` of) a batch, for the log interval only (two extra
+        JVPs): RMS of ∂F⁻/∂t (``dFdt_rms``) and of ∇ₓF⁻·(dx_t/dt)/σ_d (``dxF_v_rms``) at freshly drawn t, z."""
+        x0, bshape = prepare_batch("SCTLoss", x0[:max_samples], self.data_dim)
+        labels = None if labels is None else labels[:max_samples]
+        sd = self.sigma_data
+        t = schedules.sample_sct_times(x0.shape[0], self.p_mean, self.p_std, sd, generator,
+                                       device=x0.device).to(x0.dtype)
+        z = randn_like_gen(x0, generator) * sd
+        ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
+        dfdt, dxf = derivative_split(target_net, ct * x0 + st * z, t, ct * z - st * x0, labels, sigma_data=sd,
+                                     dropout_seed=draw_seed(generator), jvp_dtype=self.jvp_dtype)
+        return {"dFdt_rms": dfdt, "dxF_v_rms": dxf}
 
     def warmup(self, step: int) -> float:
         """Tangent warm-up r = min(1, k/H)."""
@@ -194,6 +229,10 @@ class SCTLoss:
         resid = f_theta - f_theta.detach() - g
         m = resid.flatten(1).square().mean(dim=1)             # ‖·‖²/D
         d = self._distance(m)
+        if self.prior_weight:
+            # Prior weight λ(t) = 1/(σ_d tan t) on the squared term only (EDM2 / sCM: e^{−w}·λ·d + w): the
+            # learned w then absorbs λ instead of having its own +w term rescaled.
+            d = d / (sd * torch.tan(t))
         if self.adaptive_weight:
             if not hasattr(online, "logvar"):
                 raise AttributeError(f"{type(online).__name__}: sct.adaptive_weight needs net.logvar(t) "
@@ -203,9 +242,6 @@ class SCTLoss:
         else:
             w = torch.zeros_like(m)
             loss = d
-        if self.prior_weight:
-            # Prior weight 1/(σ_d tan t) on the whole per-sample term (SPEC §3: "times the prior weight").
-            loss = loss / (sd * torch.tan(t))
 
         with torch.no_grad():
             self.metrics = {

@@ -59,6 +59,7 @@ def build_backbone(model_cfg: Any) -> nn.Module:
         dropout=float(_get(model_cfg, "dropout", 0.0)),
         norm=str(_get(model_cfg, "norm", "nsln")),
         adaptive_weight=bool(_get(model_cfg, "adaptive_weight", False)),
+        adaptive_double_norm=bool(_get(model_cfg, "adaptive_double_norm", False)),
         checkpointing=bool(_get(model_cfg, "checkpointing", False)),
         ops_backend=str(_get(model_cfg, "ops_backend", "auto")),
     )
@@ -85,7 +86,7 @@ def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
         sigma_min = float(getattr(getattr(method_cfg, "ict", None), "sigma_min", 0.002))
         return VEPrecond(backbone, sigma_data=sigma_data, sigma_min=sigma_min)
     if name == "sct":
-        time_scale = float(getattr(getattr(method_cfg, "sct", None), "time_scale", 1000.0))
+        time_scale = float(getattr(getattr(method_cfg, "sct", None), "time_scale", 1.0))
         return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=time_scale)
     raise ValueError(f"method.name={name!r} is not one of ['ict', 'sct']")
 

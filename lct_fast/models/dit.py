@@ -21,6 +21,7 @@ from .layers import (
     SeededDropout,
     assign_dropout_sites,
     broadcast_batch,
+    double_norm_modulation,
     label_or_null,
     maybe_checkpoint,
     sinusoidal_embedding,
@@ -103,11 +104,15 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-zero block: x += g1·Attn(NsLN(x)(1+s1)+b1); x += g2·MLP(NsLN(x)(1+s2)+b2)."""
+    """adaLN-zero block: x += g1·Attn(NsLN(x)(1+s1)+b1); x += g2·MLP(NsLN(x)(1+s2)+b2); with
+    ``double_norm`` the (1+s, b) pairs go through sCM's adaptive double normalization."""
+
+    SHIFT_ROWS = (0, 3)  # chunks of ``ada``'s output that are shifts (sh1, sh2)
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float, norm: str,
-                 eps: float, backend: str) -> None:
+                 eps: float, backend: str, double_norm: bool = False) -> None:
         super().__init__()
+        self.double_norm = double_norm
         learn_bias = norm == "nsln"
         self.norm1 = NsLN(width, eps, bias=learn_bias, backend=backend)
         self.attn = SelfAttention(width, heads, backend)
@@ -117,19 +122,25 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)
+        sh1, sc1 = double_norm_modulation(sh1, sc1, self.double_norm)
+        sh2, sc2 = double_norm_modulation(sh2, sc2, self.double_norm)
         x = x + g1[:, None] * self.attn(self.norm1(x, sh1, sc1))
         return x + g2[:, None] * self.mlp(self.norm2(x, sh2, sc2), seed)
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width: int, patch: int, out_channels: int, norm: str, eps: float, backend: str) -> None:
+    SHIFT_ROWS = (0,)
+
+    def __init__(self, width: int, patch: int, out_channels: int, norm: str, eps: float, backend: str,
+                 double_norm: bool = False) -> None:
         super().__init__()
+        self.double_norm = double_norm
         self.norm = NsLN(width, eps, bias=norm == "nsln", backend=backend)
         self.ada = nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, patch * patch * out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
+        shift, scale = double_norm_modulation(*self.ada(F.silu(c)).chunk(2, dim=-1), self.double_norm)
         return self.linear(self.norm(x, shift, scale))
 
 
@@ -150,6 +161,7 @@ class DiT(nn.Module):
         dropout: float = 0.0,
         norm: str = "nsln",
         adaptive_weight: bool = False,
+        adaptive_double_norm: bool = False,
         checkpointing: bool = False,
         ops_backend: str = "auto",
         eps: float = 1e-6,
@@ -173,9 +185,11 @@ class DiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
         # num_classes + 1 rows: the last one is the null class used for label dropout
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.adaptive_double_norm = adaptive_double_norm
         self.blocks = nn.ModuleList(
-            DiTBlock(width, heads, mlp_ratio, dropout, norm, eps, ops_backend) for _ in range(depth))
-        self.final = FinalLayer(width, patch_size, in_channels, norm, eps, ops_backend)
+            DiTBlock(width, heads, mlp_ratio, dropout, norm, eps, ops_backend, adaptive_double_norm)
+            for _ in range(depth))
+        self.final = FinalLayer(width, patch_size, in_channels, norm, eps, ops_backend, adaptive_double_norm)
         self.logvar_head = LogVarHead(FREQ_DIM) if adaptive_weight else None
         assign_dropout_sites(self)
         self.reset_parameters()
@@ -196,6 +210,12 @@ class DiT(nn.Module):
         for lin in zero:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.adaptive_double_norm:
+            # pnorm(shift) needs a direction at init: random shift rows (the zero gates / zero output layer
+            # downstream still make every block, and the network's output, start at zero).
+            for mod in [*self.blocks, self.final]:
+                for k in mod.SHIFT_ROWS:
+                    nn.init.xavier_uniform_(mod.ada.weight[k * self.width:(k + 1) * self.width])
         if self.logvar_head is not None:
             nn.init.zeros_(self.logvar_head.weight)
             nn.init.zeros_(self.logvar_head.bias)

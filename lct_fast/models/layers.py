@@ -113,6 +113,27 @@ def make_norm2d(kind: str, channels: int, *, eps: float = 1e-6, backend: str = "
     raise ValueError(f"model.norm={kind!r} is not one of {list(NORMS_2D)}")
 
 
+def pixel_norm(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """v / √(mean(v²) + ε) over the last dim (Karras et al. 2018's pixel norm), computed in ≥fp32."""
+    vf = v.to(torch.promote_types(v.dtype, torch.float32))
+    return (vf * torch.rsqrt(vf.square().mean(dim=-1, keepdim=True) + eps)).to(v.dtype)
+
+
+def double_norm_modulation(shift: torch.Tensor, scale: torch.Tensor, enabled: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) of a conditioned norm y = norm(x)·(1 + scale) + shift, with sCM's adaptive double
+    normalization (§4.1) applied when ``enabled``: y = norm(x)·pnorm(1 + scale) + pnorm(shift), i.e. the
+    returned scale is pnorm(1 + scale) − 1. Both terms then have unit RMS over the features whatever the
+    embedding does, which bounds how strongly (and how fast in t) the conditioning can move the features,
+    while the fused NsLN kernels keep their (1 + scale, shift) form. At adaLN-zero's init (scale = 0) the
+    scale term is exactly 1; the shift projection must not start at 0, where pnorm has no direction (the
+    DiT initialises those rows randomly: the zero-initialised gate or output layer after them keeps the
+    block the identity at init)."""
+    if not enabled:
+        return shift, scale
+    return pixel_norm(shift), pixel_norm(1.0 + scale) - 1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Time embedding and adaptive-weight head
 # ---------------------------------------------------------------------------------------------

@@ -80,9 +80,11 @@ class VEPrecond(nn.Module):
 class TrigFlowPrecond(nn.Module):
     """TrigFlow parameterisation (SPEC §3): f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t),
     with the backbone called at c_noise = time_scale·t. f(x, 0) == x exactly (cos 0 = 1, sin 0 = 0).
+    sCM conditions on c_noise(t) = t (time_scale 1): a larger scale multiplies ∂F/∂t, and with it the
+    tangent, by the same factor (sCM Fig. 4).
     """
 
-    def __init__(self, backbone: nn.Module, *, sigma_data: float = 0.5, time_scale: float = 1000.0) -> None:
+    def __init__(self, backbone: nn.Module, *, sigma_data: float = 0.5, time_scale: float = 1.0) -> None:
         super().__init__()
         if sigma_data <= 0:
             raise ValueError(f"TrigFlowPrecond: sigma_data must be > 0, got {sigma_data}")

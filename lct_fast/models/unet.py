@@ -20,6 +20,7 @@ from .layers import (
     SeededDropout,
     assign_dropout_sites,
     broadcast_batch,
+    double_norm_modulation,
     label_or_null,
     make_norm2d,
     maybe_checkpoint,
@@ -38,9 +39,11 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, emb_dim: int, *, up: bool = False, down: bool = False,
                  attn: bool = False, head_channels: int = 64, dropout: float = 0.0,
-                 norm: str = "groupnorm", eps: float = 1e-6, backend: str = "auto") -> None:
+                 norm: str = "groupnorm", eps: float = 1e-6, backend: str = "auto",
+                 double_norm: bool = False) -> None:
         super().__init__()
         self.up, self.down, self.cout, self.backend = up, down, cout, backend
+        self.double_norm = double_norm
         self.norm0 = make_norm2d(norm, cin, eps=eps, backend=backend)
         self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
         self.affine = nn.Linear(emb_dim, 2 * cout)
@@ -68,6 +71,7 @@ class ResBlock(nn.Module):
         h = self.conv0(self._resample(F.silu(self.norm0(x))))
         x = self._resample(x)
         scale, shift = self.affine(emb).chunk(2, dim=1)
+        shift, scale = double_norm_modulation(shift, scale, self.double_norm)
         h = self.norm1(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         h = self.conv1(self.drop(F.silu(h), seed))
         x = (self.skip(x) if self.skip is not None else x) + h
@@ -100,6 +104,7 @@ class UNet(nn.Module):
         num_classes: int = 0,
         norm: str = "groupnorm",
         adaptive_weight: bool = False,
+        adaptive_double_norm: bool = False,
         checkpointing: bool = False,
         ops_backend: str = "auto",
         eps: float = 1e-6,
@@ -115,7 +120,8 @@ class UNet(nn.Module):
         self.down_factor = 2 ** (len(channel_mult) - 1)
         self.checkpointing, self.ops_backend = checkpointing, ops_backend
         emb_dim = 4 * model_channels
-        kw = dict(head_channels=head_channels, dropout=dropout, norm=norm, eps=eps, backend=ops_backend)
+        kw = dict(head_channels=head_channels, dropout=dropout, norm=norm, eps=eps, backend=ops_backend,
+                  double_norm=adaptive_double_norm)
 
         self.map = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.y_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
