@@ -29,7 +29,7 @@ from .ema import EMA
 from .optim import build_optimizer, build_scheduler
 from .seeding import derive_seed
 
-__all__ = ["Trainer", "step_seed", "resolve_data_path", "TrainingStopped"]
+__all__ = ["Trainer", "step_seed", "resolve_data_path", "TrainingStopped", "divergence_floors"]
 
 
 class TrainingStopped(RuntimeError):
@@ -179,6 +179,50 @@ class _Logger:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def divergence_floors(cfg: Config) -> dict:
+    """Healthy scales of the sCT divergence metrics (see :class:`_DivergenceWatch`)."""
+    sd, dim = cfg.method.sigma_data, cfg.model.in_channels * cfg.model.resolution ** 2
+    return {"jvp_abs": sd / 2, "g_norm_mean": sd * math.sqrt(dim), "dFdt_rms": 1.0, "dxF_v_rms": 1.0}
+
+
+class _DivergenceWatch:
+    """One-line warnings (rank 0, once per metric) when a divergence metric runs away: a tangent metric above
+    ``factor`` x max(its first logged value, its healthy scale), or 1-step samples beyond ``range_factor`` x the
+    largest |x0| seen. sCT's instability shows first in ∂F/∂t and the tangent (sCM Fig. 4); a diverged model's
+    samples leave the data range long before the loss says anything.
+
+    Healthy scales (``floors``; the zero-initialised output makes the first values ~0): F's target is
+    (dx_t/dt)/σ_d, of unit RMS, and t spans [0, π/2], so ∂F/∂t and ∇ₓF·v are O(1); J = cos t·sin t·σ_d·dF/dt
+    is then O(σ_d/2) and ‖g‖ O(σ_d·√D)."""
+
+    def __init__(self, floors: dict, factor: float = 10.0, range_factor: float = 2.0):
+        self.floors, self.factor, self.range_factor = dict(floors), factor, range_factor
+        self.first: dict = {}
+        self.data_absmax = 0.0
+        self.warned: set = set()
+
+    def check(self, row: dict) -> list[str]:
+        out = []
+        for k, floor in self.floors.items():
+            v = row.get(k)
+            if v is None:
+                continue
+            base = max(self.first.setdefault(k, v), floor)
+            if not v <= self.factor * base and k not in self.warned:  # NaN counts as a runaway
+                self.warned.add(k)
+                out.append(f"{k} = {v:.4g} is {v / base:.0f}x max(its first logged value, its healthy scale "
+                           f"{floor:.3g}): the network's time derivative is running away (sCT divergence; "
+                           f"check method.sct.time_scale and the learning rate)")
+        self.data_absmax = max(self.data_absmax, row.get("data_absmax", 0.0))
+        smax = row.get("sample_absmax")
+        if (smax is not None and self.data_absmax > 0 and smax > self.range_factor * self.data_absmax
+                and "sample_absmax" not in self.warned):
+            self.warned.add("sample_absmax")
+            out.append(f"1-step samples reach |x| = {smax:.3g}, {smax / self.data_absmax:.1f}x the data's largest "
+                       f"|x0| = {self.data_absmax:.3g}: the model is leaving the data range")
+        return out
 
 
 @dataclass
@@ -337,6 +381,7 @@ class Trainer:
             # A NaN/Inf loss is back-propagated on purpose: the guarded optimizer then sees non-finite
             # gradients on every rank (they are reduced) and skips the step as a whole.
             self.engine.backward(loss)
+            pre_clip = self._local_grad_norm() if micro == self.grad_accum - 1 else None
             self.engine.step()
             for key, v in self.loss_fn.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(v) / self.grad_accum
@@ -350,9 +395,47 @@ class Trainer:
             self.bad_streak += 1
             self.bad_total += 1
         self.samples += cfg.train.global_batch
+        self._last_batch = (x0, labels)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = pre_clip if grad_norm is None else float(grad_norm)
+        if grad_norm is not None:
+            # Pre-clipping norm; clip_frac's window mean is the fraction of steps that clipping rescaled.
+            metrics["grad_norm"] = grad_norm
+            metrics["clip_frac"] = float(cfg.train.grad_clip > 0 and grad_norm > cfg.train.grad_clip)
         metrics["step_applied"] = float(applied)
         metrics["lr"] = self.engine.get_lr()[0]
         return metrics
+
+    def _local_grad_norm(self) -> float | None:
+        """Global gradient norm before clipping where the module holds the full, reduced gradients (ZeRO-0,
+        after the boundary backward); None under ZeRO 1-3, whose optimizer reports its own norm."""
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+    def diagnostics(self, n_samples: int = 32) -> dict:
+        """Log-interval divergence metrics on the last batch (every rank calls it: a collective under ZeRO-3):
+        the loss's own (sCT: RMS of ∂F/∂t and ∇ₓF·v), and the range of 1-step samples of the live network
+        beside the batch's. Seeded from (seed, rank, samples), apart from the training stream."""
+        from .sample import generate
+
+        cfg, d = self.cfg, self.dist
+        x0, labels = self._last_batch
+        gen = torch.Generator(d.device).manual_seed(derive_seed(cfg.train.seed, "diagnostics", d.rank, self.samples))
+        with self.autocast:
+            out = {k: float(v) for k, v in
+                   self.loss_fn.diagnostics(self.target_net, x0, labels, generator=gen).items()}
+            m = cfg.model
+            x = generate(self.target_net, cfg.method, n=n_samples, shape=(m.in_channels, m.resolution, m.resolution),
+                         num_classes=m.num_classes if self.stats.num_classes else 0, steps=1,
+                         seed=derive_seed(cfg.train.seed, "diagnostics", self.samples) % (2 ** 31)).latents
+        out["sample_absmax"] = float(x.abs().max()) if torch.isfinite(x).all() else float("inf")
+        out["sample_std"] = float(x.std())
+        out["data_absmax"] = float(x0.abs().max())
+        return out
 
     def _crossed(self, interval: int, before: int) -> bool:
         return interval > 0 and before // interval != self.samples // interval
@@ -372,6 +455,7 @@ class Trainer:
             self.loader = self._make_loader()  # a second run() continues where the first stopped
         self._batches = iter(self.loader)
         window = _Window()
+        watch = _DivergenceWatch(divergence_floors(cfg))
         t_start = time.perf_counter()
         start_samples = self.samples
         last = {}
@@ -393,8 +477,11 @@ class Trainer:
                     dt = time.perf_counter() - window.t0
                     last = {**window.means(), "samples_per_s": window.samples / max(dt, 1e-9),
                             "bad_steps_total": self.bad_total, "step": self.samples // cfg.train.global_batch,
-                            "data_skipped": self.loader.errors.total}
+                            "data_skipped": self.loader.errors.total, **self.diagnostics()}
                     log.log(self.samples, last)
+                    for msg in watch.check(last):
+                        if d.is_main:
+                            print(f"lct_fast: warning at {self.samples:,} samples: {msg}", file=sys.stderr)
                     window = _Window()
                 if self._crossed(cfg.train.ckpt_interval, before) or done:
                     self.save_checkpoint()

@@ -26,6 +26,7 @@ def poison(trainer, bad_steps):
 
     class Poisoned:
         metrics = {}
+        diagnostics = staticmethod(loss_fn.diagnostics)
 
         def __call__(self, net, x0, labels, *, step, generator, target_net=None):
             out = real(net, x0, labels, step=step, generator=generator, target_net=target_net)
@@ -122,3 +123,38 @@ def test_zero3_records_a_prefetch_trace(tmp_path, preset):
         m = tr.train_step()
         assert m["step_applied"] == 1.0
     assert coord.is_complete_trace()
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_pre_clip_grad_norm_and_clip_fraction_are_logged(tmp_path, stage):
+    # The logged norm is the one clipping sees: compare with the norm of the gradients the step produced
+    # (ZeRO-0: read off the module before the step; ZeRO-1: DeepSpeed's own global norm).
+    tr = make_trainer(tmp_path, "train.total_samples=16", f"deepspeed.zero_optimization.stage={stage}",
+                      "train.grad_clip=1e-3")
+    tr._batches = iter(tr.loader)
+    seen = []
+    real_step = tr.engine.step
+
+    def step():
+        grads = [p.grad for p in tr.engine.module.parameters() if p.grad is not None]
+        if grads:
+            seen.append(float(torch.sqrt(sum(g.double().square().sum() for g in grads))))
+        real_step()
+
+    tr.engine.step = step
+    m = tr.train_step()
+    assert m["grad_norm"] > 1e-3 and m["clip_frac"] == 1.0
+    if stage == 0:
+        assert m["grad_norm"] == pytest.approx(seen[-1], rel=1e-5)
+
+
+def test_divergence_watch_warns_once_per_runaway_metric():
+    from lct_fast.trainer import _DivergenceWatch
+
+    w = _DivergenceWatch({"jvp_abs": 0.25, "g_norm_mean": 8.0}, factor=10.0, range_factor=2.0)
+    assert w.check({"jvp_abs": 1e-9, "g_norm_mean": 4.0, "sample_absmax": 1.0, "data_absmax": 2.0}) == []
+    # below factor x the healthy floor (the tiny first value does not count): no warning
+    assert w.check({"jvp_abs": 2.0, "g_norm_mean": 70.0, "sample_absmax": 3.9, "data_absmax": 2.0}) == []
+    msgs = w.check({"jvp_abs": 3.0, "g_norm_mean": 81.0, "sample_absmax": 4.5, "data_absmax": 1.0})
+    assert len(msgs) == 3 and "jvp_abs" in msgs[0] and "g_norm_mean" in msgs[1] and "data range" in msgs[2]
+    assert w.check({"jvp_abs": 30.0, "g_norm_mean": float("nan"), "sample_absmax": 9.0, "data_absmax": 1.0}) == []
