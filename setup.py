@@ -70,7 +70,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=7", "hypothesis", "triton", "diffusers>=0.27", "pillow"],
+        # scikit-image ships the photographs of the quality benchmark; matplotlib draws its figures.
+        "dev": ["pytest>=7", "hypothesis", "triton", "diffusers>=0.27", "pillow", "scikit-image>=0.22",
+                "matplotlib>=3.7"],
         "eval": ["torch-fidelity>=0.3"],
         "dali": ["nvidia-dali-cuda130"],
         "encode": ["diffusers>=0.27", "safetensors>=0.4", "pillow"],

@@ -170,9 +170,12 @@ class ICTConfig:
     (over the whole batch, i.e. diluted by the selected fraction)."""
     sigma_mid: float = 0.821
     """Intermediate noise level for 2-step sampling."""
+    noise_scale: float = 250.0
+    """The backbone sees c_noise = noise_scale * ln(sigma) (iCT / CM: 250) in its positional embedding."""
 
     def __post_init__(self) -> None:
         _positive("method.ict.sigma_min", self.sigma_min)
+        _positive("method.ict.noise_scale", self.noise_scale)
         if self.sigma_max <= self.sigma_min:
             raise ConfigError(f"method.ict.sigma_max: expected > sigma_min={self.sigma_min}, got {self.sigma_max}")
         _positive("method.ict.rho", self.rho)

@@ -51,6 +51,11 @@ def test_ve_coefficients_match_spec():
         F = bb(x * c_in.view(-1, 1, 1, 1), 250 * torch.log(s))
         want = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * F
         torch.testing.assert_close(ve(x, s), want, rtol=1e-12, atol=1e-12)
+        # c_noise = noise_scale·ln σ
+        ve1 = VEPrecond(bb, sigma_data=0.5, sigma_min=0.002, noise_scale=1.0)
+        F1 = bb(x * c_in.view(-1, 1, 1, 1), torch.log(s))
+        torch.testing.assert_close(ve1(x, s), c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * F1,
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_trigflow_matches_spec_and_F():
@@ -91,6 +96,8 @@ def test_build_model_picks_wrapper_and_reads_method_config():
         sct = SimpleNamespace(name="sct", sigma_data=0.5, sct=SimpleNamespace(time_scale=1000.0))
     m = build_model(_cfg(), ict)
     assert isinstance(m, VEPrecond) and m.sigma_min == ict.ict.sigma_min and m.sigma_data == ict.sigma_data
+    if MethodConfig is not None:
+        assert m.noise_scale == ict.ict.noise_scale
     m = build_model(_cfg(arch="unet"), sct)
     assert isinstance(m, TrigFlowPrecond) and m.time_scale == sct.sct.time_scale
     with pytest.raises(ValueError, match="method.name"):

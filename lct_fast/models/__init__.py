@@ -83,8 +83,9 @@ def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
     sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
     backbone = build_backbone(model_cfg)
     if name == "ict":
-        sigma_min = float(getattr(getattr(method_cfg, "ict", None), "sigma_min", 0.002))
-        return VEPrecond(backbone, sigma_data=sigma_data, sigma_min=sigma_min)
+        ict = getattr(method_cfg, "ict", None)
+        return VEPrecond(backbone, sigma_data=sigma_data, sigma_min=float(getattr(ict, "sigma_min", 0.002)),
+                         noise_scale=float(getattr(ict, "noise_scale", 250.0)))
     if name == "sct":
         time_scale = float(getattr(getattr(method_cfg, "sct", None), "time_scale", 1.0))
         return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=time_scale)

@@ -42,16 +42,20 @@ class VEPrecond(nn.Module):
     """f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in(σ)·x, c_noise(σ)) (SPEC §2, iCT/ECT form).
 
     c_skip = σ_d²/((σ − σ_min)² + σ_d²), c_out = (σ − σ_min)·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²),
-    c_noise = 250·ln σ. At σ = σ_min, c_skip = 1 and c_out = 0 exactly, so f(x, σ_min) == x.
+    c_noise = noise_scale·ln σ (iCT / CM: 250). At σ = σ_min, c_skip = 1 and c_out = 0 exactly, so
+    f(x, σ_min) == x.
     """
 
-    def __init__(self, backbone: nn.Module, *, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+    def __init__(self, backbone: nn.Module, *, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 noise_scale: float = 250.0) -> None:
         super().__init__()
-        if sigma_data <= 0 or sigma_min <= 0:
-            raise ValueError(f"VEPrecond: sigma_data ({sigma_data}) and sigma_min ({sigma_min}) must be > 0")
+        if sigma_data <= 0 or sigma_min <= 0 or noise_scale <= 0:
+            raise ValueError(f"VEPrecond: sigma_data ({sigma_data}), sigma_min ({sigma_min}) and noise_scale "
+                             f"({noise_scale}) must be > 0")
         self.backbone = backbone
         self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
+        self.noise_scale = float(noise_scale)
 
     def coefficients(self, sigma: torch.Tensor):
         """(c_skip, c_out, c_in, c_noise) for σ (already in the coefficient dtype)."""
@@ -59,7 +63,7 @@ class VEPrecond(nn.Module):
         c_skip = sd**2 / ((sigma - smin) ** 2 + sd**2)
         c_out = (sigma - smin) * sd / torch.sqrt(sigma**2 + sd**2)
         c_in = 1.0 / torch.sqrt(sigma**2 + sd**2)
-        c_noise = 250.0 * torch.log(sigma)
+        c_noise = self.noise_scale * torch.log(sigma)
         return c_skip, c_out, c_in, c_noise
 
     def forward(self, x: torch.Tensor, sigma: Scalar, labels: Optional[torch.Tensor] = None, *,
@@ -74,7 +78,7 @@ class VEPrecond(nn.Module):
     def logvar(self, sigma: Scalar) -> torch.Tensor:
         """Adaptive weight head at c_noise(σ), [B] float32."""
         s = torch.as_tensor(sigma, dtype=torch.float32, device=_device_of(self.backbone))
-        return self.backbone.logvar(250.0 * torch.log(s.reshape(-1)))
+        return self.backbone.logvar(self.noise_scale * torch.log(s.reshape(-1)))
 
 
 class TrigFlowPrecond(nn.Module):
