@@ -47,12 +47,16 @@ def export(run_dir: str, tag: str | None = None, out: str | None = None) -> list
     return written
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory (holds config.json and checkpoints/)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest complete)")
     p.add_argument("--out", default=None, help="output folder (default <run>/export)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     for path in export(args.run, args.tag, args.out):
         print(path)
     return 0

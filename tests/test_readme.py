@@ -21,3 +21,40 @@ def test_ci_runs_the_readme_commands():
     assert install in ci_lines, f"{install!r} missing from .ci/run"
     assert run_tests in ci_lines, f"{run_tests!r} missing from .ci/run"
     assert ci_lines.index(install) < ci_lines.index(run_tests)
+
+
+def _launcher_commands(readme: str) -> list[tuple[str, list[str]]]:
+    """(launcher, its arguments) of every ``launch/*.py`` command in the README's bash blocks."""
+    import shlex
+
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for cmd in line.split("&&"):
+                tokens = shlex.split(cmd, comments=True)
+                for i, tok in enumerate(tokens):
+                    m = re.fullmatch(r"launch/(\w+)\.py", tok)
+                    if m:
+                        found.append((m.group(1), tokens[i + 1:]))
+    return found
+
+
+def test_readme_launch_commands_parse_with_their_clis():
+    """Every launcher command the README shows is accepted by that launcher's own argparse (so the two
+    cannot drift), and every preset it names exists."""
+    import importlib.util
+
+    commands = _launcher_commands(_read("README.md"))
+    assert {name for name, _ in commands} >= {"train", "encode", "export", "sample"}, commands
+    for name, args in commands:
+        spec = importlib.util.spec_from_file_location(f"_readme_launch_{name}", os.path.join(ROOT, "launch",
+                                                                                            f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            ns = module.build_parser().parse_args(args)
+        except SystemExit as e:  # argparse's way of saying no
+            raise AssertionError(f"README: launch/{name}.py {' '.join(args)} is rejected by its CLI") from e
+        config = getattr(ns, "config", None)
+        if config and config.endswith(".json"):
+            assert os.path.exists(os.path.join(ROOT, config)), f"README names a missing preset {config}"
