@@ -304,7 +304,8 @@ def _dit_step(model, x, sigma, labels):
 def _dit_models(device, dtype=torch.float32, **kw):
     from lct_fast.config import MethodConfig
     from lct_fast.models import build_model
-    from tests.model_helpers import randomize, small_cfg
+    # (not "tests.model_helpers": torch-fidelity 0.4.0 installs a top-level package named "tests")
+    from model_helpers import randomize, small_cfg
 
     cfg = small_cfg("dit", **kw)
     model = randomize(build_model(cfg, MethodConfig(name="sct")), seed=0).to(device, dtype)
