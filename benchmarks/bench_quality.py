@@ -54,15 +54,16 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.harness import RESULTS_DIR, machine_info, machine_string, machine_tag  # noqa: E402
+from benchmarks.quality_assets import FEATURES, VAE_DIR  # noqa: E402
+from lct_fast.data.synthetic import default_cache_root  # noqa: E402
 from lct_fast.quality import metrics as qm  # noqa: E402
 from lct_fast.quality.features import extract_features, load_feature_net  # noqa: E402
 from lct_fast.quality.patches import PHOTOS, PatchSpec, ensure_patches  # noqa: E402
 
-ASSETS = os.path.join(ROOT, "benchmarks", "assets")
-VAE_DIR = os.path.join(ASSETS, "tiny_vae")
-FEATURES = os.path.join(ASSETS, "patch_features.safetensors")
-CACHE = os.path.join(os.environ.get("LCT_FAST_CACHE", os.path.expanduser("~/.cache/lct_fast")), "quality")
+CACHE = os.path.join(default_cache_root(), "quality")
 NUM_CLASSES = len(PHOTOS)
+DEFAULT_BUDGET = 200_000
+"""Training samples per row (``--samples`` overrides it)."""
 
 # Every training row is class-conditional (one class per photograph) and runs the same budget.
 COMMON = [f"model.num_classes={NUM_CLASSES}", "model.in_channels=4", "model.resolution=8",
@@ -156,18 +157,17 @@ def ensure_shards(spec: PatchSpec, patches: dict[str, np.ndarray]) -> str:
 
 def read_latents(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Every latent (VAE space, as stored) and class id of a shard folder."""
+    from lct_fast.data.reader import NpyDecoder, list_shards
+
+    read_npy = NpyDecoder()
     lats, labels = {}, {}
-    for name in sorted(os.listdir(path)):
-        if not name.endswith(".tar"):
-            continue
-        with tarfile.open(os.path.join(path, name)) as tf:
+    for shard in list_shards(path):
+        with tarfile.open(shard) as tf:
             for m in tf.getmembers():
                 key, _, ext = m.name.partition(".")
                 data = tf.extractfile(m).read()
                 if ext == "latent.npy":
-                    import io
-
-                    lats[key] = np.load(io.BytesIO(data), allow_pickle=False)
+                    lats[key] = read_npy(data)
                 elif ext == "cls":
                     labels[key] = int(data.decode())
     keys = sorted(lats)
@@ -220,7 +220,6 @@ class Evaluator:
         for key, vals in per.items():
             if vals:
                 out[key], out[key + "_std"] = qm.mean_std(vals)
-        out["pix_absmax_frac"] = float((images.reshape(len(images), -1) >= 254).mean())
         return out
 
 
@@ -258,7 +257,8 @@ def sample_row(export_dir: str, ema: str, steps: int, n: int, seed: int, stats,
                sample_overrides: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
     """n latents (VAE space) and their labels from an exported EMA (``sample_overrides``: sampler settings
     such as method.ict.sigma_mid applied to the run's config)."""
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    if os.path.join(ROOT, "launch") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "launch"))
     from sample import load_model  # launch/sample.py
 
     from lct_fast.config import load_config
@@ -447,9 +447,6 @@ def main(argv=None) -> int:
 
     write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_eval, time.perf_counter() - t_all)
     return 0
-
-
-DEFAULT_BUDGET = 200_000
 
 
 def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_eval, seconds) -> None:

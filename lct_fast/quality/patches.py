@@ -130,7 +130,9 @@ def make_patches(spec: PatchSpec = PatchSpec()) -> dict[str, np.ndarray]:
 
 def ensure_patches(spec: PatchSpec = PatchSpec(), root: Optional[str] = None) -> str:
     """Path of the cached ``patches-<key>.npz`` (built on first use; written atomically)."""
-    root = root or os.path.join(os.environ.get("LCT_FAST_CACHE", os.path.expanduser("~/.cache/lct_fast")), "quality")
+    from lct_fast.data.synthetic import default_cache_root
+
+    root = root or os.path.join(default_cache_root(), "quality")
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, f"patches-{spec.key()}.npz")
     if not os.path.exists(path):
