@@ -40,7 +40,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -157,21 +156,10 @@ def ensure_shards(spec: PatchSpec, patches: dict[str, np.ndarray]) -> str:
 
 def read_latents(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Every latent (VAE space, as stored) and class id of a shard folder."""
-    from lct_fast.data.reader import NpyDecoder, list_shards
+    from lct_fast.data.reader import read_all_latents
 
-    read_npy = NpyDecoder()
-    lats, labels = {}, {}
-    for shard in list_shards(path):
-        with tarfile.open(shard) as tf:
-            for m in tf.getmembers():
-                key, _, ext = m.name.partition(".")
-                data = tf.extractfile(m).read()
-                if ext == "latent.npy":
-                    lats[key] = read_npy(data)
-                elif ext == "cls":
-                    labels[key] = int(data.decode())
-    keys = sorted(lats)
-    return np.stack([lats[k] for k in keys]).astype(np.float32), np.array([labels[k] for k in keys])
+    lat, labels, _ = read_all_latents(path)
+    return lat, labels
 
 
 # ----------------------------------------------------------------------------------------- evaluation

@@ -27,6 +27,7 @@ from .config import Config, save_config
 from .distributed import DistEnv, init_distributed
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
+from .sample import save_latent_grid
 from .seeding import derive_seed
 
 __all__ = ["Trainer", "step_seed", "resolve_data_path", "TrainingStopped", "divergence_floors"]
@@ -49,26 +50,6 @@ def resolve_data_path(cfg: Config) -> str:
     from .data.synthetic import ensure_synthetic
 
     return ensure_synthetic(cfg.data.synthetic)
-
-
-def save_latent_grid(x: torch.Tensor, stem: str) -> None:
-    """``stem.npy`` (the latents) and ``stem.png``: channels 0-2 as RGB, each scaled by the batch's
-    own 1st-99th percentile, so a run without a VAE still shows structure and mode collapse at a glance."""
-    import numpy as np
-
-    from .sample import make_grid, save_latents, save_png
-
-    save_latents(stem + ".npy", x)
-    rgb = x[:, :3].float()
-    if rgb.shape[1] < 3:
-        rgb = rgb[:, :1].expand(-1, 3, -1, -1)
-    flat = rgb.transpose(0, 1).reshape(3, -1)
-    lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
-    img = ((rgb - lo[:, None, None]) / (hi - lo).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
-    img = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    # Latent grids are tiny (8x8): upscale 4x with nearest neighbour so the PNG is readable.
-    img = np.repeat(np.repeat(img, 4, axis=1), 4, axis=2)
-    save_png(stem + ".png", make_grid(img))
 
 
 class _IdentityFunction:

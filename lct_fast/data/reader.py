@@ -602,3 +602,35 @@ class LatentLoader:
 def make_loader(path: str, **kwargs: Any) -> LatentLoader:
     """``LatentLoader(path, **kwargs)``; see :class:`LatentLoader` for the arguments."""
     return LatentLoader(path, **kwargs)
+
+
+def read_all_latents(path: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, DataErrors]:
+    """Every latent (as stored, float32 [N, C, H, W]) and class id of a shard folder, in key order, for
+    evaluation and statistics (not the training stream). An unreadable shard or sample is skipped and
+    counted in the returned :class:`DataErrors`. ``limit``: stop after that many samples."""
+    errors = DataErrors()
+    read_npy = NpyDecoder()
+    lats: dict[str, np.ndarray] = {}
+    labels: dict[str, int] = {}
+    for shard in list_shards(path):
+        try:
+            with tarfile.open(shard) as tf:
+                for m in tf.getmembers():
+                    key, _, ext = m.name.partition(".")
+                    key = f"{os.path.basename(shard)}/{key}"
+                    if ext == "latent.npy":
+                        try:
+                            lats[key] = read_npy(tf.extractfile(m).read())
+                        except Exception as e:
+                            errors.add("sample", "bad_npy", f"{shard}:{m.name}: {e}")
+                    elif ext == "cls":
+                        labels[key] = int(tf.extractfile(m).read().decode())
+        except (tarfile.TarError, OSError, EOFError) as e:
+            errors.add("shard", "bad_tar", f"{shard}: {e}")
+        if limit is not None and len(lats) >= limit:
+            break
+    keys = sorted(lats)[:limit]
+    if not keys:
+        raise ValueError(f"{path}: no readable latents in {len(list_shards(path))} shard(s) ({errors.summary()})")
+    return (np.stack([lats[k] for k in keys]).astype(np.float32),
+            np.array([labels.get(k, 0) for k in keys], dtype=np.int64), errors)
