@@ -370,6 +370,40 @@ class EMAConfig:
 
 
 @dataclass
+class EvalConfig:
+    n: int = 2000
+    """Samples per step count. Latent metrics need 2n real latents (two disjoint real sets); FID on the
+    2048-d Inception layer needs n >= 2048."""
+    steps: list[int] = field(default_factory=lambda: [1, 2])
+    """Sampling step counts evaluated."""
+    ema: str = ""
+    """EMA evaluated, e.g. "ema_0.999" ("" = the first of train.ema; "live" = the current weights)."""
+    seed: int = 0
+    """Sampling seed (noise and labels): the same samples at every evaluation, so figures are comparable."""
+    vae: str = ""
+    """Local diffusers AutoencoderKL folder: image metrics (FID & co) on decoded samples; "" = latent metrics."""
+    inception_weights: str = ""
+    """Local Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth) for image metrics."""
+    reference: str = ""
+    """Image metrics: reference image folder, .npz or cached reference .safetensors."""
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
+    """Image metrics: any of fid, kid, isc, prc (latent runs always report mw1, swd and tails)."""
+    feature_layer: str = "2048"
+    """Inception layer of FID/KID/precision-recall (64, 192, 768 or 2048)."""
+
+    def __post_init__(self) -> None:
+        _positive("train.eval.n", self.n)
+        if not self.steps or any(int(k) < 1 for k in self.steps):
+            raise ConfigError(f"train.eval.steps: expected a non-empty list of step counts >= 1, got {self.steps!r}")
+        for m in self.metrics:
+            _choice("train.eval.metrics", m, ["fid", "kid", "isc", "prc"])
+        _choice("train.eval.feature_layer", self.feature_layer, ["64", "192", "768", "2048"])
+        if self.vae and not (self.inception_weights and self.reference):
+            raise ConfigError("train.eval.vae: image metrics also need train.eval.inception_weights and "
+                              "train.eval.reference")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     """Base seed; each step is seeded from (seed, rank, samples seen)."""
@@ -387,6 +421,10 @@ class TrainConfig:
     """Save a checkpoint every this many samples (0 = only at the end)."""
     sample_interval: int = 0
     """Write a sample grid every this many samples (0 = off)."""
+    eval_interval: int = 0
+    """Evaluate sample quality (train.eval) every this many samples and at the end (0 = off)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """In-training evaluation: figures go to metrics.jsonl / TensorBoard under eval/."""
     precision: str = "fp32"
     """fp32 | bf16: bf16 autocast over fp32 weights (so method.sct.jvp_dtype=fp32 really runs the JVP in
     fp32, and the EMA tracks fp32 weights). deepspeed.bf16.enabled=true instead stores bf16 weights
@@ -408,7 +446,7 @@ class TrainConfig:
                 f"train.global_batch: {self.global_batch} is not a multiple of micro_batch*grad_accum={per_rank_unit}")
         if self.total_samples < self.global_batch:
             raise ConfigError(f"train.total_samples: expected >= global_batch={self.global_batch}, got {self.total_samples}")
-        for k in ("log_interval", "ckpt_interval", "sample_interval"):
+        for k in ("log_interval", "ckpt_interval", "sample_interval", "eval_interval"):
             _positive(f"train.{k}", getattr(self, k), allow_zero=True)
         _choice("train.precision", self.precision, ["fp32", "bf16"])
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)

@@ -240,11 +240,13 @@ class ImageEvaluator:
 
 # ------------------------------------------------------------------------------------------- driver
 def evaluate_model(net: torch.nn.Module, method_cfg, model_cfg, spec: EvalSpec, evaluator, *, num_classes: int,
-                   device: str | torch.device = "cpu", grid_stem: Optional[str] = None) -> dict:
+                   device: str | torch.device = "cpu", grid_stem: Optional[str] = None,
+                   keep_rows: bool = False) -> dict:
     """Generate ``spec.n`` samples per step count (this rank's share), score them with ``evaluator``.
 
     Returns {"steps": {k: metrics}, "timings": {...}, "grids": [paths]} on rank 0 and the same timings with
-    empty metrics elsewhere. ``grid_stem``: write ``<grid_stem>-<k>step.png`` on rank 0."""
+    empty metrics elsewhere. ``grid_stem``: write ``<grid_stem>-<k>step.png`` on rank 0. ``keep_rows``: also
+    return the gathered rows (standardised latents or features) per step count under "rows"."""
     from .sample import generate
 
     rank, world = _dist_world()
@@ -254,6 +256,7 @@ def evaluate_model(net: torch.nn.Module, method_cfg, model_cfg, spec: EvalSpec, 
     results: dict = {}
     timings = {"generate_s": 0.0, "prepare_s": 0.0, "score_s": 0.0}
     grids: list[str] = []
+    kept: dict = {}
     for steps in spec.steps:
         t0 = time.perf_counter()
         res = generate(
@@ -264,13 +267,15 @@ def evaluate_model(net: torch.nn.Module, method_cfg, model_cfg, spec: EvalSpec, 
         t2 = time.perf_counter()
         if rank == 0:
             results[int(steps)] = evaluator.score(rows, shape, seed=spec.seed)
+            if keep_rows:
+                kept[int(steps)] = rows
             if grid_stem and spec.grid:
                 grids += evaluator.grid(res.latents[:spec.grid], f"{grid_stem}-{int(steps)}step")
         t3 = time.perf_counter()
         timings["generate_s"] += t1 - t0
         timings["prepare_s"] += t2 - t1
         timings["score_s"] += t3 - t2
-    return {"steps": results, "timings": timings, "grids": grids}
+    return {"steps": results, "timings": timings, "grids": grids, "rows": kept}
 
 
 def format_table(results: dict[int, dict[str, float]], keys: Optional[Sequence[str]] = None) -> str:

@@ -300,6 +300,8 @@ class Trainer:
         if resume:
             self._resume(resume)
         self.loader = self._make_loader()
+        self.evaluator = self._make_evaluator() if cfg.train.eval_interval else None
+        self.last_eval: dict = {}
         self.autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                          else contextlib.nullcontext())
 
@@ -313,6 +315,103 @@ class Trainer:
             seed=cfg.train.seed, sigma_data=cfg.method.sigma_data, normalize=cfg.data.normalize,
             shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers, resample=cfg.data.resample,
             start_sample=self.samples // d.world_size)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def _make_evaluator(self):
+        """Image metrics when train.eval names a VAE, else latent metrics on this run's dataset (every rank
+        builds it: the reference features and the generated rows are gathered across ranks)."""
+        from .config import ConfigError
+        from .evaluate import ImageEvaluator, LatentEvaluator
+
+        ev, cfg = self.cfg.train.eval, self.cfg
+        name = ev.ema or (self.ema.names[0] if self.ema.names else "live")
+        if name != "live" and name not in self.ema.names:
+            raise ConfigError(f"train.eval.ema: {name!r} is not one of this run's EMAs {self.ema.names} (or 'live')")
+        self.eval_ema = name
+        if ev.vae:
+            return ImageEvaluator(vae_path=ev.vae, stats=self.stats, inception_weights=ev.inception_weights,
+                                  ref=ev.reference, latent_resolution=cfg.model.resolution, n=ev.n,
+                                  metrics=ev.metrics, feature_layer=ev.feature_layer, normalize=cfg.data.normalize,
+                                  device=self.dist.device)
+        return LatentEvaluator(self.data_path, n=ev.n, normalize=cfg.data.normalize, seed=ev.seed)
+
+    def _eval_net(self) -> torch.nn.Module:
+        """An unpartitioned copy of the model holding the evaluated EMA, on every rank (a collective under
+        ZeRO-3: the live weights and the EMA's per-rank partitions are gathered)."""
+        import deepspeed
+
+        from .models import build_model
+
+        params = list(self.engine.module.parameters())
+        ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self._zero3
+               else contextlib.nullcontext())
+        with ctx:
+            state = {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+        net = build_model(self.cfg.model, self.cfg.method)
+        net.load_state_dict(state)
+        if self.eval_ema != "live":
+            shadow = self.ema.shadows[self.eval_ema]
+            full = {}
+            for n, p in self.ema.params:
+                t = shadow[n]
+                if getattr(p, "ds_tensor", None) is not None:  # ZeRO-3 partition: all ranks' pieces, in order
+                    parts = [torch.empty_like(t) for _ in range(self.dist.world_size)]
+                    torch.distributed.all_gather(parts, t.contiguous())
+                    t = torch.cat([q.reshape(-1) for q in parts])[: p.ds_numel].view(p.ds_shape)
+                full[n] = t.cpu()
+            with torch.no_grad():
+                for n, p in net.named_parameters():
+                    if n in full:
+                        p.copy_(full[n].view_as(p))
+        return net.to(self.dist.device).eval()
+
+    def evaluate(self) -> dict:
+        """train.eval on the chosen EMA: {"eval/<k>step/<metric>": value, ...} (rank 0; {} elsewhere). Writes
+        the standardised samples and the reference set under <run>/eval/ for the report (latent runs)."""
+        import numpy as np
+
+        from .evaluate import EvalSpec, evaluate_model
+        from .sample import save_latents
+
+        ev, m = self.cfg.train.eval, self.cfg.model
+        spec = EvalSpec(n=ev.n, steps=tuple(ev.steps), seed=ev.seed, grid=64)
+        out_dir = os.path.join(self.run_dir, "eval")
+        if self.dist.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        res = evaluate_model(self._eval_net(), self.cfg.method, m, spec, self.evaluator,
+                             num_classes=m.num_classes if self.stats.num_classes else 0, device=self.dist.device,
+                             grid_stem=os.path.join(out_dir, "latest") if self.dist.is_main else None,
+                             keep_rows=self.evaluator.mode == "latent")
+        if not self.dist.is_main:
+            return {}
+        row: dict = {"eval/ema": self.eval_ema, "eval/n": ev.n, "eval/seconds": time.perf_counter() - t0}
+        for k, metrics in res["steps"].items():
+            row.update({f"eval/{k}step/{name}": float(v) for name, v in metrics.items()})
+        if self.evaluator.mode == "latent":
+            shape = (m.in_channels, m.resolution, m.resolution)
+            for k, rows in res["rows"].items():
+                save_latents(os.path.join(out_dir, f"latest-{k}step-standardised.npy"), rows.reshape(-1, *shape))
+            ref = os.path.join(out_dir, "reference-standardised.npy")
+            if not os.path.exists(ref):
+                save_latents(ref, np.asarray(self.evaluator.reference.ref))
+        self.last_eval = row
+        return row
+
+    def quality_line(self) -> str:
+        """One line: the headline figure at 1 step (or the fewest steps) beside its baselines."""
+        row, ev = self.last_eval, self.cfg.train.eval
+        if not row:
+            return ""
+        k = min(int(s) for s in ev.steps)
+        head = self.evaluator.headline
+        v = row.get(f"eval/{k}step/{head}")
+        if self.evaluator.mode == "latent":
+            g, r = row.get(f"eval/{k}step/gaussian_{head}"), row.get(f"eval/{k}step/real_{head}")
+            verdict = "better than" if v < g else "worse than"
+            return (f"quality ({self.eval_ema}, {ev.n} samples, {k} step): marginal W1 {v:.4f} vs Gaussian fit "
+                    f"{g:.4f} (second real set {r:.4f}; lower is better): {verdict} the Gaussian fit")
+        return f"quality ({self.eval_ema}, {ev.n} samples, {k} step): FID {v:.3f}"
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _resume(self, resume: str) -> None:
@@ -454,16 +553,21 @@ class Trainer:
                         f"train.max_bad_steps={cfg.train.max_bad_steps}); none was applied. The last good state "
                         f"is saved as {self.ckpt_dir}/{tag}.")
                 done = self.samples >= total
+                # An evaluation on a logging step goes into that step's line; otherwise into a line of its own.
+                eval_row = (self.evaluate() if self._crossed(cfg.train.eval_interval, before)
+                            or (done and cfg.train.eval_interval) else {})
                 if self._crossed(cfg.train.log_interval, before) or done:
                     dt = time.perf_counter() - window.t0
                     last = {**window.means(), "samples_per_s": window.samples / max(dt, 1e-9),
                             "bad_steps_total": self.bad_total, "step": self.samples // cfg.train.global_batch,
-                            "data_skipped": self.loader.errors.total, **self.diagnostics()}
+                            "data_skipped": self.loader.errors.total, **self.diagnostics(), **eval_row}
                     log.log(self.samples, last)
                     for msg in watch.check(last):
                         if d.is_main:
                             print(f"lct_fast: warning at {self.samples:,} samples: {msg}", file=sys.stderr)
                     window = _Window()
+                elif eval_row:
+                    log.log(self.samples, eval_row)
                 if self._crossed(cfg.train.ckpt_interval, before) or done:
                     self.save_checkpoint()
                 if self._crossed(cfg.train.sample_interval, before) or (done and cfg.train.sample_interval):
@@ -473,12 +577,21 @@ class Trainer:
         summary = {"name": cfg.name, "samples": self.samples, "params": self.num_params,
                    "world_size": d.world_size, "wall_s": time.perf_counter() - t_start,
                    "samples_per_s": (self.samples - start_samples) / max(time.perf_counter() - t_start, 1e-9),
-                   "bad_steps_total": self.bad_total, "data": self.loader.report(), "final": last}
+                   "bad_steps_total": self.bad_total, "data": self.loader.report(), "final": last,
+                   "eval": self.last_eval}
         if d.is_main:
             with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
             print(f"lct_fast: done, {self.samples:,} samples in {summary['wall_s']:.1f}s "
                   f"({summary['samples_per_s']:.1f} samples/s); run directory {self.run_dir}", file=sys.stderr)
+            if self.last_eval:
+                print(f"lct_fast: {self.quality_line()}", file=sys.stderr)
+            try:
+                from .report import write_report
+
+                print(f"lct_fast: report {write_report(self.run_dir)}", file=sys.stderr)
+            except Exception as e:  # a plotting failure must not fail a finished run
+                print(f"lct_fast: warning: report.png not written ({type(e).__name__}: {e})", file=sys.stderr)
         return summary
 
     # -------------------------------------------------------------------------------------- samples

@@ -58,3 +58,11 @@ def test_readme_launch_commands_parse_with_their_clis():
         config = getattr(ns, "config", None)
         if config and config.endswith(".json"):
             assert os.path.exists(os.path.join(ROOT, config)), f"README names a missing preset {config}"
+
+
+def test_readme_shows_evaluation_and_report():
+    commands = {name for name, _ in _launcher_commands(_read("README.md"))}
+    assert {"evaluate", "report"} <= commands
+    readme = _read("README.md")
+    m = re.search(r"!\[report of the main job\]\(([^)]+)\)", readme)
+    assert m and os.path.isfile(os.path.join(ROOT, m.group(1))), "README's report image is missing"

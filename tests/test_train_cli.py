@@ -127,3 +127,32 @@ def test_resume_is_exact(tmp_path, preset, ranks, stage):
         ea, eb = load_file(pa), load_file(pb)
         assert {k: v.shape for k, v in ea.items()} == shapes  # consolidated: every parameter, full shape
         assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+@pytest.mark.parametrize("ranks,zero", [(1, 0), (2, 3)])
+def test_in_training_eval_equals_offline_eval_and_report(tmp_path, ranks, zero):
+    """train.eval_interval logs eval/ figures of the named EMA; the last one equals launch/evaluate.py on the
+    exported EMA (same n, seed, steps), the run ends with the quality line and report.png. On 2 ZeRO-3 ranks
+    the EMA is gathered from its per-rank partitions and the samples are generated in two halves."""
+    run = str(tmp_path / "run")
+    proc = train("--config", "configs/tiny.json", "--out", run, ranks=ranks,
+                 *sets(SMALL + ["train.total_samples=64", "train.eval_interval=32", "train.eval.n=300",
+                                "train.eval.steps=[1, 2]", "train.eval.ema=ema_0.999", "train.ckpt_interval=0",
+                                "train.sample_interval=0", f"deepspeed.zero_optimization.stage={zero}"]))
+    rows = [r for r in metrics(run) if "eval/ema" in r]
+    assert [r["samples"] for r in rows] == [32, 64] and {r["eval/ema"] for r in rows} == {"ema_0.999"}
+    last = rows[-1]
+    assert last["eval/1step/real_mw1"] < last["eval/1step/gaussian_mw1"]  # the baselines are what they claim
+    assert "quality (ema_0.999, 300 samples, 1 step): marginal W1" in proc.stderr
+    assert os.path.getsize(os.path.join(run, "report.png")) > 10_000
+    subprocess.run([sys.executable, "launch/export.py", "--run", run], cwd=ROOT, check=True, capture_output=True)
+    out = str(tmp_path / "eval")
+    ev = subprocess.run([sys.executable, "launch/evaluate.py", "--checkpoint",
+                         os.path.join(run, "export", "ema_0.999.safetensors"), "--num-samples", "300", "--steps", "1",
+                         "2", "--out", out], cwd=ROOT, capture_output=True, text=True, env={**os.environ,
+                                                                                          "PYTHONPATH": ROOT})
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    offline = json.load(open(os.path.join(out, "metrics.json")))["metrics"]
+    for k in ("1", "2"):
+        for name in ("mw1", "swd", "kurtosis", "gaussian_mw1"):
+            assert offline[k][name] == pytest.approx(last[f"eval/{k}step/{name}"], rel=1e-5), (k, name)
