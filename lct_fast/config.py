@@ -388,7 +388,7 @@ class EvalConfig:
     """Image metrics: reference image folder, .npz or cached reference .safetensors."""
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
     """Image metrics: any of fid, kid, isc, prc (latent runs always report mw1, swd and tails)."""
-    feature_layer: str = "2048"
+    feature_layer: int = 2048
     """Inception layer of FID/KID/precision-recall (64, 192, 768 or 2048)."""
 
     def __post_init__(self) -> None:
@@ -397,7 +397,7 @@ class EvalConfig:
             raise ConfigError(f"train.eval.steps: expected a non-empty list of step counts >= 1, got {self.steps!r}")
         for m in self.metrics:
             _choice("train.eval.metrics", m, ["fid", "kid", "isc", "prc"])
-        _choice("train.eval.feature_layer", self.feature_layer, ["64", "192", "768", "2048"])
+        _choice("train.eval.feature_layer", self.feature_layer, [64, 192, 768, 2048])
         if self.vae and not (self.inception_weights and self.reference):
             raise ConfigError("train.eval.vae: image metrics also need train.eval.inception_weights and "
                               "train.eval.reference")

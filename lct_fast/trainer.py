@@ -331,7 +331,8 @@ class Trainer:
         if ev.vae:
             return ImageEvaluator(vae_path=ev.vae, stats=self.stats, inception_weights=ev.inception_weights,
                                   ref=ev.reference, latent_resolution=cfg.model.resolution, n=ev.n,
-                                  metrics=ev.metrics, feature_layer=ev.feature_layer, normalize=cfg.data.normalize,
+                                  metrics=ev.metrics, feature_layer=str(ev.feature_layer),
+                                  normalize=cfg.data.normalize,
                                   device=self.dist.device)
         return LatentEvaluator(self.data_path, n=ev.n, normalize=cfg.data.normalize, seed=ev.seed)
 

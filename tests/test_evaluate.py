@@ -251,3 +251,38 @@ def test_evaluate_latent_mode_two_ranks(run, tmp_path):
     assert res[1]["mode"] == "latent" and {"mw1", "swd", "real_mw1", "gaussian_mw1", "kurtosis"} <= set(a)
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
+def test_in_training_image_eval_equals_offline(run, weights, tmp_path):
+    """train.eval with a VAE: torch-fidelity figures of the named EMA under eval/, equal to launch/evaluate.py
+    on the exported EMA with the same settings."""
+    out = str(tmp_path / "train")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    sets = ["model.resolution=4", "model.num_classes=3", "model.width=32", f"data.path={run / 'data'}",
+            "data.shuffle_buffer=16", "train.global_batch=8", "train.total_samples=16", "train.log_interval=8",
+            "train.ckpt_interval=0", "train.sample_interval=0", "train.eval_interval=16", "train.eval.n=70",
+            "train.eval.steps=[1]", "train.eval.ema=ema_0.99", f"train.eval.vae={VAE}",
+            f"train.eval.inception_weights={weights}", f"train.eval.reference={run / 'ref.npz'}",
+            "train.eval.feature_layer=64", "train.eval.metrics=[\"fid\", \"prc\"]"]
+    cmd = [sys.executable, "launch/train.py", "--config", "configs/tiny.json", "--out", out]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "quality (ema_0.99, 70 samples, 1 step): FID" in proc.stderr
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    last = [r for r in rows if "eval/ema" in r][-1]
+    subprocess.run([sys.executable, "launch/export.py", "--run", out], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    ev = tmp_path / "offline"
+    args = image_args(run, weights, ev)
+    args[args.index("--checkpoint") + 1] = os.path.join(out, "export", "ema_0.99.safetensors")
+    args[args.index("--metrics") + 1:args.index("--metrics") + 4] = ["fid", "prc"]
+    args[args.index("--steps") + 1:args.index("--steps") + 3] = ["1"]
+    proc = evaluate(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.load(open(ev / "metrics.json"))["metrics"]["1"]
+    assert offline["fid"] > 0
+    for k in ("fid", "precision", "recall"):
+        assert last[f"eval/1step/{k}"] == pytest.approx(offline[k], rel=1e-4, abs=1e-7), k
