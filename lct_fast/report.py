@@ -63,16 +63,9 @@ def _real_grid(run_dir: str, n: int = 64) -> Optional[np.ndarray]:
         return None
     import torch
 
-    from .sample import make_grid
+    from .sample import latent_grid_image
 
-    x = torch.as_tensor(np.load(ref, allow_pickle=False)[:n])
-    rgb = x[:, :3].float() if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1).float()
-    flat = rgb.transpose(0, 1).reshape(3, -1)
-    lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
-    img = ((rgb - lo[:, None, None]) / (hi - lo).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
-    img = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    img = np.repeat(np.repeat(img, 4, axis=1), 4, axis=2)
-    return make_grid(img)
+    return latent_grid_image(torch.as_tensor(np.load(ref, allow_pickle=False)[:n]))
 
 
 def write_report(run_dir: str, out: Optional[str] = None) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "save_png",
     "decode_and_save_grid",
     "save_latent_grid",
+    "latent_grid_image",
 ]
 
 
@@ -420,10 +421,9 @@ def decode_and_save_grid(latents: torch.Tensor, vae_path: str, stats: Any, out_p
     return grid
 
 
-def save_latent_grid(x: torch.Tensor, stem: str) -> None:
-    """``stem.npy`` (the latents) and ``stem.png``: channels 0-2 as RGB, each scaled by the batch's
-    own 1st-99th percentile, so a run without a VAE still shows structure and mode collapse at a glance."""
-    save_latents(stem + ".npy", x)
+def latent_grid_image(x: torch.Tensor) -> np.ndarray:
+    """A uint8 grid of latents: channels 0-2 as RGB, each scaled by the batch's own 1st-99th percentile, so a
+    run without a VAE still shows structure and mode collapse at a glance."""
     rgb = x[:, :3].float()
     if rgb.shape[1] < 3:
         rgb = rgb[:, :1].expand(-1, 3, -1, -1)
@@ -433,4 +433,10 @@ def save_latent_grid(x: torch.Tensor, stem: str) -> None:
     img = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     # Latent grids are tiny (8x8): upscale 4x with nearest neighbour so the PNG is readable.
     img = np.repeat(np.repeat(img, 4, axis=1), 4, axis=2)
-    save_png(stem + ".png", make_grid(img))
+    return make_grid(img)
+
+
+def save_latent_grid(x: torch.Tensor, stem: str) -> None:
+    """``stem.npy`` (the latents) and ``stem.png`` (:func:`latent_grid_image`)."""
+    save_latents(stem + ".npy", x)
+    save_png(stem + ".png", latent_grid_image(x))
