@@ -83,11 +83,23 @@ class EMA:
                 d[n].copy_(src)
 
     def copy_to(self, module: torch.nn.Module, key: str) -> None:
-        """Load EMA ``key`` into an unpartitioned ``module`` with the same parameter names."""
+        """Load EMA ``key`` into an unpartitioned ``module`` with the same parameter names. Under ZeRO-3 this
+        is a collective: every rank's partition of each parameter is all-gathered and stitched (as
+        :func:`consolidate` does offline), so every rank must call it."""
         params = dict(module.named_parameters())
         with torch.no_grad():
-            for n, t in self.shadows[key].items():
+            for n, p in self.params:
+                t = self.shadows[key][n]
+                if getattr(p, "ds_tensor", None) is not None:
+                    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+                    torch.distributed.all_gather(parts, t.contiguous())
+                    t = _unpartition(parts, p.ds_numel, p.ds_shape)
                 params[n].copy_(t.view_as(params[n]))
+
+
+def _unpartition(parts: list[torch.Tensor], numel: int, shape) -> torch.Tensor:
+    """A parameter from its ZeRO-3 partitions in rank order (the last one is padded to the common size)."""
+    return torch.cat([q.reshape(-1) for q in parts])[:numel].view(shape)
 
 
 def consolidate(shard_states: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
@@ -101,8 +113,8 @@ def consolidate(shard_states: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
     for full_key, t0 in shard_states[0]["tensors"].items():
         key, name = full_key.split("/", 1)
         if f"shape/{name}" in meta0:
-            flat = torch.cat([s["tensors"][full_key].reshape(-1) for s in shard_states])
-            t = flat[: meta0[f"numel/{name}"]].view(meta0[f"shape/{name}"])
+            t = _unpartition([s["tensors"][full_key] for s in shard_states], meta0[f"numel/{name}"],
+                             meta0[f"shape/{name}"])
         else:
             t = t0
         out[key][name] = t.clone()

@@ -146,9 +146,9 @@ def write_report(run_dir: str, out: Optional[str] = None) -> str:
     ax.axis("off")
 
     if latent:
-        r = np.load(ref, allow_pickle=False).reshape(-1)
-        s_all = np.load(sample, allow_pickle=False)
-        s = s_all.reshape(-1)
+        ref_x = np.load(ref, allow_pickle=False)
+        smp_x = np.load(sample, allow_pickle=False)
+        r, s = ref_x.reshape(-1), smp_x.reshape(-1)
         ax = axes[panels.index("hist")]
         lim = max(np.abs(r).max(), np.abs(s[np.isfinite(s)]).max() if np.isfinite(s).any() else 1.0)
         bins = np.linspace(-lim, lim, 121)
@@ -158,8 +158,7 @@ def write_report(run_dir: str, out: Optional[str] = None) -> str:
         ax.legend(fontsize=8)
 
         ax = axes[panels.index("proj")]
-        rr = np.load(ref, allow_pickle=False).reshape(len(np.load(ref, allow_pickle=False)), -1)
-        ss = s_all.reshape(len(s_all), -1)
+        rr, ss = ref_x.reshape(len(ref_x), -1), smp_x.reshape(len(smp_x), -1)
         mu = rr.mean(0)
         _, _, vt = np.linalg.svd(rr - mu, full_matrices=False)
         pr, ps = (rr - mu) @ vt[:2].T, (ss - mu) @ vt[:2].T

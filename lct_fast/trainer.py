@@ -339,31 +339,12 @@ class Trainer:
     def _eval_net(self) -> torch.nn.Module:
         """An unpartitioned copy of the model holding the evaluated EMA, on every rank (a collective under
         ZeRO-3: the live weights and the EMA's per-rank partitions are gathered)."""
-        import deepspeed
-
         from .models import build_model
 
-        params = list(self.engine.module.parameters())
-        ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self._zero3
-               else contextlib.nullcontext())
-        with ctx:
-            state = {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
         net = build_model(self.cfg.model, self.cfg.method)
-        net.load_state_dict(state)
+        net.load_state_dict(self._gathered_weights(everywhere=True))
         if self.eval_ema != "live":
-            shadow = self.ema.shadows[self.eval_ema]
-            full = {}
-            for n, p in self.ema.params:
-                t = shadow[n]
-                if getattr(p, "ds_tensor", None) is not None:  # ZeRO-3 partition: all ranks' pieces, in order
-                    parts = [torch.empty_like(t) for _ in range(self.dist.world_size)]
-                    torch.distributed.all_gather(parts, t.contiguous())
-                    t = torch.cat([q.reshape(-1) for q in parts])[: p.ds_numel].view(p.ds_shape)
-                full[n] = t.cpu()
-            with torch.no_grad():
-                for n, p in net.named_parameters():
-                    if n in full:
-                        p.copy_(full[n].view_as(p))
+            self.ema.copy_to(net, self.eval_ema)
         return net.to(self.dist.device).eval()
 
     def evaluate(self) -> dict:
@@ -625,14 +606,14 @@ class Trainer:
     def _zero3(self) -> bool:
         return self.engine.zero_optimization_stage() == 3
 
-    def _gathered_weights(self) -> dict:
-        """Full live weights on rank 0 (a collective under ZeRO-3)."""
+    def _gathered_weights(self, everywhere: bool = False) -> dict:
+        """Full live weights on rank 0, or on every rank with ``everywhere`` (a collective under ZeRO-3)."""
         import deepspeed
 
         params = list(self.engine.module.parameters())
         ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self._zero3
                else contextlib.nullcontext())
         with ctx:
-            if self.dist.is_main:
+            if everywhere or self.dist.is_main:
                 return {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
         return {}
