@@ -9,7 +9,8 @@ Providers
   fwd+bwd   ours (Triton FA2 backward) · SDPA flash
 on [B, H, L, Dh] bf16 with B·L tokens fixed, L = 256 / 1024 / 4096, Dh = 64 / 128.
 
-FLOPs: forward = 4·B·H·L²·Dh; JVP with forward counted as 3× that; forward+backward as 3.5× (backward
+FLOPs: ``lct_fast.flops.attention_flops`` (one definition for this benchmark, ``launch/profile.py`` and
+SPEC §5): forward = 4·B·H·L²·Dh; the JVP pass = primal + tangent = 3× that; forward+backward 3.5× (backward
 2.5×, as FlashAttention-2 counts it). Peak memory is the allocation high-water mark above the inputs.
 Targets (H100/H200): JVP ≥ 4× faster than math-SDPA JVP at L = 1024 with O(L) memory, ≥ 450 TFLOP/s
 at L = 4096 / Dh = 128, forward within 25 % of SDPA flash.
@@ -32,15 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import machine_string, write_results  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peak
-
-
-def _peak(name: str) -> Optional[float]:
-    for key, val in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return val
-    return None
+from lct_fast.flops import attention_flops, peak_tflops  # noqa: E402
 
 
 def _measure(fn: Callable[[], object], warmup: int, rep: int) -> Dict[str, float]:
@@ -113,9 +106,6 @@ def _providers(q, k, v, tq, tk, tv, go):
     return provs
 
 
-FLOP_FACTOR = {"forward": 1.0, "jvp": 3.0, "fwd+bwd": 3.5}
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", type=int, nargs="+", default=[256, 1024, 4096])
@@ -140,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     gpu = torch.cuda.get_device_name(0)
-    peak = _peak(gpu)
+    peak = peak_tflops(gpu, "bf16")  # the fp16 tensor-core peak equals the bf16 one
     print(f"Machine: {machine_string()}")
     rows = []
     for L in args.seqlens:
@@ -150,13 +140,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             g = torch.Generator(device="cuda").manual_seed(0)
             q, k, v, tq, tk, tv, go = [torch.randn(B, H, L, D, generator=g, device="cuda", dtype=dtype)
                                        for _ in range(7)]
-            flops = 4.0 * B * H * L * L * D
             for mode, provs in _providers(q, k, v, tq, tk, tv, go).items():
                 for name, fn in provs.items():
                     row = {"mode": mode, "provider": name, "B": B, "H": H, "L": L, "Dh": D, "dtype": args.dtype}
                     try:
                         m = _measure(fn, args.warmup, args.rep)
-                        tf = FLOP_FACTOR[mode] * flops / (m["ms"] * 1e-3) / 1e12
+                        tf = attention_flops(B, H, L, L, D, mode) / (m["ms"] * 1e-3) / 1e12
                         row.update(ms=round(m["ms"], 4), tflops=round(tf, 1), peak_mib=round(m["peak_mib"], 1))
                         if peak:
                             row["pct_peak"] = round(100 * tf / peak, 1)

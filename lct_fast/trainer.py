@@ -27,6 +27,7 @@ from .config import Config, save_config
 from .distributed import DistEnv, init_distributed
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
+from .profiling import phase
 from .sample import save_latent_grid
 from .seeding import derive_seed
 
@@ -222,6 +223,17 @@ class _Window:
 
     def means(self) -> dict:
         return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+
+@dataclass
+class _RunState:
+    """What a run carries from one iteration to the next (see :meth:`Trainer.begin`)."""
+
+    total: int
+    log: "_Logger"
+    watch: "_DivergenceWatch"
+    window: _Window = field(default_factory=_Window)
+    last: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -431,27 +443,33 @@ class Trainer:
         for micro in range(self.grad_accum):
             if self._zero3_coordinator is not None:
                 self._zero3_coordinator.reset_step()
-            x0, labels = next(self._batches)
-            x0, labels = x0.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            with phase("data"):
+                x0, labels = next(self._batches)
+                x0, labels = x0.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
             if self.stats.num_classes == 0:
                 labels = None  # unconditional data: the null class, not class 0 of a conditional model
             gen = torch.Generator(d.device).manual_seed(step_seed(cfg.train.seed, d.rank, self.samples, micro))
-            with self.autocast:
+            # "loss" holds the loss's own phases (ot, target_forward / jvp, online_forward); its exclusive
+            # time is the rest of the loss (noising, distances, weights).
+            with self.autocast, phase("loss"):
                 per_sample = self.loss_fn(self.engine, x0, labels, step=k, generator=gen,
                                           target_net=self.target_net)
-            loss = per_sample.mean()
+                loss = per_sample.mean()
             # A NaN/Inf loss is back-propagated on purpose: the guarded optimizer then sees non-finite
             # gradients on every rank (they are reduced) and skips the step as a whole.
-            self.engine.backward(loss)
+            with phase("backward"):
+                self.engine.backward(loss)
             pre_clip = self._local_grad_norm() if micro == self.grad_accum - 1 else None
-            self.engine.step()
+            with phase("optimizer"):
+                self.engine.step()
             for key, v in self.loss_fn.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(v) / self.grad_accum
         # DeepSpeed skips a step itself when its own overflow / invalid-norm check fires (ZeRO 1-3, bf16,
         # clipping on) without calling our optimizer; our guard covers the cases it does not check.
         applied = self.engine.was_step_applied() and not getattr(self.optimizer, "overflow", False)
         if applied:
-            self.ema.update()
+            with phase("ema"):
+                self.ema.update()
             self.bad_streak = 0
         else:
             self.bad_streak += 1
@@ -502,13 +520,14 @@ class Trainer:
     def _crossed(self, interval: int, before: int) -> bool:
         return interval > 0 and before // interval != self.samples // interval
 
-    def run(self, max_samples: int | None = None) -> dict:
-        """Train until ``train.total_samples`` (or ``max_samples``, ending with a checkpoint)."""
+    def begin(self, max_samples: int | None = None) -> "_RunState":
+        """Open a run: the logger, the metrics window, the divergence watch and this rank's batch stream.
+        :meth:`run` is ``begin``, :meth:`iteration` until the total, ``close``; ``launch/profile.py`` drives
+        the same iterations under its phase timer."""
         cfg, d = self.cfg, self.dist
         total = cfg.train.total_samples - cfg.train.total_samples % cfg.train.global_batch
         if max_samples is not None:
             total = min(total, max_samples)
-        log = _Logger(self.run_dir, d.is_main, total, self.samples)
         if d.is_main:
             print(f"lct_fast: {cfg.name}: {cfg.model.arch} with {self.num_params:,} parameters, method "
                   f"{cfg.method.name}, world size {d.world_size}, micro-batch {self.micro_batch} x "
@@ -516,46 +535,61 @@ class Trainer:
         if self.loader.start_sample != self.samples // d.world_size:
             self.loader = self._make_loader()  # a second run() continues where the first stopped
         self._batches = iter(self.loader)
-        window = _Window()
-        watch = _DivergenceWatch(divergence_floors(cfg))
+        return _RunState(total=total, log=_Logger(self.run_dir, d.is_main, total, self.samples),
+                         watch=_DivergenceWatch(divergence_floors(cfg)))
+
+    def iteration(self, st: "_RunState") -> None:
+        """One optimizer step and what its sample count triggers: the bad-step guard, evaluation, the log line
+        (with the divergence diagnostics), checkpoint and sample grids."""
+        cfg, d = self.cfg, self.dist
+        before = self.samples
+        metrics = self.train_step()
+        st.window.add(metrics)
+        st.window.samples += cfg.train.global_batch
+        st.log.advance(cfg.train.global_batch)
+        if self.bad_streak >= cfg.train.max_bad_steps:
+            tag = self.save_checkpoint()
+            raise TrainingStopped(
+                f"{self.bad_streak} consecutive steps had a NaN/Inf loss or gradient (limit "
+                f"train.max_bad_steps={cfg.train.max_bad_steps}); none was applied. The last good state "
+                f"is saved as {self.ckpt_dir}/{tag}.")
+        done = self.samples >= st.total
+        # An evaluation on a logging step goes into that step's line; otherwise into a line of its own.
+        with phase("eval"):
+            eval_row = (self.evaluate() if self._crossed(cfg.train.eval_interval, before)
+                        or (done and cfg.train.eval_interval) else {})
+        with phase("logging"):
+            if self._crossed(cfg.train.log_interval, before) or done:
+                dt = time.perf_counter() - st.window.t0
+                st.last = {**st.window.means(), "samples_per_s": st.window.samples / max(dt, 1e-9),
+                           "bad_steps_total": self.bad_total, "step": self.samples // cfg.train.global_batch,
+                           "data_skipped": self.loader.errors.total, **self.diagnostics(), **eval_row}
+                st.log.log(self.samples, st.last)
+                for msg in st.watch.check(st.last):
+                    if d.is_main:
+                        print(f"lct_fast: warning at {self.samples:,} samples: {msg}", file=sys.stderr)
+                st.window = _Window()
+            elif eval_row:
+                st.log.log(self.samples, eval_row)
+        with phase("checkpoint"):
+            if self._crossed(cfg.train.ckpt_interval, before) or done:
+                self.save_checkpoint()
+        with phase("samples"):
+            if self._crossed(cfg.train.sample_interval, before) or (done and cfg.train.sample_interval):
+                self.write_samples()
+
+    def run(self, max_samples: int | None = None) -> dict:
+        """Train until ``train.total_samples`` (or ``max_samples``, ending with a checkpoint)."""
+        cfg, d = self.cfg, self.dist
         t_start = time.perf_counter()
         start_samples = self.samples
-        last = {}
+        st = self.begin(max_samples)
         try:
-            while self.samples < total:
-                before = self.samples
-                metrics = self.train_step()
-                window.add(metrics)
-                window.samples += cfg.train.global_batch
-                log.advance(cfg.train.global_batch)
-                if self.bad_streak >= cfg.train.max_bad_steps:
-                    tag = self.save_checkpoint()
-                    raise TrainingStopped(
-                        f"{self.bad_streak} consecutive steps had a NaN/Inf loss or gradient (limit "
-                        f"train.max_bad_steps={cfg.train.max_bad_steps}); none was applied. The last good state "
-                        f"is saved as {self.ckpt_dir}/{tag}.")
-                done = self.samples >= total
-                # An evaluation on a logging step goes into that step's line; otherwise into a line of its own.
-                eval_row = (self.evaluate() if self._crossed(cfg.train.eval_interval, before)
-                            or (done and cfg.train.eval_interval) else {})
-                if self._crossed(cfg.train.log_interval, before) or done:
-                    dt = time.perf_counter() - window.t0
-                    last = {**window.means(), "samples_per_s": window.samples / max(dt, 1e-9),
-                            "bad_steps_total": self.bad_total, "step": self.samples // cfg.train.global_batch,
-                            "data_skipped": self.loader.errors.total, **self.diagnostics(), **eval_row}
-                    log.log(self.samples, last)
-                    for msg in watch.check(last):
-                        if d.is_main:
-                            print(f"lct_fast: warning at {self.samples:,} samples: {msg}", file=sys.stderr)
-                    window = _Window()
-                elif eval_row:
-                    log.log(self.samples, eval_row)
-                if self._crossed(cfg.train.ckpt_interval, before) or done:
-                    self.save_checkpoint()
-                if self._crossed(cfg.train.sample_interval, before) or (done and cfg.train.sample_interval):
-                    self.write_samples()
+            while self.samples < st.total:
+                self.iteration(st)
         finally:
-            log.close()
+            st.log.close()
+        last = st.last
         summary = {"name": cfg.name, "samples": self.samples, "params": self.num_params,
                    "world_size": d.world_size, "wall_s": time.perf_counter() - t_start,
                    "samples_per_s": (self.samples - start_samples) / max(time.perf_counter() - t_start, 1e-9),

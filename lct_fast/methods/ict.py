@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import schedules
+from ..profiling import phase
 from .common import couple_noise, draw_seed, drop_labels, null_class, prepare_batch, randn_like_gen
 from .distances import reduce_squared, robust_distance
 
@@ -127,7 +128,8 @@ class ICTLoss:
             labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
 
         # §4.4: couple before noising; the same (permuted) z serves both levels.
-        z, ot_ratio = self.coupler(x0, z)
+        with phase("ot"):
+            z, ot_ratio = self.coupler(x0, z)
 
         sig_lo64, sig_hi64 = sig_grid[j], sig_grid[j + 1]
         lam = (1.0 / (sig_hi64 - sig_lo64)).to(device=dev, dtype=x0.dtype)        # λ(σ_i), float64 difference
@@ -136,8 +138,10 @@ class ICTLoss:
         x_hi = x0 + sig_hi.view(bshape) * z
         x_lo = x0 + sig_lo.view(bshape) * z
 
-        f_hi = net(x_hi, sig_hi, labels, dropout_seed=dropout_seed).to(x0.dtype)
-        with torch.no_grad():  # target θ⁻ = sg(θ): no graph, same dropout mask via the shared seed
+        with phase("online_forward"):
+            f_hi = net(x_hi, sig_hi, labels, dropout_seed=dropout_seed).to(x0.dtype)
+        # target θ⁻ = sg(θ): no graph, same dropout mask via the shared seed
+        with torch.no_grad(), phase("target_forward"):
             f_lo = target_net(x_lo, sig_lo, labels, dropout_seed=dropout_seed).to(x0.dtype)
 
         td = f_hi - f_lo

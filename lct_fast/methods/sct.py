@@ -42,6 +42,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from ..profiling import phase
 from . import schedules
 from .common import couple_noise, draw_seed, drop_labels, null_class, prepare_batch, randn_like_gen, unwrap
 
@@ -210,18 +211,21 @@ class SCTLoss:
         dropout_seed = draw_seed(generator)
         if self.label_dropout > 0 and labels is not None:
             labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
-        z, ot_ratio = self.coupler(x0, z)
+        with phase("ot"):
+            z, ot_ratio = self.coupler(x0, z)
 
         ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
         x_t = ct * x0 + st * z
         v = ct * z - st * x0                                   # dx_t/dt (consistency training)
         r = self.warmup(step)
-        g, f_minus, jac, g_norm = sct_tangent(target_net, x_t, t, v, labels, sigma_data=sd, r=r,
-                                              g_norm_c=self.g_norm_c, dropout_seed=dropout_seed,
-                                              jvp_dtype=self.jvp_dtype)
+        with phase("jvp"):
+            g, f_minus, jac, g_norm = sct_tangent(target_net, x_t, t, v, labels, sigma_data=sd, r=r,
+                                                  g_norm_c=self.g_norm_c, dropout_seed=dropout_seed,
+                                                  jvp_dtype=self.jvp_dtype)
 
         online = unwrap(net)
-        f_theta = online.F(x_t / sd, t, labels, dropout_seed=dropout_seed).to(x0.dtype)
+        with phase("online_forward"):
+            f_theta = online.F(x_t / sd, t, labels, dropout_seed=dropout_seed).to(x0.dtype)
         # F⁻ = F_{sg θ} at the same inputs and dropout mask, so its value is the online pass's own value; taking
         # it from f_theta.detach() keeps the residual's value exactly −g even when the JVP pass ran in another
         # precision or kernel (fp32 JVP vs bf16 online, flash-JVP vs SDPA). The gradient is unchanged:

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Profile the training step: samples/s, step time, phase breakdown, FLOPs, MFU, memory, kernels used.
+
+    python launch/profile.py --config configs/tiny.json --out runs/profile-tiny
+    torchrun --nproc_per_node 8 launch/profile.py --config configs/xl.json --steps 20 --out runs/prof-xl
+    deepspeed launch/profile.py --config configs/xxl.json --set train.micro_batch=16 --trace --out runs/prof-xxl
+    python launch/profile.py --config configs/s.json --synthetic-data \\
+        --sweep size=s,b,l,xl,xxl zero=1,2,3 micro_batch=8,16,32 --out runs/sweep
+    python launch/profile.py --config configs/tiny.json --sweep kernels=reference,fused --out runs/kernels
+
+The step is the trainer's own (``Trainer.iteration``: same config, model, loss, DeepSpeed engine and data
+stream), under phase marks: data wait, OT coupling, target pass (iCT) or JVP pass (sCT), online forward, the
+rest of the loss, backward, optimizer step (DeepSpeed's, with its ZeRO communication), EMA, logging. CUDA
+events on GPU, the wall clock on CPU; the phases sum to the step. FLOPs are counted on one extra step
+(``torch.utils.flop_counter``'s formulas at the dispatcher); MFU uses the device's dense peak for the run's
+precision (H100/H200/A100 by name) or ``--peak-tflops``. Periodic evaluation, sample grids and checkpoints
+are off unless ``--set`` turns them on; the log interval's diagnostics stay (phase ``logging``).
+
+``--sweep KEY=V1,V2 ...`` runs every point of the grid in a fresh process (``--launcher``, default this
+Python) and writes ``sweep.md``, ``sweep.csv`` and ``sweep.png``; an out-of-memory point (CUDA OOM, failed
+host allocation, or a child killed by the OOM killer) is recorded as ``oom``. Keys: ``size`` (model.size),
+``zero`` (deepspeed.zero_optimization.stage), ``micro_batch`` (train.micro_batch), ``kernels``
+(reference | fused: model.ops_backend and method.ot.backend together), or any dotted config key.
+
+Writes ``OUT/profile.json`` (rank 0), ``OUT/trace-rank<r>.json`` with ``--trace``. Exit status 3 on OOM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+# This file's name shadows the standard library's ``profile`` (which cProfile, and so torch._dynamo, import)
+# while its folder is on sys.path: take the folder off, put the project root on.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+from lct_fast.config import ConfigError, load_config  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="preset name or path, e.g. configs/xxl.json")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted; VALUE parsed as JSON when possible); repeatable")
+    p.add_argument("--out", required=True, help="output folder (profile.json, traces, sweep tables)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--trace", action="store_true", help="also write a torch.profiler Chrome trace per rank")
+    p.add_argument("--trace-steps", type=int, default=3, help="steps in the trace (default 3)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s per device for MFU (default: the table for H100/H200/A100; CPUs need it)")
+    p.add_argument("--no-flops", dest="count_flops", action="store_false", help="skip the FLOP-counted step")
+    p.add_argument("--synthetic-data", action="store_true",
+                   help="train on the embedded synthetic dataset shaped like the model (no shards needed)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="profile every point of this grid in a fresh process (see the module help)")
+    p.add_argument("--launcher", default=None,
+                   help="sweep: command that starts each point, e.g. 'torchrun --nproc_per_node 8' "
+                        "(default: this Python)")
+    p.add_argument("--memory-cap-gb", type=float, default=None,
+                   help="sweep on CPU: cap each point's address space (RLIMIT_AS) to emulate a smaller machine")
+    p.add_argument("--point-timeout", type=float, default=None, help="sweep: seconds per point before it is "
+                                                                        "recorded as timeout")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.trace_steps < 1:
+        p.error(f"--trace-steps must be >= 1, got {args.trace_steps}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.memory_cap_gb is not None and not args.sweep:
+        p.error("--memory-cap-gb applies to --sweep points")
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from lct_fast.throughput import run_sweep
+
+    argv = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.peak_tflops:
+        argv += ["--peak-tflops", str(args.peak_tflops)]
+    if not args.count_flops:
+        argv += ["--no-flops"]
+    if args.synthetic_data:
+        argv += ["--synthetic-data"]
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    rows = run_sweep(args.config, args.sweep, args.overrides, args.out, profile_argv=argv, launcher=launcher,
+                     memory_cap_gb=args.memory_cap_gb, timeout_s=args.point_timeout,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    with open(os.path.join(args.out, "sweep.md")) as f:
+        print(f.read())
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def _profile(args: argparse.Namespace, overrides: list) -> int:
+    import torch
+
+    from lct_fast.distributed import init_distributed
+    from lct_fast.throughput import (ProfileOptions, device_name, expected_state_bytes, format_table,
+                                     is_oom_error, kernel_backends, profile_trainer, summarise)
+    from lct_fast.trainer import Trainer
+
+    cfg = load_config(args.config, overrides)
+    opts = ProfileOptions(steps=args.steps, warmup=args.warmup, trace=args.trace, trace_steps=args.trace_steps,
+                          peak_tflops=args.peak_tflops, count_flops=args.count_flops)
+    dist = init_distributed()
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        trainer = Trainer(cfg, args.out, dist=dist)
+        mine = profile_trainer(trainer, opts, trace_dir=args.out)
+    except Exception as e:  # noqa: BLE001
+        if not is_oom_error(e):
+            raise
+        # An OOM is a result of the sweep, not a crash: say so in the record and exit 3.
+        _write_json(os.path.join(args.out, "profile.json"),
+                    {"status": "oom", "name": cfg.name, "rank": dist.rank, "error": f"{type(e).__name__}: {e}"[:2000]})
+        print(f"profile: out of memory on rank {dist.rank}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+        return 3
+    ranks = [None] * dist.world_size
+    torch.distributed.all_gather_object(ranks, mine)
+    if dist.is_main:
+        stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+        bf16_w = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
+        info = {"params": trainer.num_params, "micro_batch": trainer.micro_batch, "grad_accum": trainer.grad_accum,
+                "expected_state_bytes": expected_state_bytes(
+                    trainer.num_params, stage=stage, world=dist.world_size, bf16_weights=bf16_w,
+                    num_emas=len(trainer.ema.names)),
+                "backends": kernel_backends(cfg, dist.device), "overrides": overrides,
+                "log_interval": cfg.train.log_interval}
+        rec = summarise(cfg, info, ranks, opts, device=device_name(),
+                        command=shlex.join([os.path.basename(sys.executable)] + sys.argv))
+        if "trace" in mine:
+            rec["traces"] = [r.get("trace") for r in ranks]
+        _write_json(os.path.join(args.out, "profile.json"), rec)
+        print(format_table(rec))
+        print(f"profile: {os.path.join(args.out, 'profile.json')}", file=sys.stderr)
+    torch.distributed.barrier()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    try:
+        if args.sweep:
+            return _sweep(args)
+        from lct_fast.throughput import profile_overrides
+
+        overrides = profile_overrides(args.config, args.overrides, synthetic_data=args.synthetic_data)
+        load_config(args.config, overrides)  # fail on a bad key before any process group starts
+        return _profile(args, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

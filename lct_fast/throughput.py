@@ -1,0 +1,652 @@
+"""Throughput profiling of the real training step: phases, FLOPs, MFU, memory; and the scaling sweep.
+
+``launch/profile.py`` is the command line. The step profiled is :meth:`lct_fast.trainer.Trainer.iteration`
+itself (same config, model, loss, DeepSpeed engine, data stream), run under a
+:class:`lct_fast.profiling.PhaseTimer`:
+
+1. ``warmup`` iterations (allocator, autotuning, DeepSpeed's first-step work) -- not recorded;
+2. one iteration under :class:`lct_fast.flops.FlopCounter` -- the FLOPs of every phase, counted;
+3. ``steps`` timed iterations -- step time and the exclusive time of each phase;
+4. with ``trace``, a few more under ``torch.profiler`` (Chrome trace per rank).
+
+Every rank times its own steps; rank 0 gathers them (``all_gather_object``) and writes ``profile.json``. The
+aggregated step time is the slowest rank's at each step (ranks meet in the gradient collectives anyway).
+
+The sweep runs one such profile per point in a fresh process and records a CUDA OOM, a CPU allocation
+failure or a child killed by the kernel's OOM killer as a result (``status: oom``) instead of failing.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import Config, ConfigError, load_config
+from .flops import FlopCounter, dit_forward_flops, dit_jvp_flops, peak_tflops, tflops
+from .profiling import UNTRACKED, PhaseTimer
+
+__all__ = ["ProfileOptions", "profile_trainer", "summarise", "format_table", "expected_state_bytes",
+           "SWEEP_ALIASES", "parse_sweep", "sweep_points", "run_sweep", "classify_exit", "profile_overrides",
+           "versions", "is_oom_error"]
+
+#: Phases of one training step in the order they run (the table's order). ``loss`` is the loss's own time
+#: outside its sub-phases (noising, distances, weights); ``untracked`` is the step's time outside any phase.
+STEP_PHASES = ("data", "ot", "target_forward", "jvp", "online_forward", "loss", "backward", "optimizer", "ema",
+               "logging", "eval", "checkpoint", "samples", UNTRACKED)
+#: Phases that are not model work: their FLOPs (e.g. the log interval's diagnostics) stay out of MFU.
+NON_MODEL_PHASES = ("logging", "eval", "checkpoint", "samples")
+
+#: Sweep keys that are short names of config keys; any dotted config key works as well.
+SWEEP_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "size": ("model.size",),
+    "zero": ("deepspeed.zero_optimization.stage",),
+    "micro_batch": ("train.micro_batch",),
+    # The kernel comparison: every custom op on its PyTorch reference, or on the fused kernels where the
+    # device has them (auto).
+    "kernels": ("model.ops_backend", "method.ot.backend"),
+}
+_KERNELS = {"reference": "reference", "fused": "auto", "auto": "auto"}
+
+#: What a profile turns off unless the command line sets it: periodic evaluation, sample grids and
+#: checkpoints are not part of the step (the log interval's diagnostics are: they stay, as ``logging``).
+PROFILE_DEFAULTS: Tuple[Tuple[str, Any], ...] = (("train.eval_interval", 0), ("train.sample_interval", 0),
+                                                 ("train.ckpt_interval", 0))
+
+
+@dataclass
+class ProfileOptions:
+    steps: int = 20
+    """Timed iterations."""
+    warmup: int = 5
+    """Untimed iterations before the counted and timed ones."""
+    trace: bool = False
+    """Also write a torch.profiler Chrome trace of ``trace_steps`` iterations per rank."""
+    trace_steps: int = 3
+    """Iterations in the trace (after one profiler warm-up iteration)."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s per device for MFU; default from :data:`lct_fast.flops.PEAK_TFLOPS` by device name."""
+    count_flops: bool = True
+    """Count FLOPs on one extra iteration."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.trace_steps < 1:
+            raise ValueError(f"--trace-steps must be >= 1, got {self.trace_steps}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
+
+
+def profile_overrides(cfg_path: str, user: Sequence[str], synthetic_data: bool = False) -> List[str]:
+    """The ``--set`` list of a profile: :data:`PROFILE_DEFAULTS`, the embedded data shaped like the model
+    (``synthetic_data``: no dataset needed to size a model), then the user's own (which win)."""
+    out = [f"{k}={json.dumps(v)}" for k, v in PROFILE_DEFAULTS]
+    if synthetic_data:
+        cfg = load_config(cfg_path, list(user))
+        m = cfg.model
+        out += ["data.path=", f"data.synthetic.channels={m.in_channels}", f"data.synthetic.resolution={m.resolution}",
+                f"data.synthetic.num_classes={min(m.num_classes, 1000)}",
+                # enough for warm-up + timed steps without a wrap-around at the sizes a profile uses
+                f"data.synthetic.num_samples={max(1024, 4 * cfg.train.global_batch)}"]
+    return out + list(user)
+
+
+# ------------------------------------------------------------------------------------------- memory
+def expected_state_bytes(num_params: int, *, stage: int, world: int, bf16_weights: bool, num_emas: int,
+                         optimizer_states: int = 2) -> Dict[str, float]:
+    """Bytes per rank of the training state ZeRO partitions: weights, gradients, optimizer (+ fp32 master
+    weights when the weights are bf16), and our fp32 EMAs (which live on the partitions under ZeRO-3).
+
+    Stage 1 partitions the optimizer state, 2 also the gradients, 3 also the weights (ZeRO paper, Fig. 1)."""
+    w = 2 if bf16_weights else 4
+    part = lambda on: 1.0 / world if on else 1.0  # noqa: E731
+    out = {"weights": num_params * w * part(stage >= 3),
+           "gradients": num_params * w * part(stage >= 2),
+           "optimizer": num_params * (4 * optimizer_states + (4 if bf16_weights else 0)) * part(stage >= 1),
+           "ema": num_params * 4 * num_emas * part(stage >= 3)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _memory() -> Dict[str, float]:
+    if torch.cuda.is_available():
+        return {"peak_allocated_bytes": float(torch.cuda.max_memory_allocated()),
+                "peak_reserved_bytes": float(torch.cuda.max_memory_reserved())}
+    return {"peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0}
+
+
+# ----------------------------------------------------------------------------------------- backends
+def kernel_backends(cfg: Config, device: torch.device) -> Dict[str, str]:
+    """What computed each custom op in this process (the dispatcher's decisions) and the OT coupling."""
+    from . import ops
+    from .ot import get_sinkhorn_backend
+
+    out: Dict[str, str] = {}
+    for (op, requested, dev, chosen), _reason in sorted(ops.backend_choices().items()):
+        key = f"{op}"
+        val = f"{chosen} (requested {requested}, {dev})"
+        out[key] = val if key not in out else out[key] + "; " + val
+    ot = cfg.method.ot
+    if ot.method == "sinkhorn":
+        out["ot"] = f"sinkhorn/{get_sinkhorn_backend(ot.backend, device)[0]}"
+    else:
+        out["ot"] = {"none": "none", "exact": "exact/pot (CPU)", "hungarian": "exact/scipy (CPU)",
+                     "exact_scipy": "exact/scipy (CPU)"}.get(ot.method, ot.method)
+    return out
+
+
+def versions() -> Dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": str(torch.version.cuda) if torch.cuda.is_available() else "none"}
+    for name in ("triton", "deepspeed"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 -- optional
+            out[name] = "none"
+    return out
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU {line.split(':', 1)[1].strip()} ({len(os.sched_getaffinity(0))} cores)"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def matmul_precision(cfg: Config) -> str:
+    """The precision the peak is taken for: bf16 under bf16 autocast, else tf32 if torch allows it, else fp32."""
+    if cfg.train.precision == "bf16":
+        return "bf16"
+    return "tf32" if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+# ------------------------------------------------------------------------------------------ profile
+def _forward_flops_per_sample(trainer: Any) -> float:
+    """Counted FLOPs of one forward of the network (the unwrapped module, no grad), per sample."""
+    cfg, dev = trainer.cfg, trainer.dist.device
+    m = cfg.model
+    b = trainer.micro_batch
+    gen = torch.Generator(dev).manual_seed(0)
+    x = torch.randn(b, m.in_channels, m.resolution, m.resolution, device=dev, generator=gen)
+    labels = torch.zeros(b, dtype=torch.long, device=dev) if m.num_classes else None
+    net = trainer.target_net
+    with torch.no_grad(), trainer.autocast, FlopCounter(bucket=lambda: "forward") as fc:
+        if cfg.method.name == "sct":
+            net.F(x, torch.full((b,), 0.7, device=dev), labels)
+        else:
+            net(x, torch.full((b,), 1.0, device=dev), labels)
+    return fc.total / b
+
+
+def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Callable[[], float]] = None,
+                    trace_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Profile ``trainer`` on this rank: ``{"steps": [{phase: s, ..., "step": s}], "flops": {phase: n},
+    "wasted_flops": {...}, "forward_flops_per_sample", "memory"}``. Every rank must call it (collectives)."""
+    dev = trainer.dist.device
+    st = trainer.begin()
+    timer = PhaseTimer(dev.type, clock=clock)
+    out: Dict[str, Any] = {"rank": trainer.dist.rank}
+    try:
+        with timer.active():
+            for _ in range(opts.warmup):
+                with timer.step():
+                    trainer.iteration(st)
+            if opts.count_flops:
+                with timer.step(), FlopCounter() as fc:
+                    trainer.iteration(st)
+                out["flops"], out["wasted_flops"] = dict(fc.flops), dict(fc.wasted)
+            timer.steps.clear()
+            for _ in range(opts.steps):
+                with timer.step():
+                    trainer.iteration(st)
+            out["steps"] = list(timer.steps)
+            if opts.trace and trace_dir:
+                out["trace"] = _trace(trainer, st, timer, opts.trace_steps, trace_dir)
+        out["memory"] = _memory()
+        if opts.count_flops:
+            out["forward_flops_per_sample"] = _forward_flops_per_sample(trainer)
+    finally:
+        st.log.close()
+    return out
+
+
+def _trace(trainer: Any, st: Any, timer: PhaseTimer, steps: int, trace_dir: str) -> str:
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    path = os.path.join(trace_dir, f"trace-rank{trainer.dist.rank}.json")
+    with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=steps),
+                 on_trace_ready=lambda p: p.export_chrome_trace(path), record_shapes=False) as prof:
+        for _ in range(steps + 1):
+            with timer.step():
+                trainer.iteration(st)
+            prof.step()
+    timer.steps.clear()
+    return path
+
+
+def _stats(values: Sequence[float]) -> Dict[str, float]:
+    v = sorted(values)
+    q = statistics.quantiles(v, n=10, method="inclusive") if len(v) > 1 else [v[0]] * 9
+    return {"median": statistics.median(v), "p10": q[0], "p90": q[-1], "mean": statistics.fmean(v)}
+
+
+def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, Any]], opts: ProfileOptions,
+              *, device: str, command: str = "") -> Dict[str, Any]:
+    """The profile record (``profile.json``) from every rank's :func:`profile_trainer` output."""
+    world = len(ranks)
+    gb = cfg.train.global_batch
+    per_rank_samples = gb / world
+    steps = [r["steps"] for r in ranks]
+    n = min(len(s) for s in steps)
+    step_max = [max(s[i]["step"] for s in steps) for i in range(n)]
+    agg = _stats(step_max)
+    phases = {}
+    for name in STEP_PHASES:
+        vals = [statistics.fmean(st.get(name, 0.0) for st in s) for s in steps]  # mean per step, per rank
+        if any(v > 0 for v in vals):
+            phases[name] = {"rank0_ms": vals[0] * 1e3, "mean_ms": statistics.fmean(vals) * 1e3}
+    rank0_mean = statistics.fmean(st["step"] for st in steps[0])
+    for p in phases.values():
+        p["rank0_pct"] = 100.0 * p["rank0_ms"] / 1e3 / rank0_mean
+    out: Dict[str, Any] = {
+        "status": "ok", "name": cfg.name, "command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": device, "versions": versions(), "world_size": world, **trainer_info,
+        "method": cfg.method.name, "arch": cfg.model.arch, "size": cfg.model.size,
+        "precision": cfg.train.precision, "bf16_weights": bool(cfg.deepspeed.get("bf16", {}).get("enabled", False)),
+        "jvp_dtype": cfg.method.sct.jvp_dtype if cfg.method.name == "sct" else None,
+        "zero_stage": int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)),
+        "global_batch": gb, "steps": n, "warmup": opts.warmup,
+        "step_ms": {k: v * 1e3 for k, v in agg.items()},
+        "samples_per_s": gb / agg["median"],
+        "per_rank": [{"rank": r["rank"], **{f"step_ms_{k}": v * 1e3 for k, v in _stats([x["step"] for x in s]).items()},
+                      "samples_per_s": per_rank_samples / _stats([x["step"] for x in s])["median"],
+                      "memory": r.get("memory", {})} for r, s in zip(ranks, steps)],
+        "phases_ms": phases,
+        "phase_sum_ms": sum(p["rank0_ms"] for p in phases.values()),
+        "rank0_step_mean_ms": rank0_mean * 1e3,
+    }
+    if "flops" in ranks[0]:
+        model_phases = lambda fl: {k: v for k, v in fl.items() if k not in NON_MODEL_PHASES}  # noqa: E731
+        per_rank_flops = [sum(model_phases(r["flops"]).values()) for r in ranks]
+        step_flops = sum(per_rank_flops)
+        fwd = ranks[0]["forward_flops_per_sample"]
+        fl0 = ranks[0]["flops"]
+        per_sample = {k: v / per_rank_samples for k, v in model_phases(fl0).items()}
+        closed = dit_forward_flops(cfg.model) if cfg.model.arch == "dit" else None
+        model_tf = step_flops / agg["mean"] / 1e12
+        peak = opts.peak_tflops or (peak_tflops(device, matmul_precision(cfg)) if device_is_gpu(device) else None)
+        out["flops"] = {
+            "forward_per_sample": fwd,
+            "forward_per_sample_closed_form": closed,
+            "jvp_per_sample_closed_form": dit_jvp_flops(cfg.model) if closed and cfg.method.name == "sct" else None,
+            "per_sample_by_phase": per_sample,
+            "per_step_all_ranks": step_flops,
+            "per_step_ratio_to_forward": step_flops / gb / fwd if fwd else None,
+            "wasted_per_sample_by_phase": {k: v / per_rank_samples for k, v in ranks[0].get("wasted_flops", {}).items()},
+            "non_model_per_step": {k: v for k, v in fl0.items() if k in NON_MODEL_PHASES},
+        }
+        out["model_tflops_per_s"] = model_tf
+        out["per_rank_tflops_per_s"] = [f / statistics.fmean(x["step"] for x in s) / 1e12
+                                        for f, s in zip(per_rank_flops, steps)]
+        out["peak_tflops_per_device"] = peak
+        out["peak_precision"] = matmul_precision(cfg)
+        out["mfu"] = model_tf / (peak * world) if peak else None
+    return out
+
+
+def device_is_gpu(device: str) -> bool:
+    return not device.startswith("CPU")
+
+
+def _fmt_bytes(b: Optional[float]) -> str:
+    if b is None:
+        return "n/a"
+    for unit, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if b >= s:
+            return f"{b / s:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _fmt_flops(f: Optional[float]) -> str:
+    if f is None:
+        return "n/a"
+    for unit, s in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(f) >= s:
+            return f"{f / s:.3g} {unit}"
+    return f"{f:.3g}"
+
+
+def format_table(rec: Dict[str, Any]) -> str:
+    """The human-readable profile (what ``launch/profile.py`` prints)."""
+    L = []
+    L.append(f"profile: {rec['name']} ({rec['method']}, {rec['arch']} {rec['size']}, {rec['params']:,} parameters) "
+             f"on {rec['device']}; world {rec['world_size']}, micro-batch {rec['micro_batch']} x {rec['grad_accum']}, "
+             f"global batch {rec['global_batch']}, ZeRO-{rec['zero_stage']}")
+    prec = rec["precision"] + (" (bf16 weights)" if rec["bf16_weights"] else "")
+    if rec.get("jvp_dtype"):
+        prec += f", JVP {rec['jvp_dtype']}"
+    v = rec["versions"]
+    L.append(f"precision {prec}; torch {v['torch']}, triton {v['triton']}, deepspeed {v['deepspeed']}")
+    s = rec["step_ms"]
+    L.append(f"{rec['steps']} timed steps after {rec['warmup']} warm-up: step {s['median']:.2f} ms "
+             f"(p10 {s['p10']:.2f}, p90 {s['p90']:.2f}), {rec['samples_per_s']:.1f} samples/s")
+    fl = rec.get("flops", {})
+    per_sample = fl.get("per_sample_by_phase", {})
+    L.append("")
+    L.append("phases: mean ms per step on rank 0 (and over all ranks), exclusive of the phases nested in them")
+    L.append(f"{'phase':<16}{'rank 0 ms':>12}{'%':>7}{'all ms':>11}{'FLOP/sample':>13}")
+    hidden = []
+    for name, p in rec["phases_ms"].items():
+        f = per_sample.get(name)
+        if p["rank0_pct"] < 0.1 and not f:
+            hidden.append(name)  # phases that did not run in these steps (e.g. no log line fell in them)
+            continue
+        L.append(f"{name:<16}{p['rank0_ms']:>12.2f}{p['rank0_pct']:>7.1f}{p['mean_ms']:>11.2f}"
+                 f"{(_fmt_flops(f) if f else ''):>13}")
+    L.append(f"{'sum':<16}{rec['phase_sum_ms']:>12.2f}{100 * rec['phase_sum_ms'] / rec['rank0_step_mean_ms']:>7.1f}"
+             f"{'':>11}{_fmt_flops(sum(per_sample.values())) if per_sample else '':>13}")
+    if hidden:
+        L.append(f"(under 0.1 %, in the sum: {', '.join(hidden)}; a log line every {rec['log_interval']:,} samples)")
+    L.append("")
+    if fl:
+        fwd, closed = fl["forward_per_sample"], fl["forward_per_sample_closed_form"]
+        line = f"FLOPs/sample: forward {_fmt_flops(fwd)}"
+        if closed:
+            line += f" (closed form {_fmt_flops(closed)}, {100 * (fwd / closed - 1):+.1f} %)"
+        if "jvp" in per_sample:
+            line += f"; JVP pass {_fmt_flops(per_sample['jvp'])} = {per_sample['jvp'] / fwd:.2f} forwards"
+        if "backward" in per_sample:
+            line += f"; backward {per_sample['backward'] / fwd:.2f} forwards"
+        line += f"; step {fl['per_step_ratio_to_forward']:.2f} forwards"
+        L.append(line)
+        wasted = sum(fl["wasted_per_sample_by_phase"].values())
+        if wasted:
+            L.append(f"  + {_fmt_flops(wasted)}/sample executed on materialised zero tangents (forward-AD "
+                     f"weight tangents), not counted: {wasted / fwd:.2f} forwards")
+        mfu = rec.get("mfu")
+        L.append(f"model {rec['model_tflops_per_s']:.4g} TFLOP/s over {rec['world_size']} device(s); MFU "
+                 + (f"{100 * mfu:.1f} % of {rec['peak_tflops_per_device']:g} TFLOP/s {rec['peak_precision']} per device"
+                    if mfu is not None else "n/a (no peak for this device: give --peak-tflops)"))
+    mem = rec["per_rank"][0]["memory"]
+    exp = rec["expected_state_bytes"]
+    got = ", ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {_fmt_bytes(b)}" for k, b in mem.items())
+    L.append(f"memory (rank 0): {got}; ZeRO-{rec['zero_stage']} state expected per rank {_fmt_bytes(exp['total'])} "
+             f"(weights {_fmt_bytes(exp['weights'])}, gradients {_fmt_bytes(exp['gradients'])}, optimizer "
+             f"{_fmt_bytes(exp['optimizer'])}, EMA {_fmt_bytes(exp['ema'])})")
+    L.append("kernels: " + "; ".join(f"{k} {v}" for k, v in rec["backends"].items()))
+    return "\n".join(L)
+
+
+# -------------------------------------------------------------------------------------------- sweep
+def parse_sweep(items: Sequence[str]) -> List[Tuple[str, Tuple[str, ...], List[Any]]]:
+    """``["size=s,b", "zero=1,2"]`` -> ``[(name, config keys, values), ...]``; values parsed like ``--set``."""
+    out = []
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not text.strip():
+            raise ConfigError(f"--sweep {item!r}: expected KEY=V1,V2,... (keys: {', '.join(SWEEP_ALIASES)} or a "
+                              f"dotted config key)")
+        if name in SWEEP_ALIASES:
+            keys = SWEEP_ALIASES[name]
+        elif "." in name:
+            keys = (name,)
+        else:
+            raise ConfigError(f"--sweep {item!r}: unknown sweep key {name!r}; expected one of "
+                              f"{', '.join(SWEEP_ALIASES)} or a dotted config key such as train.micro_batch")
+        values = []
+        for raw in text.split(","):
+            raw = raw.strip()
+            try:
+                v = json.loads(raw)
+            except json.JSONDecodeError:
+                v = raw
+            if name == "size":
+                v = str(v).upper() if str(v).lower() != "custom" else "custom"
+            if name == "kernels":
+                if v not in _KERNELS:
+                    raise ConfigError(f"--sweep kernels: {v!r} is not one of {sorted(_KERNELS)}")
+            values.append(v)
+        out.append((name, keys, values))
+    if len({n for n, _, _ in out}) != len(out):
+        raise ConfigError("--sweep: a key is given twice")
+    return out
+
+
+def sweep_points(cfg_path: str, sweep: List[Tuple[str, Tuple[str, ...], List[Any]]],
+                 base_overrides: Sequence[str]) -> List[Dict[str, Any]]:
+    """Every point of the grid with its ``--set`` list; each resolved here first, so a bad value (a size that
+    does not exist, an unknown key) fails before any process starts."""
+    from .models import count_parameters
+
+    points = []
+    for combo in itertools.product(*[vals for _, _, vals in sweep]):
+        sets, label = [], {}
+        for (name, keys, _), v in zip(sweep, combo):
+            label[name] = v
+            for k in keys:
+                val = _KERNELS[v] if name == "kernels" else v
+                sets.append(f"{k}={json.dumps(val) if not isinstance(val, str) else val}")
+        try:
+            cfg = load_config(cfg_path, list(base_overrides) + sets)
+            params = count_parameters(cfg.model)
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"--sweep point {label}: {e}") from e
+        points.append({"label": label, "sets": sets, "params": params})
+    return points
+
+
+_OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "can't allocate memory", "std::bad_alloc",
+                 "Cannot allocate memory", "DefaultCPUAllocator")
+
+
+def is_oom_error(e: BaseException) -> bool:
+    """A CUDA OOM or a failed host allocation (what a memory cap or a full machine raises)."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return any(p in str(e) for p in _OOM_PATTERNS)
+
+
+def classify_exit(returncode: int, record: Optional[Dict[str, Any]], stderr_tail: str = "") -> Tuple[str, str]:
+    """(status, detail) of a sweep point: ``ok``, ``oom`` (the child's own record says so, or it was killed
+    by SIGKILL -- the kernel's OOM killer -- seen as -9, 128+9 from a shell or 256-9 from a launcher that
+    re-raises it as its own exit status) or ``error``."""
+    if record is not None and record.get("status") == "oom":
+        return "oom", record.get("error", "out of memory")
+    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL, 256 - signal.SIGKILL):
+        return "oom", f"killed by SIGKILL (exit {returncode}): the kernel's OOM killer"
+    if returncode == 0 and record is not None and record.get("status") == "ok":
+        return "ok", ""
+    if any(p in stderr_tail for p in _OOM_PATTERNS):
+        return "oom", stderr_tail.strip().splitlines()[-1][:200] if stderr_tail.strip() else "out of memory"
+    last = stderr_tail.strip().splitlines()[-1][:300] if stderr_tail.strip() else ""
+    return "error", f"exit {returncode}: {last}"
+
+
+def _point_dir(out_dir: str, label: Dict[str, Any]) -> str:
+    name = "-".join(f"{k}_{v}" for k, v in label.items())
+    return os.path.join(out_dir, "points", re.sub(r"[^A-Za-z0-9_.=-]+", "_", name))
+
+
+def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequence[str], out_dir: str, *,
+              profile_argv: Sequence[str], launcher: Sequence[str], memory_cap_gb: Optional[float] = None,
+              timeout_s: Optional[float] = None,
+              runner: Optional[Callable[..., subprocess.CompletedProcess]] = None,
+              log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Run every sweep point as ``launcher + [launch/profile.py, ...]`` in a fresh process; write
+    ``sweep.csv``, ``sweep.md`` and ``sweep.png`` in ``out_dir``; return the rows."""
+    sweep = parse_sweep(sweep_items)
+    points = sweep_points(cfg_path, sweep, base_overrides)
+    os.makedirs(out_dir, exist_ok=True)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "profile.py")
+    runner = runner or subprocess.run
+    rows = []
+    for i, pt in enumerate(points):
+        pdir = _point_dir(out_dir, pt["label"])
+        os.makedirs(pdir, exist_ok=True)
+        rec_path = os.path.join(pdir, "profile.json")
+        if os.path.exists(rec_path):
+            os.remove(rec_path)  # a stale record must not pass for this run's
+        cmd = list(launcher) + [script, "--config", cfg_path] + sum((["--set", s] for s in base_overrides), []) \
+            + sum((["--set", s] for s in pt["sets"]), []) + list(profile_argv) + ["--out", pdir]
+        log(f"sweep [{i + 1}/{len(points)}] {pt['label']}: {shlex.join(cmd)}")
+        preexec = None
+        if memory_cap_gb:
+            cap = int(memory_cap_gb * 2 ** 30)
+            preexec = lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # noqa: E731
+        try:
+            proc = runner(cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=preexec)
+            rc, err = proc.returncode, proc.stderr or ""
+        except subprocess.TimeoutExpired as e:
+            rc, err = None, f"timed out after {timeout_s} s"
+        with open(os.path.join(pdir, "stderr.log"), "w") as f:
+            f.write(err)
+        rec = None
+        if os.path.exists(rec_path):
+            with open(rec_path) as f:
+                rec = json.load(f)
+        if rc is None:
+            status, detail = "timeout", err
+        else:
+            status, detail = classify_exit(rc, rec, err[-4000:])
+        row = {**pt["label"], "params": pt["params"], "status": status}
+        if status == "ok":
+            mem = rec["per_rank"][0]["memory"]
+            row.update({"samples_per_s": rec["samples_per_s"], "step_ms": rec["step_ms"]["median"],
+                        "model_tflops_per_s": rec.get("model_tflops_per_s"), "mfu": rec.get("mfu"),
+                        "peak_mem_gib": max(mem.values()) / 2 ** 30 if mem else None,
+                        "expected_state_gib": rec["expected_state_bytes"]["total"] / 2 ** 30,
+                        "micro_batch_used": rec["micro_batch"], "world_size": rec["world_size"]})
+        else:
+            row["detail"] = detail
+        log(f"  -> {status}" + (f": {row.get('samples_per_s', 0):.2f} samples/s" if status == "ok" else f": {detail}"))
+        rows.append(row)
+        write_sweep(rows, out_dir, sweep, cfg_path=cfg_path, command=" ".join(sys.argv))
+    return rows
+
+
+def _kernel_ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """fused / reference samples/s for points that differ only in ``kernels``."""
+    out = []
+    ref = {tuple((k, v) for k, v in r.items() if k not in _ROW_FIGURES and k != "kernels"): r
+           for r in rows if r.get("kernels") == "reference" and r["status"] == "ok"}
+    for r in rows:
+        if r.get("kernels") in ("fused", "auto") and r["status"] == "ok":
+            key = tuple((k, v) for k, v in r.items() if k not in _ROW_FIGURES and k != "kernels")
+            if key in ref:
+                out.append({**dict(key), "speedup_fused_vs_reference": r["samples_per_s"] / ref[key]["samples_per_s"]})
+    return out
+
+
+_ROW_FIGURES = ("params", "status", "samples_per_s", "step_ms", "model_tflops_per_s", "mfu", "peak_mem_gib",
+                "expected_state_gib", "micro_batch_used", "world_size", "detail")
+
+
+def write_sweep(rows: List[Dict[str, Any]], out_dir: str, sweep, *, cfg_path: str, command: str) -> List[str]:
+    keys = [n for n, _, _ in sweep]
+    cols = keys + [c for c in _ROW_FIGURES if any(c in r for r in rows)]
+    csv_path, md_path = os.path.join(out_dir, "sweep.csv"), os.path.join(out_dir, "sweep.md")
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    os.replace(csv_path + ".tmp", csv_path)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    v = versions()
+    with open(md_path + ".tmp", "w") as f:
+        f.write(f"# Throughput sweep: {os.path.basename(cfg_path)}\n\n")
+        f.write(f"Device: {device_name()}; torch {v['torch']}, triton {v['triton']}, deepspeed {v['deepspeed']}, "
+                f"python {v['python']}; {_dt.datetime.now().strftime('%Y-%m-%d')}.\n\nCommand: `{command}`\n\n")
+        f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |\n")
+        ratios = _kernel_ratios(rows)
+        if ratios:
+            f.write("\nFused kernels vs the PyTorch reference (samples/s ratio):\n\n")
+            rc = list(ratios[0])
+            f.write("| " + " | ".join(rc) + " |\n|" + "---|" * len(rc) + "\n")
+            for r in ratios:
+                f.write("| " + " | ".join(fmt(r[c]) for c in rc) + " |\n")
+    os.replace(md_path + ".tmp", md_path)
+    paths = [csv_path, md_path]
+    png = os.path.join(out_dir, "sweep.png")
+    try:
+        plot_sweep(rows, keys, png)
+        paths.append(png)
+    except Exception as e:  # noqa: BLE001 -- a plotting failure must not lose the table
+        print(f"profile: warning: sweep.png not written ({type(e).__name__}: {e})", file=sys.stderr)
+    return paths
+
+
+def plot_sweep(rows: List[Dict[str, Any]], keys: List[str], path: str) -> None:
+    """samples/s and MFU (model TFLOP/s where no peak is known) against model size (parameters), one line per
+    ZeRO stage (or per value of the second sweep key), the best over the other keys; OOM points as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series_key = "zero" if "zero" in keys else next((k for k in keys if k != "size"), None)
+    use_mfu = any(r.get("mfu") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    groups: Dict[Any, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r.get(series_key) if series_key else "", []).append(r)
+    for label, rs in groups.items():
+        by_size: Dict[int, Dict[str, Any]] = {}
+        for r in rs:
+            if r["status"] == "ok" and (r["params"] not in by_size or r["samples_per_s"] > by_size[r["params"]]["samples_per_s"]):
+                by_size[r["params"]] = r
+        xs = sorted(by_size)
+        name = f"{series_key}={label}" if series_key else "all"
+        axes[0].plot(xs, [by_size[x]["samples_per_s"] for x in xs], "o-", label=name)
+        y2 = [(100 * by_size[x]["mfu"]) if use_mfu else (by_size[x].get("model_tflops_per_s") or float("nan")) for x in xs]
+        axes[1].plot(xs, y2, "o-", label=name)
+        oom = sorted({r["params"] for r in rs if r["status"] != "ok"} - set(xs))
+        for ax in axes:
+            if oom:
+                ax.plot(oom, [ax.get_ylim()[0]] * len(oom), "x", color="red", markersize=9)
+    for ax, yl in zip(axes, ("samples/s", "MFU (%)" if use_mfu else "model TFLOP/s")):
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("throughput (best over the other sweep keys; x = failed/OOM)")
+    axes[1].set_title("MFU" if use_mfu else "model TFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
