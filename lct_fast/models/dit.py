@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from lct_fast import ops
 
 from .layers import (
+    Conv2d,
+    Linear,
     LogVarHead,
     NsLN,
     SeededDropout,
@@ -82,8 +84,8 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, backend: str) -> None:
         super().__init__()
         self.heads, self.backend = heads, backend
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
@@ -95,9 +97,9 @@ class SelfAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, width: int, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
+        self.fc1 = Linear(width, hidden)
         self.drop = SeededDropout(dropout)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
         return self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"), seed))
@@ -118,7 +120,7 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(width, heads, backend)
         self.norm2 = NsLN(width, eps, bias=learn_bias, backend=backend)
         self.mlp = Mlp(width, int(width * mlp_ratio), dropout)
-        self.ada = nn.Linear(width, 6 * width)
+        self.ada = Linear(width, 6 * width)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)
@@ -136,8 +138,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.double_norm = double_norm
         self.norm = NsLN(width, eps, bias=norm == "nsln", backend=backend)
-        self.ada = nn.Linear(width, 2 * width)
-        self.linear = nn.Linear(width, patch * patch * out_channels)
+        self.ada = Linear(width, 2 * width)
+        self.linear = Linear(width, patch * patch * out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = double_norm_modulation(*self.ada(F.silu(c)).chunk(2, dim=-1), self.double_norm)
@@ -181,8 +183,8 @@ class DiT(nn.Module):
         self.width, self.num_classes = width, num_classes
         self.checkpointing, self.ops_backend = checkpointing, ops_backend
 
-        self.x_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
-        self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
+        self.x_embed = Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.t_embed = nn.Sequential(Linear(FREQ_DIM, width), nn.SiLU(), Linear(width, width))
         # num_classes + 1 rows: the last one is the null class used for label dropout
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         self.adaptive_double_norm = adaptive_double_norm

@@ -16,6 +16,28 @@ from torch.utils.checkpoint import checkpoint
 from lct_fast import ops
 
 # ---------------------------------------------------------------------------------------------
+# Linear maps
+# ---------------------------------------------------------------------------------------------
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, init and state dict) whose JVP runs two GEMMs, not three: forward-mode
+    AD goes through :func:`lct_fast.ops.linear`, which skips the zero weight tangent."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (numeric padding, zeros mode) whose JVP skips the zero weight tangent (:func:`lct_fast.ops.conv2d`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super().forward(x)
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# ---------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from lct_fast import ops
 
 from .layers import (
+    Conv2d,
+    Linear,
     LogVarHead,
     SeededDropout,
     assign_dropout_sites,
@@ -45,20 +47,20 @@ class ResBlock(nn.Module):
         self.up, self.down, self.cout, self.backend = up, down, cout, backend
         self.double_norm = double_norm
         self.norm0 = make_norm2d(norm, cin, eps=eps, backend=backend)
-        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.affine = nn.Linear(emb_dim, 2 * cout)
+        self.conv0 = Conv2d(cin, cout, 3, padding=1)
+        self.affine = Linear(emb_dim, 2 * cout)
         self.norm1 = make_norm2d(norm, cout, eps=eps, backend=backend)
         self.drop = SeededDropout(dropout)
-        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv1 = Conv2d(cout, cout, 3, padding=1)
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else None
         self.attn = attn
         if attn:
             if cout % head_channels:
                 raise ValueError(f"UNet: {cout} channels are not divisible by head_channels={head_channels}")
             self.heads = cout // head_channels
             self.norm2 = make_norm2d(norm, cout, eps=eps, backend=backend)
-            self.qkv = nn.Conv2d(cout, 3 * cout, 1)
-            self.proj = nn.Conv2d(cout, cout, 1)
+            self.qkv = Conv2d(cout, 3 * cout, 1)
+            self.proj = Conv2d(cout, cout, 1)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
@@ -123,11 +125,11 @@ class UNet(nn.Module):
         kw = dict(head_channels=head_channels, dropout=dropout, norm=norm, eps=eps, backend=ops_backend,
                   double_norm=adaptive_double_norm)
 
-        self.map = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.map = nn.Sequential(Linear(model_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         self.y_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
 
         cout = model_channels * channel_mult[0]
-        self.conv_in = nn.Conv2d(in_channels, cout, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, cout, 3, padding=1)
         skips: List[int] = [cout]
         self.enc = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
@@ -157,7 +159,7 @@ class UNet(nn.Module):
                 self.dec.append(ResBlock(cin, cout, emb_dim, attn=res in attn_resolutions, **kw))
                 self.dec_takes_skip.append(True)
         self.norm_out = make_norm2d(norm, cout, eps=eps, backend=ops_backend)
-        self.conv_out = nn.Conv2d(cout, in_channels, 3, padding=1)
+        self.conv_out = Conv2d(cout, in_channels, 3, padding=1)
         self.logvar_head = LogVarHead(FREQ_DIM_LOGVAR) if adaptive_weight else None
         assign_dropout_sites(self)
         self.reset_parameters()

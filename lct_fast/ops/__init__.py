@@ -5,6 +5,7 @@ Public API::
     nsln(x, bias, *, eps=1e-6, backend="auto")
     nsln_modulate(x, shift, scale, bias=None, *, eps=1e-6, backend="auto")
     attention(q, k, v, *, backend="auto")
+    linear(x, w, b) / conv2d(x, w, b, ...)   # F.linear / F.conv2d without forward-AD's zero-tangent products
     nsln_reference / nsln_modulate_reference / attention_reference / nsln_tangent_reference
     register_backend(op_name, backend_name, fn, available, *, supports_forward_ad=True)
     chosen_backend(op, backend, *tensors) -> str; explain_backend(...) -> (str, reason)
@@ -24,6 +25,7 @@ from .dispatch import (
     set_default_backend,
     unregister_backend,
 )
+from .forward_ad import conv2d, linear
 from .nsln_ops import (
     nsln,
     nsln_modulate,
@@ -39,9 +41,11 @@ __all__ = [
     "attention_torch",
     "backend_choices",
     "chosen_backend",
+    "conv2d",
     "explain_backend",
     "forward_ad_active",
     "get_default_backend",
+    "linear",
     "nsln",
     "nsln_modulate",
     "nsln_modulate_reference",
