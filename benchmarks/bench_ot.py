@@ -149,49 +149,13 @@ def bench_global(per_rank, worlds, d, device, eps, iters) -> list[dict]:
     return rows
 
 
-def measure_step_ms(config_path: str, device: str, repeats: int = 10) -> tuple[float, int, int]:
-    """One optimizer step of a preset on this device, without DeepSpeed: (median ms, micro-batch, data dim).
-    The micro-batch is the preset's (or its whole global batch when it leaves micro_batch derived).
-
-    Loss forward (with the sCT JVP pass when the method is sct) + backward + fused AdamW, at the preset's
-    micro-batch and precision, past the tangent warm-up. The coupling runs once per micro-step, so its
-    overhead is ours(n = micro-batch, D = data dim) / this time."""
-    import contextlib
-
-    from lct_fast.config import load_config
-    from lct_fast.methods import build_loss
-    from lct_fast.models import build_model
-
-    cfg = load_config(config_path)
-    m = cfg.model
-    micro, _ = cfg.train.batch_layout(1)
-    shape = (micro, m.in_channels, m.resolution, m.resolution)
-    dim = shape[1] * shape[2] * shape[3]
-    net = build_model(cfg.model, cfg.method).to(device)
-    loss_fn = build_loss(cfg.method, data_dim=dim, total_steps=cfg.train.total_steps)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device == "cuda")
-    gen = torch.Generator(device).manual_seed(0)
-    x0 = 0.5 * torch.randn(shape, device=device, generator=gen)
-    labels = (torch.randint(0, m.num_classes, (shape[0],), device=device, generator=gen)
-              if m.num_classes else None)
-    autocast = (torch.autocast(device, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                else contextlib.nullcontext())
-    late = cfg.train.total_steps // 2  # past every warm-up
-
-    def step():
-        with autocast:
-            loss = loss_fn(net, x0, labels, step=late, generator=gen).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    ms, _ = timed(lambda: (step(), None)[1], device, repeats)
-    del net, opt
-    return ms, shape[0], dim
-
-
 def bench_overhead(config_path: str, device: str, repeats: int, eps: float, iters: int) -> list[dict]:
-    step_ms, n, d = measure_step_ms(config_path, device)
+    """Coupling time against one step of the preset, measured by the profile tool on the trainer's own step
+    (``lct_fast.throughput.measure_step_ms``: DeepSpeed engine, loss incl. the JVP pass, backward, optimizer,
+    EMA; the embedded data shaped like the model), at the preset's micro-batch."""
+    from lct_fast.throughput import measure_step_ms
+
+    step_ms, n, d, _ = measure_step_ms(config_path)
     x, z = make_batch(n, d, device, seed=n + d)
     rows = []
     for name, fn in providers(device, eps, iters).items():
@@ -265,8 +229,9 @@ def main() -> None:
         if orows and save:
             print("results:", *write_results(
                 "bench_ot_overhead", orows,
-                notes="one optimizer step of the preset (loss incl. JVP pass + backward + AdamW, 1 device, "
-                      "no DeepSpeed) vs one coupling at its micro-batch"))
+                notes="one optimizer step of the preset (the trainer's step through lct_fast.throughput: DeepSpeed "
+                      "engine, loss incl. JVP pass, backward, optimizer, EMA; 1 device) vs one coupling at its "
+                      "micro-batch"))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One GPU lease, few calls: everything the kernels (#6 NsLN, #7 attention, #8 Sinkhorn) need verified on a GPU.
+# One GPU lease, few calls: the kernels (NsLN, attention, Sinkhorn) verified and measured on a GPU, and the
+# throughput profile of the training step.
 #
 #   bash benchmarks/gpu_session.sh tests        # build lct_fast._C, GPU tests + the kernel test files
 #   bash benchmarks/gpu_session.sh nsln attention ot   # one or more benchmarks (bench_<name>.py)
 #   bash benchmarks/gpu_session.sh tests nsln    # stages run in the order given
+#   bash benchmarks/gpu_session.sh profile       # launch/profile.py: reference vs fused kernels, DiT-B..XXL sweep
 #
 # Prerequisites here (no GPU needed): `bash ../shared/device/wheels.sh` fills .whl/ (deepspeed, POT,
 # webdataset, ...): carry `.whl` in the device call; without it the suite cannot even be collected.
@@ -56,11 +58,34 @@ run_bench() {  # $1: nsln | attention | ot
   tar czf "$out/results.tar.gz" benchmarks/results
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|nsln|attention|ot ..."; exit 2; }
+run_profile() {
+  # The trainer's own step on one GPU (embedded data shaped like the model, 64x64x4 latents). Each sweep
+  # point is a fresh process; an OOM is a row of the table. ~6 min: 2 kernel points + 8 size/ZeRO points.
+  ls lct_fast/_C*.so >/dev/null 2>&1 || build
+  local tag day common
+  tag=$(python3 -c "from benchmarks.harness import machine_tag; print(machine_tag())")
+  day=$(date -u +%Y%m%d)
+  common=(--synthetic-data --set train.global_batch=32 --steps "${PROFILE_STEPS:-5}" --warmup 2 --point-timeout 240)
+  python3 launch/profile.py --config configs/b.json "${common[@]}" --set train.micro_batch=32 \
+    --sweep kernels=reference,fused --out "$out/profile-kernels" 2>&1 | tee "$out/profile_kernels.log"
+  # shellcheck disable=SC2086
+  python3 launch/profile.py --config configs/b.json "${common[@]}" \
+    --sweep ${PROFILE_SWEEP:-size=b,l,xl,xxl zero=1,3 micro_batch=32} --out "$out/profile-sweep" 2>&1 \
+    | tee "$out/profile_sweep.log"
+  for d in kernels sweep; do
+    for ext in md csv png; do
+      [ -f "$out/profile-$d/sweep.$ext" ] && cp "$out/profile-$d/sweep.$ext" "benchmarks/results/profile-$d-$tag-$day.$ext"
+    done
+  done
+  tar czf "$out/results.tar.gz" benchmarks/results
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 tests|nsln|attention|ot|profile ..."; exit 2; }
 for stage in "$@"; do
   case "$stage" in
     tests) run_tests ;;
     nsln|attention|ot) run_bench "$stage" ;;
-    *) echo "gpu_session: unknown stage $stage (tests|nsln|attention|ot)"; exit 2 ;;
+    profile) run_profile ;;
+    *) echo "gpu_session: unknown stage $stage (tests|nsln|attention|ot|profile)"; exit 2 ;;
   esac
 done

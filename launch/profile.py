@@ -22,7 +22,8 @@ host allocation, or a child killed by the OOM killer) is recorded as ``oom``. Ke
 ``zero`` (deepspeed.zero_optimization.stage), ``micro_batch`` (train.micro_batch), ``kernels``
 (reference | fused: model.ops_backend and method.ot.backend together), or any dotted config key.
 
-Writes ``OUT/profile.json`` (rank 0), ``OUT/trace-rank<r>.json`` with ``--trace``. Exit status 3 on OOM.
+Writes ``OUT/profile.json`` and the printed table as ``OUT/profile.md`` (rank 0), ``OUT/trace-rank<r>.json``
+with ``--trace`` (chrome://tracing, Perfetto, TensorBoard). Exit status 3 on OOM.
 """
 from __future__ import annotations
 
@@ -143,12 +144,16 @@ def _profile(args: argparse.Namespace, overrides: list) -> int:
                     num_emas=len(trainer.ema.names)),
                 "backends": kernel_backends(cfg, dist.device), "overrides": overrides,
                 "log_interval": cfg.train.log_interval}
-        rec = summarise(cfg, info, ranks, opts, device=device_name(),
-                        command=shlex.join([os.path.basename(sys.executable)] + sys.argv))
+        argv = [a for a in sys.argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+        command = shlex.join(["python"] + argv) + (f"  # {dist.world_size} ranks" if dist.world_size > 1 else "")
+        rec = summarise(cfg, info, ranks, opts, device=device_name(), command=command)
         if "trace" in mine:
             rec["traces"] = [r.get("trace") for r in ranks]
         _write_json(os.path.join(args.out, "profile.json"), rec)
-        print(format_table(rec))
+        table = format_table(rec)
+        with open(os.path.join(args.out, "profile.md"), "w") as f:
+            f.write(f"# Profile: {rec['name']}\n\n```\n{table}\n```\n")
+        print(table)
         print(f"profile: {os.path.join(args.out, 'profile.json')}", file=sys.stderr)
     torch.distributed.barrier()
     return 0

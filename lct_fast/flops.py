@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["FlopCounter", "attention_flops", "dit_forward_flops", "dit_jvp_flops", "peak_tflops",
+__all__ = ["FlopCounter", "attention_flops", "count_flops", "dit_forward_flops", "dit_jvp_flops", "peak_tflops", "tflops",
            "ATTENTION_PASS_FACTOR", "PEAK_TFLOPS"]
 
 #: Attention FLOPs per pass relative to the forward's 4·B·H·Lq·Lk·Dh: the JVP pass (primal + tangent) = 3;

@@ -17,12 +17,10 @@ failure or a child killed by the kernel's OOM killer as a result (``status: oom`
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as _dt
 import itertools
 import json
-import math
 import os
 import platform
 import re
@@ -38,8 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import Config, ConfigError, load_config
-from .flops import FlopCounter, dit_forward_flops, dit_jvp_flops, peak_tflops, tflops
-from .profiling import UNTRACKED, PhaseTimer
+from .flops import FlopCounter, dit_forward_flops, dit_jvp_flops, peak_tflops
+from .profiling import UNTRACKED, PhaseTimer, phase
 
 __all__ = ["ProfileOptions", "profile_trainer", "summarise", "format_table", "expected_state_bytes",
            "SWEEP_ALIASES", "parse_sweep", "sweep_points", "run_sweep", "classify_exit", "profile_overrides",
@@ -224,6 +222,13 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
                 with timer.step():
                     trainer.iteration(st)
             out["steps"] = list(timer.steps)
+            # A log line rarely falls in a few timed steps: time its costly part (the divergence diagnostics,
+            # a collective under ZeRO-3) once on every rank; the summary amortises it over the log interval.
+            with timer.step() as one:
+                with phase("logging"):
+                    trainer.diagnostics()
+            out["log_line_s"] = one["step"]
+            timer.steps.pop()
             if opts.trace and trace_dir:
                 out["trace"] = _trace(trainer, st, timer, opts.trace_steps, trace_dir)
         out["memory"] = _memory()
@@ -232,6 +237,30 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
     finally:
         st.log.close()
     return out
+
+
+def measure_step_ms(config: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: int = 3,
+                    synthetic_data: bool = True) -> Tuple[float, int, int, Dict[str, float]]:
+    """Median ms of the trainer's own step for ``config`` in this process at one micro-batch per step (one
+    rank, the preset's micro-batch, no accumulation; DeepSpeed engine, data, EMA and all), with the mean ms of
+    each phase: ``(step_ms, micro_batch, data_dim, phases_ms)``. The embedded data shaped like the model unless
+    ``synthetic_data`` is false. What ``benchmarks/bench_ot.py`` sets its coupling time against (the coupling
+    runs once per micro-step)."""
+    import tempfile
+
+    from .distributed import init_distributed
+    from .trainer import Trainer
+
+    micro, _ = load_config(config, list(overrides)).train.batch_layout(1)
+    one = [f"train.global_batch={micro}", f"train.micro_batch={micro}", "train.grad_accum=1"]
+    cfg = load_config(config, profile_overrides(config, list(overrides) + one, synthetic_data=synthetic_data))
+    with tempfile.TemporaryDirectory(prefix="lct_fast-step-") as run_dir:
+        trainer = Trainer(cfg, run_dir, dist=init_distributed())
+        rec = profile_trainer(trainer, ProfileOptions(steps=steps, warmup=warmup, count_flops=False))
+    m = cfg.model
+    times = [s["step"] for s in rec["steps"]]
+    phases = {k: 1e3 * statistics.fmean(s.get(k, 0.0) for s in rec["steps"]) for k in STEP_PHASES}
+    return 1e3 * statistics.median(times), trainer.micro_batch, m.in_channels * m.resolution ** 2, phases
 
 
 def _trace(trainer: Any, st: Any, timer: PhaseTimer, steps: int, trace_dir: str) -> str:
@@ -288,6 +317,7 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
                       "memory": r.get("memory", {})} for r, s in zip(ranks, steps)],
         "phases_ms": phases,
         "phase_sum_ms": sum(p["rank0_ms"] for p in phases.values()),
+        "log_line_ms": 1e3 * max(r.get("log_line_s", 0.0) for r in ranks),
         "rank0_step_mean_ms": rank0_mean * 1e3,
     }
     if "flops" in ranks[0]:
@@ -351,10 +381,16 @@ def format_table(rec: Dict[str, Any]) -> str:
     if rec.get("jvp_dtype"):
         prec += f", JVP {rec['jvp_dtype']}"
     v = rec["versions"]
-    L.append(f"precision {prec}; torch {v['torch']}, triton {v['triton']}, deepspeed {v['deepspeed']}")
+    L.append(f"precision {prec}; torch {v['torch']}, triton {v['triton']}, deepspeed {v['deepspeed']}, "
+             f"python {v['python']}; {rec['date']}")
+    if rec.get("command"):
+        L.append(f"command: {rec['command']}")
     s = rec["step_ms"]
     L.append(f"{rec['steps']} timed steps after {rec['warmup']} warm-up: step {s['median']:.2f} ms "
              f"(p10 {s['p10']:.2f}, p90 {s['p90']:.2f}), {rec['samples_per_s']:.1f} samples/s")
+    if rec["world_size"] > 1:
+        L.append("per rank: " + "; ".join(f"rank {r['rank']} {r['step_ms_median']:.2f} ms, {r['samples_per_s']:.1f} "
+                                          f"samples/s" for r in rec["per_rank"]))
     fl = rec.get("flops", {})
     per_sample = fl.get("per_sample_by_phase", {})
     L.append("")
@@ -371,7 +407,13 @@ def format_table(rec: Dict[str, Any]) -> str:
     L.append(f"{'sum':<16}{rec['phase_sum_ms']:>12.2f}{100 * rec['phase_sum_ms'] / rec['rank0_step_mean_ms']:>7.1f}"
              f"{'':>11}{_fmt_flops(sum(per_sample.values())) if per_sample else '':>13}")
     if hidden:
-        L.append(f"(under 0.1 %, in the sum: {', '.join(hidden)}; a log line every {rec['log_interval']:,} samples)")
+        L.append(f"(under 0.1 %, in the sum: {', '.join(hidden)})")
+    li = rec.get("log_interval") or 0
+    if rec.get("log_line_ms") and li:
+        amort = rec["log_line_ms"] * rec["global_batch"] / li
+        L.append(f"a log line's divergence diagnostics take {rec['log_line_ms']:.2f} ms, every "
+                 f"{li:,} samples: {amort:.3f} ms per step amortised "
+                 f"({100 * amort / rec['rank0_step_mean_ms']:.2f} % of the step)")
     L.append("")
     if fl:
         fwd, closed = fl["forward_per_sample"], fl["forward_per_sample_closed_form"]

@@ -351,3 +351,33 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_measure_step_ms_is_the_profiled_trainer_step():
+    """bench_ot's step time comes from the same trainer step as the profile (one micro-batch per step)."""
+    from lct_fast.throughput import measure_step_ms
+
+    ms, micro, dim, phases = measure_step_ms("tiny_sct", ["model.width=32", "train.micro_batch=4"], steps=2, warmup=1)
+    assert micro == 4 and dim == 4 * 8 * 8
+    assert ms > 0 and phases["jvp"] > 0 and phases["backward"] > 0
+    assert sum(phases.values()) == pytest.approx(ms, rel=0.5)  # a mean beside a median of 2 steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_event_phases_measure_device_time():
+    """On GPU the marks are CUDA events: kernels that spin a known number of cycles are charged to the phase
+    that runs them on the device, and the phases sum to the step."""
+    torch.cuda.synchronize()
+    timer = PhaseTimer("cuda")
+    cycles = 20_000_000
+    with timer.active():
+        with timer.step():  # warm-up
+            torch.cuda._sleep(cycles)
+        with timer.step() as res:
+            with phase("a"):
+                torch.cuda._sleep(cycles)
+            with phase("b"):
+                torch.cuda._sleep(2 * cycles)
+    assert res["b"] == pytest.approx(2 * res["a"], rel=0.2)
+    assert res["a"] + res["b"] + res.get(UNTRACKED, 0.0) == pytest.approx(res["step"], rel=1e-6)

@@ -66,3 +66,12 @@ def test_readme_shows_evaluation_and_report():
     readme = _read("README.md")
     m = re.search(r"!\[report of the main job\]\(([^)]+)\)", readme)
     assert m and os.path.isfile(os.path.join(ROOT, m.group(1))), "README's report image is missing"
+
+
+def test_readme_shows_profiling_and_its_results():
+    commands = [args for name, args in _launcher_commands(_read("README.md")) if name == "profile"]
+    assert any("--sweep" in a for a in commands) and any("--trace" in a for a in commands)
+    readme = _read("README.md")
+    assert "## Profiling" in readme
+    for path in re.findall(r"\]\((benchmarks/results/profile-[^)]+)\)", readme):
+        assert os.path.isfile(os.path.join(ROOT, path)), f"README links a missing result {path}"
