@@ -10,8 +10,8 @@
 
 The step is the trainer's own (``Trainer.iteration``: same config, model, loss, DeepSpeed engine and data
 stream), under phase marks: data wait, OT coupling, target pass (iCT) or JVP pass (sCT), online forward, the
-rest of the loss, backward, optimizer step (DeepSpeed's, with its ZeRO communication), EMA, logging. CUDA
-events on GPU, the wall clock on CPU; the phases sum to the step. FLOPs are counted on one extra step
+rest of the loss, backward (with ZeRO 1-2's gradient reduction), activation-checkpoint recompute, optimizer
+step, EMA, logging. CUDA events on GPU, the wall clock on CPU; the phases sum to the step. FLOPs are counted on one extra step
 (``torch.utils.flop_counter``'s formulas at the dispatcher); MFU uses the device's dense peak for the run's
 precision (H100/H200/A100 by name) or ``--peak-tflops``. Periodic evaluation, sample grids and checkpoints
 are off unless ``--set`` turns them on; the log interval's diagnostics stay (phase ``logging``).
@@ -23,7 +23,8 @@ host allocation, or a child killed by the OOM killer) is recorded as ``oom``. Ke
 (reference | fused: model.ops_backend and method.ot.backend together), or any dotted config key.
 
 Writes ``OUT/profile.json`` and the printed table as ``OUT/profile.md`` (rank 0), ``OUT/trace-rank<r>.json``
-with ``--trace`` (chrome://tracing, Perfetto, TensorBoard). Exit status 3 on OOM.
+with ``--trace`` (chrome://tracing, Perfetto, TensorBoard). On OOM each rank that ran out writes
+``OUT/profile-oom-rank<r>.json`` and exits with status 3.
 """
 from __future__ import annotations
 
@@ -33,13 +34,25 @@ import os
 import shlex
 import sys
 
-# This file's name shadows the standard library's ``profile`` (which cProfile, and so torch._dynamo, import)
-# while its folder is on sys.path: take the folder off, put the project root on.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
 
-from lct_fast.config import ConfigError, load_config  # noqa: E402
+if __name__ == "profile":
+    # This file's name is the standard library's ``profile``, which cProfile (and so torch._dynamo) imports:
+    # when any script in launch/ runs, launch/ is on sys.path and ``import profile`` finds this file. Stand in
+    # for the standard module: load it and put it in sys.modules, which the import statement then returns.
+    import importlib.util
+    import sysconfig
+
+    _spec = importlib.util.spec_from_file_location("profile", os.path.join(sysconfig.get_paths()["stdlib"],
+                                                                            "profile.py"))
+    _std = importlib.util.module_from_spec(_spec)
+    sys.modules["profile"] = _std
+    _spec.loader.exec_module(_std)
+    globals().update({k: v for k, v in vars(_std).items() if not k.startswith("__")})
+else:
+    # Run as a script: the same shadowing from this side (torch imports cProfile); take launch/ off the path.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+    sys.path.insert(0, os.path.dirname(_HERE))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +94,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.memory_cap_gb is not None and not args.sweep:
         p.error("--memory-cap-gb applies to --sweep points")
+    if args.memory_cap_gb is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            p.error("--memory-cap-gb is for CPU sweeps: an address-space cap breaks CUDA context creation")
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -112,6 +130,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace, overrides: list) -> int:
     import torch
 
+    from lct_fast.config import load_config
     from lct_fast.distributed import init_distributed
     from lct_fast.throughput import (ProfileOptions, device_name, expected_state_bytes, format_table,
                                      is_oom_error, kernel_backends, profile_trainer, summarise)
@@ -128,8 +147,8 @@ def _profile(args: argparse.Namespace, overrides: list) -> int:
     except Exception as e:  # noqa: BLE001
         if not is_oom_error(e):
             raise
-        # An OOM is a result of the sweep, not a crash: say so in the record and exit 3.
-        _write_json(os.path.join(args.out, "profile.json"),
+        # An OOM is a result of the sweep, not a crash: say so in a record of this rank's own and exit 3.
+        _write_json(os.path.join(args.out, f"profile-oom-rank{dist.rank}.json"),
                     {"status": "oom", "name": cfg.name, "rank": dist.rank, "error": f"{type(e).__name__}: {e}"[:2000]})
         print(f"profile: out of memory on rank {dist.rank}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
         return 3
@@ -146,7 +165,7 @@ def _profile(args: argparse.Namespace, overrides: list) -> int:
                 "log_interval": cfg.train.log_interval}
         argv = [a for a in sys.argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
         command = shlex.join(["python"] + argv) + (f"  # {dist.world_size} ranks" if dist.world_size > 1 else "")
-        rec = summarise(cfg, info, ranks, opts, device=device_name(), command=command)
+        rec = summarise(cfg, info, ranks, opts, device=device_name(dist.device), command=command)
         if "trace" in mine:
             rec["traces"] = [r.get("trace") for r in ranks]
         _write_json(os.path.join(args.out, "profile.json"), rec)
@@ -160,6 +179,8 @@ def _profile(args: argparse.Namespace, overrides: list) -> int:
 
 
 def main(argv=None) -> int:
+    from lct_fast.config import ConfigError, load_config
+
     p = build_parser()
     args = p.parse_args(argv)
     _check_args(p, args)

@@ -33,9 +33,13 @@ __all__ = ["FlopCounter", "attention_flops", "count_flops", "dit_forward_flops",
 #: forward + backward = 3.5 (FlashAttention's convention: the backward recomputes the scores, 2.5).
 ATTENTION_PASS_FACTOR: Dict[str, float] = {"forward": 1.0, "jvp": 3.0, "backward": 2.5, "fwd+bwd": 3.5}
 
-#: Dense peak TFLOP/s by device name: (bf16/fp16 tensor core, tf32 tensor core, fp32 CUDA core).
-#: H100/H200 SXM: 989 / 495 / 67; A100 SXM: 312 / 156 / 19.5 (NVIDIA data sheets, without sparsity).
+#: Dense peak TFLOP/s by device name, most specific name first: (bf16/fp16 tensor core, tf32 tensor core, fp32
+#: CUDA core), NVIDIA data sheets without sparsity. SXM: H100/H200 989 / 495 / 67, A100 312 / 156 / 19.5;
+#: H100 PCIe 756 / 378 / 51; H100 NVL and H200 NVL 835 / 418 / 60.
 PEAK_TFLOPS: Dict[str, Dict[str, float]] = {
+    "H100 PCIE": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0},
     "H200": {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9},
     "H100": {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
@@ -44,8 +48,9 @@ PEAK_TFLOPS: Dict[str, Dict[str, float]] = {
 
 def peak_tflops(device_name: str, precision: str) -> Optional[float]:
     """Dense peak of the named device for ``precision`` (bf16 | tf32 | fp32), or None when not in the table."""
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in device_name.upper():
+    name = device_name.upper()
+    for key, peaks in PEAK_TFLOPS.items():  # insertion order: the most specific names first
+        if key in name:
             return peaks[precision]
     return None
 
@@ -134,7 +139,7 @@ def _ours() -> Dict[Any, Callable[..., float]]:
 def _is_broadcast_zero(x: Any) -> bool:
     """A stride-0 expansion of a single zero: what forward-mode AD materialises for a missing tangent."""
     return (isinstance(x, torch.Tensor) and x.numel() > 1 and x.dim() > 0 and all(s == 0 for s in x.stride())
-            and not x.is_meta and bool((x.reshape(-1)[:1] == 0).all()))
+            and not x.is_meta and bool(x.as_strided((), ()) == 0))
 
 
 class FlopCounter(TorchDispatchMode):

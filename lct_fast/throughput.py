@@ -45,10 +45,12 @@ __all__ = ["ProfileOptions", "profile_trainer", "summarise", "format_table", "ex
 
 #: Phases of one training step in the order they run (the table's order). ``loss`` is the loss's own time
 #: outside its sub-phases (noising, distances, weights); ``untracked`` is the step's time outside any phase.
-STEP_PHASES = ("data", "ot", "target_forward", "jvp", "online_forward", "loss", "backward", "optimizer", "ema",
-               "logging", "eval", "checkpoint", "samples", UNTRACKED)
-#: Phases that are not model work: their FLOPs (e.g. the log interval's diagnostics) stay out of MFU.
-NON_MODEL_PHASES = ("logging", "eval", "checkpoint", "samples")
+STEP_PHASES = ("data", "ot", "target_forward", "jvp", "online_forward", "loss", "backward", "recompute",
+               "optimizer", "ema", "logging", "eval", "checkpoint", "samples", UNTRACKED)
+#: Phases that are not model work: their FLOPs stay out of the model FLOPs and MFU -- the log interval's
+#: diagnostics, and the forward that activation checkpointing re-runs inside the backward (``recompute``;
+#: counting it would make MFU a hardware utilisation, ~20 % higher on the checkpointed XL/XXL presets).
+NON_MODEL_PHASES = ("recompute", "logging", "eval", "checkpoint", "samples")
 
 #: Sweep keys that are short names of config keys; any dotted config key works as well.
 SWEEP_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -124,10 +126,10 @@ def expected_state_bytes(num_params: int, *, stage: int, world: int, bf16_weight
     return out
 
 
-def _memory() -> Dict[str, float]:
-    if torch.cuda.is_available():
-        return {"peak_allocated_bytes": float(torch.cuda.max_memory_allocated()),
-                "peak_reserved_bytes": float(torch.cuda.max_memory_reserved())}
+def _memory(device: torch.device) -> Dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_allocated_bytes": float(torch.cuda.max_memory_allocated(device)),
+                "peak_reserved_bytes": float(torch.cuda.max_memory_reserved(device))}
     return {"peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0}
 
 
@@ -152,8 +154,7 @@ def kernel_backends(cfg: Config, device: torch.device) -> Dict[str, str]:
 
 
 def versions() -> Dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": str(torch.version.cuda) if torch.cuda.is_available() else "none"}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
     for name in ("triton", "deepspeed"):
         try:
             out[name] = __import__(name).__version__
@@ -162,9 +163,12 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+def device_name(device: Optional[torch.device] = None) -> str:
+    """The device the step runs on: the GPU's name, or the CPU model (also on a GPU host run on CPU)."""
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -175,11 +179,12 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def matmul_precision(cfg: Config) -> str:
-    """The precision the peak is taken for: bf16 under bf16 autocast, else tf32 if torch allows it, else fp32."""
+def matmul_precision(cfg: Config, device: str = "") -> str:
+    """The precision the peak is taken for: bf16 under bf16 autocast, else tf32 if torch allows it on the GPU,
+    else fp32. (An fp32 JVP pass inside a bf16 run is measured against the bf16 peak: the table says so.)"""
     if cfg.train.precision == "bf16":
         return "bf16"
-    return "tf32" if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return "tf32" if device_is_gpu(device) and torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -206,6 +211,9 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
     "wasted_flops": {...}, "forward_flops_per_sample", "memory"}``. Every rank must call it (collectives)."""
     dev = trainer.dist.device
     st = trainer.begin()
+    # A profile is never at the end of training: past train.total_samples an iteration would checkpoint and
+    # log every step.
+    st.total = 2 ** 62
     timer = PhaseTimer(dev.type, clock=clock)
     out: Dict[str, Any] = {"rank": trainer.dist.rank}
     try:
@@ -218,6 +226,8 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
                     trainer.iteration(st)
                 out["flops"], out["wasted_flops"] = dict(fc.flops), dict(fc.wasted)
             timer.steps.clear()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)  # steady state: weights, optimizer state, activations
             for _ in range(opts.steps):
                 with timer.step():
                     trainer.iteration(st)
@@ -231,7 +241,7 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
             timer.steps.pop()
             if opts.trace and trace_dir:
                 out["trace"] = _trace(trainer, st, timer, opts.trace_steps, trace_dir)
-        out["memory"] = _memory()
+        out["memory"] = _memory(dev)
         if opts.count_flops:
             out["forward_flops_per_sample"] = _forward_flops_per_sample(trainer)
     finally:
@@ -260,13 +270,14 @@ def measure_step_ms(config: str, overrides: Sequence[str] = (), *, steps: int = 
     m = cfg.model
     times = [s["step"] for s in rec["steps"]]
     phases = {k: 1e3 * statistics.fmean(s.get(k, 0.0) for s in rec["steps"]) for k in STEP_PHASES}
+    phases["step"] = 1e3 * statistics.fmean(times)  # the phases sum to this mean; the first value is the median
     return 1e3 * statistics.median(times), trainer.micro_batch, m.in_channels * m.resolution ** 2, phases
 
 
 def _trace(trainer: Any, st: Any, timer: PhaseTimer, steps: int, trace_dir: str) -> str:
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.dist.device.type == "cuda" else [])
     path = os.path.join(trace_dir, f"trace-rank{trainer.dist.rank}.json")
     with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=steps),
                  on_trace_ready=lambda p: p.export_chrome_trace(path), record_shapes=False) as prof:
@@ -328,8 +339,9 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         fl0 = ranks[0]["flops"]
         per_sample = {k: v / per_rank_samples for k, v in model_phases(fl0).items()}
         closed = dit_forward_flops(cfg.model) if cfg.model.arch == "dit" else None
-        model_tf = step_flops / agg["mean"] / 1e12
-        peak = opts.peak_tflops or (peak_tflops(device, matmul_precision(cfg)) if device_is_gpu(device) else None)
+        model_tf = step_flops / agg["median"] / 1e12  # the same statistic as samples/s
+        peak = opts.peak_tflops or (peak_tflops(device, matmul_precision(cfg, device)) if device_is_gpu(device)
+                                    else None)
         out["flops"] = {
             "forward_per_sample": fwd,
             "forward_per_sample_closed_form": closed,
@@ -341,10 +353,10 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
             "non_model_per_step": {k: v for k, v in fl0.items() if k in NON_MODEL_PHASES},
         }
         out["model_tflops_per_s"] = model_tf
-        out["per_rank_tflops_per_s"] = [f / statistics.fmean(x["step"] for x in s) / 1e12
+        out["per_rank_tflops_per_s"] = [f / statistics.median(x["step"] for x in s) / 1e12
                                         for f, s in zip(per_rank_flops, steps)]
         out["peak_tflops_per_device"] = peak
-        out["peak_precision"] = matmul_precision(cfg)
+        out["peak_precision"] = matmul_precision(cfg, device)
         out["mfu"] = model_tf / (peak * world) if peak else None
     return out
 
@@ -426,6 +438,10 @@ def format_table(rec: Dict[str, Any]) -> str:
             line += f"; backward {per_sample['backward'] / fwd:.2f} forwards"
         line += f"; step {fl['per_step_ratio_to_forward']:.2f} forwards"
         L.append(line)
+        rec_fl = fl["non_model_per_step"].get("recompute")
+        if rec_fl:
+            L.append(f"  + {_fmt_flops(rec_fl / rec['global_batch'] * rec['world_size'])}/sample recomputed by "
+                     f"activation checkpointing inside the backward (phase recompute), not in the model FLOPs")
         wasted = sum(fl["wasted_per_sample_by_phase"].values())
         if wasted:
             L.append(f"  + {_fmt_flops(wasted)}/sample executed on materialised zero tangents (forward-AD "
@@ -433,7 +449,9 @@ def format_table(rec: Dict[str, Any]) -> str:
         mfu = rec.get("mfu")
         L.append(f"model {rec['model_tflops_per_s']:.4g} TFLOP/s over {rec['world_size']} device(s); MFU "
                  + (f"{100 * mfu:.1f} % of {rec['peak_tflops_per_device']:g} TFLOP/s {rec['peak_precision']} per device"
-                    if mfu is not None else "n/a (no peak for this device: give --peak-tflops)"))
+                    if mfu is not None else "n/a (no peak for this device: give --peak-tflops)")
+                 + (f" (the JVP pass runs in {rec['jvp_dtype']})" if rec.get("jvp_dtype") and mfu is not None
+                    and rec["jvp_dtype"] != rec.get("peak_precision") else ""))
     mem = rec["per_rank"][0]["memory"]
     exp = rec["expected_state_bytes"]
     got = ", ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {_fmt_bytes(b)}" for k, b in mem.items())
@@ -504,7 +522,10 @@ def sweep_points(cfg_path: str, sweep: List[Tuple[str, Tuple[str, ...], List[Any
 
 
 _OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "can't allocate memory", "std::bad_alloc",
-                 "Cannot allocate memory", "DefaultCPUAllocator")
+                 "Cannot allocate memory", "DefaultCPUAllocator", "CUDA error: out of memory",
+                 "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+#: How launchers report a worker the kernel's OOM killer took (torchrun: "Signal 9 (SIGKILL)", exitcode -9).
+_KILLED_PATTERNS = ("Signal 9 (SIGKILL)", "exitcode  : -9", "exit code -9", "signal 9")
 
 
 def is_oom_error(e: BaseException) -> bool:
@@ -515,19 +536,51 @@ def is_oom_error(e: BaseException) -> bool:
 
 
 def classify_exit(returncode: int, record: Optional[Dict[str, Any]], stderr_tail: str = "") -> Tuple[str, str]:
-    """(status, detail) of a sweep point: ``ok``, ``oom`` (the child's own record says so, or it was killed
-    by SIGKILL -- the kernel's OOM killer -- seen as -9, 128+9 from a shell or 256-9 from a launcher that
-    re-raises it as its own exit status) or ``error``."""
+    """(status, detail) of a sweep point: ``ok``, ``oom`` (the child's own record says so; it, or one of a
+    launcher's workers, was killed by SIGKILL -- the kernel's OOM killer -- seen as -9, 128+9 from a shell,
+    256-9 from a launcher that re-raises it, or torchrun's "Signal 9 (SIGKILL)"; or an allocation failure in
+    its stderr) or ``error``."""
     if record is not None and record.get("status") == "oom":
         return "oom", record.get("error", "out of memory")
     if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL, 256 - signal.SIGKILL):
         return "oom", f"killed by SIGKILL (exit {returncode}): the kernel's OOM killer"
+    if returncode != 0 and any(p in stderr_tail for p in _KILLED_PATTERNS):
+        return "oom", f"a worker was killed by SIGKILL (exit {returncode}): the kernel's OOM killer"
     if returncode == 0 and record is not None and record.get("status") == "ok":
         return "ok", ""
     if any(p in stderr_tail for p in _OOM_PATTERNS):
         return "oom", stderr_tail.strip().splitlines()[-1][:200] if stderr_tail.strip() else "out of memory"
     last = stderr_tail.strip().splitlines()[-1][:300] if stderr_tail.strip() else ""
     return "error", f"exit {returncode}: {last}"
+
+
+def run_point(cmd: Sequence[str], *, timeout: Optional[float] = None, preexec_fn=None) -> subprocess.CompletedProcess:
+    """Run one sweep point in its own session, so that on a timeout the whole process group -- a launcher and
+    every worker it started, which would otherwise keep their GPU memory -- is killed."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=preexec_fn)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+
+
+def read_point_record(pdir: str) -> Optional[Dict[str, Any]]:
+    """A point's ``profile.json``, else the first rank's OOM record (``profile-oom-rank<r>.json``); None when
+    there is none or it does not parse (a child killed while writing)."""
+    names = ["profile.json"] + sorted(n for n in os.listdir(pdir) if n.startswith("profile-oom-rank"))
+    for name in names:
+        path = os.path.join(pdir, name)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    return json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+    return None
 
 
 def _point_dir(out_dir: str, label: Dict[str, Any]) -> str:
@@ -546,14 +599,14 @@ def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequenc
     points = sweep_points(cfg_path, sweep, base_overrides)
     os.makedirs(out_dir, exist_ok=True)
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "profile.py")
-    runner = runner or subprocess.run
+    runner = runner or run_point
     rows = []
     for i, pt in enumerate(points):
         pdir = _point_dir(out_dir, pt["label"])
         os.makedirs(pdir, exist_ok=True)
-        rec_path = os.path.join(pdir, "profile.json")
-        if os.path.exists(rec_path):
-            os.remove(rec_path)  # a stale record must not pass for this run's
+        for name in os.listdir(pdir):  # a stale record must not pass for this run's
+            if name.startswith("profile") and name.endswith(".json"):
+                os.remove(os.path.join(pdir, name))
         cmd = list(launcher) + [script, "--config", cfg_path] + sum((["--set", s] for s in base_overrides), []) \
             + sum((["--set", s] for s in pt["sets"]), []) + list(profile_argv) + ["--out", pdir]
         log(f"sweep [{i + 1}/{len(points)}] {pt['label']}: {shlex.join(cmd)}")
@@ -562,21 +615,20 @@ def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequenc
             cap = int(memory_cap_gb * 2 ** 30)
             preexec = lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # noqa: E731
         try:
-            proc = runner(cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=preexec)
+            proc = runner(cmd, timeout=timeout_s, preexec_fn=preexec)
             rc, err = proc.returncode, proc.stderr or ""
-        except subprocess.TimeoutExpired as e:
-            rc, err = None, f"timed out after {timeout_s} s"
+        except subprocess.TimeoutExpired:
+            rc, err = None, f"timed out after {timeout_s} s (process group killed)"
         with open(os.path.join(pdir, "stderr.log"), "w") as f:
             f.write(err)
-        rec = None
-        if os.path.exists(rec_path):
-            with open(rec_path) as f:
-                rec = json.load(f)
+        rec = read_point_record(pdir)
         if rc is None:
             status, detail = "timeout", err
         else:
             status, detail = classify_exit(rc, rec, err[-4000:])
         row = {**pt["label"], "params": pt["params"], "status": status}
+        if status == "ok" and "per_rank" not in rec:
+            status, detail = "error", "the point's profile.json is incomplete"
         if status == "ok":
             mem = rec["per_rank"][0]["memory"]
             row.update({"samples_per_s": rec["samples_per_s"], "step_ms": rec["step_ms"]["median"],

@@ -62,7 +62,7 @@ def test_dit_jvp_pass_count_matches_definition(name):
     assert tan is not None
     b = x.shape[0]
     closed = dit_jvp_flops(cfg.model) - 2 * 256 * (cfg.model.adaptive_weight)
-    assert fc.total / b == pytest.approx(closed, rel=0.05)
+    assert fc.total / b == pytest.approx(closed, rel=1e-3)  # exact but for fp rounding of the counts
     fwd = dit_forward_flops(cfg.model)
     assert 2.0 < fc.total / b / fwd < 3.0
     assert not fc.wasted
@@ -108,4 +108,6 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
     assert peak_tflops("NVIDIA H200", "fp32") == pytest.approx(66.9)
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL", "bf16") == 835.0
     assert peak_tflops("CPU Intel Xeon", "fp32") is None

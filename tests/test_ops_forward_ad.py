@@ -137,3 +137,39 @@ def test_sct_loss_is_bit_identical_to_pytorchs_rule(monkeypatch, preset):
     theirs = run()
     assert torch.equal(ours[0], theirs[0])
     assert all(torch.equal(a, b) for a, b in zip(ours[1], theirs[1]))
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_bf16_autocast_tangent_and_backward(op):
+    """Under bf16 autocast: the tangent dtype and value match PyTorch's own rule, and the backward through our
+    Function (forward AD active, gradients on) runs and matches autocast's gradients."""
+    g = torch.Generator().manual_seed(4)
+    if op == "linear":
+        x, w, b = torch.randn(6, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+        ours, ref = (lambda a, ww, bb: ops.linear(a, ww, bb)), F.linear
+    else:
+        x, w, b = torch.randn(2, 4, 6, 6, generator=g), torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, generator=g)
+        ours = lambda a, ww, bb: ops.conv2d(a, ww, bb, 1, 1)  # noqa: E731
+        ref = lambda a, ww, bb: F.conv2d(a, ww, bb, 1, 1)  # noqa: E731
+    tx = torch.randn_like(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p, t = _dual(lambda z: ours(z, w, b), x, tx)
+        p_ref, t_ref = _dual(lambda z: ref(z, w, b), x, tx)
+        # with weight and bias tangents as well (torch.func.jvp)
+        _, tt = torch.func.jvp(lambda ww, bb: ours(x, ww, bb), (w, b), (torch.ones_like(w), torch.ones_like(b)))
+        _, tt_ref = torch.func.jvp(lambda ww, bb: ref(x, ww, bb), (w, b), (torch.ones_like(w), torch.ones_like(b)))
+    assert p.dtype == p_ref.dtype == t.dtype == t_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(t, t_ref)
+    assert tt.dtype == tt_ref.dtype
+    torch.testing.assert_close(tt.float(), tt_ref.float(), rtol=2e-2, atol=2e-2)
+    xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16), fwAD.dual_level():
+        y = fwAD.unpack_dual(ours(fwAD.make_dual(xr, tx), wr, br)).primal
+    grads = torch.autograd.grad(y.float().square().sum(), (xr, wr, br))
+    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = ref(xs, ws, bs)
+    ref_grads = torch.autograd.grad(y2.float().square().sum(), (xs, ws, bs))
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2 * float(r.abs().max()))

@@ -10,7 +10,10 @@ run only the products whose tangent exists, so the JVP of a linear layer costs t
 
 ``linear``/``conv2d`` are what the model layers call while forward-mode AD is active (``torch.func.jvp``
 or dual tensors); otherwise they call ``F.linear``/``F.conv2d`` directly. The primal, the tangent and the
-gradients are the same products as PyTorch's own (``tests/test_ops_forward_ad.py``).
+gradients are the same products as PyTorch's own, also under autocast (``tests/test_ops_forward_ad.py``).
+The backward exists for completeness (gradients through a forward-AD region); the sCT JVP pass runs
+without gradients, so under ZeRO-3 -- which releases a module's gathered weights after its forward -- it is
+never reached.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ class _Linear(torch.autograd.Function):
         if w_t is not None:
             out = F.linear(x, w_t) if out is None else out + F.linear(x, w_t)
         if b_t is not None:
-            out = b_t.expand(*x.shape[:-1], w.shape[0]) if out is None else out + b_t
+            out = b_t.expand(*x.shape[:-1], w.shape[0]) if out is None else out + b_t.to(out.dtype)
         if out is None:
             out = torch.zeros(*x.shape[:-1], w.shape[0], dtype=torch.result_type(x, w), device=x.device)
         return out
@@ -54,10 +57,12 @@ class _Linear(torch.autograd.Function):
         if g is None:
             return None, None, None
         x, w = ctx.saved_tensors
-        gx = g.matmul(w) if ctx.needs_input_grad[0] else None
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        gw = g2.t().matmul(x2) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        # Under autocast the forward ran in g's dtype (bf16/fp16) on the saved fp32 tensors: do the same here.
+        dt = g.dtype
+        gx = g.matmul(w.to(dt)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]).to(dt)
+        gw = g2.t().matmul(x2).to(w.dtype) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0).to(w.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
 
@@ -87,7 +92,7 @@ class _Conv2d(torch.autograd.Function):
             if out is None:
                 out = F.conv2d(x, torch.zeros_like(w), b_t, *geom)
             else:
-                out = out + b_t.view(1, -1, 1, 1)
+                out = out + b_t.to(out.dtype).view(1, -1, 1, 1)
         if out is None:
             out = torch.zeros_like(F.conv2d(x, w, None, *geom))
         return out
@@ -99,10 +104,12 @@ class _Conv2d(torch.autograd.Function):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geom
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_shape is not None and ctx.needs_input_grad[2]]
+        dt = g.dtype  # see _Linear.backward
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            g, x, w, list(ctx.bias_shape) if ctx.bias_shape is not None else None, _pair(stride), _pair(padding),
-            _pair(dilation), False, [0, 0], groups, mask)
-        return gx, gw, gb, None, None, None, None
+            g, x.to(dt), w.to(dt), list(ctx.bias_shape) if ctx.bias_shape is not None else None, _pair(stride),
+            _pair(padding), _pair(dilation), False, [0, 0], groups, mask)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return cast(gx, x), cast(gw, w), cast(gb, w), None, None, None, None
 
 
 def _pair(v: Any) -> list:
