@@ -1,4 +1,4 @@
-"""Benchmark of the minibatch OT coupling (issue #8): time and quality of each solver, side by side.
+"""Benchmark of the minibatch OT coupling: time and quality of each solver, side by side.
 
     PYTHONPATH=. python benchmarks/bench_ot.py                      # GPU: the full grid, results saved
     PYTHONPATH=. python benchmarks/bench_ot.py --quick              # CPU sanity mode (tiny sizes, not saved)
@@ -76,7 +76,7 @@ def timed(fn: Callable[[], torch.Tensor], device: str, repeats: int) -> tuple[fl
 def pot_sinkhorn(x: torch.Tensor, z: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
     import ot as pot
 
-    C = O._reduce_and_scale(O._batched_cost(x.unsqueeze(0).float(), z.unsqueeze(0).float()))[0]
+    C = O.reduce_and_scale(O._batched_cost(x.unsqueeze(0).float(), z.unsqueeze(0).float()))[0]
     n = C.shape[0]
     w = torch.full((n,), 1.0 / n, device=C.device)
     with warnings.catch_warnings():  # POT warns when the fixed budget ends before its own tolerance
@@ -94,7 +94,7 @@ def providers(device: str, eps: float, iters: int) -> dict[str, Callable]:
     }
     if device == "cuda":
         out["ours_triton"] = lambda x, z: O.couple(x, z, "sinkhorn", backend="triton", eps=eps, iters=iters)
-        from lct_fast.ot_cuda import cuda_ops_loaded
+        from lct_fast.ops.sinkhorn_cuda import cuda_ops_loaded
 
         if cuda_ops_loaded()[0]:  # the csrc/ extension is built (pip install --no-build-isolation -e .)
             out["ours_cuda"] = lambda x, z: O.couple(x, z, "sinkhorn", backend="cuda", eps=eps, iters=iters)

@@ -4,7 +4,7 @@ Why: CPU CI runs the kernels in the Triton interpreter, which checks the arithme
 compiler: a kernel can pass every interpreter test and still fail to lower (unsupported op/layout), or
 ask for more shared memory than the SM has (an "out of resource" at the first launch), or spill its
 accumulators to local memory (slow). This tool runs the real launchers (``nsln_triton``,
-``flash_kernels``, ``ot_triton``) on CPU tensors with a compile-only Triton driver: every launch, and for
+``flash_kernels``, ``sinkhorn_triton``) on CPU tensors with a compile-only Triton driver: every launch, and for
 autotuned kernels every configuration the autotuner would benchmark after its own pruning, is compiled
 to a cubin for the chosen architecture (default sm_90 = H100/H200) and checked, then nothing runs.
 
@@ -213,7 +213,7 @@ def _attention_cases(quick: bool) -> Dict[str, Callable[[], None]]:
 
 
 def _ot_cases(quick: bool) -> Dict[str, Callable[[], None]]:
-    from lct_fast import ot_triton as K
+    from lct_fast.ops import sinkhorn_triton as K
 
     K._check_square = lambda C, who: None  # the launchers insist on CUDA tensors; here nothing runs
     sizes = [256] if quick else [64, 128, 256, 512, 1000, 1024, 2048]

@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .backends import BACKENDS
+
 __all__ = [
     "ConfigError", "ModelConfig", "ICTConfig", "SCTConfig", "OTConfig", "MethodConfig",
     "SyntheticConfig", "DataConfig", "OptimConfig", "EMAConfig", "TrainConfig", "Config",
@@ -124,7 +126,7 @@ class ModelConfig:
             raise ConfigError(f"model.channel_mult: expected a non-empty list of positive ints, got {self.channel_mult!r}")
         _positive("model.num_res_blocks", self.num_res_blocks)
         _positive("model.head_channels", self.head_channels)
-        _choice("model.ops_backend", self.ops_backend, ["auto", "reference", "triton", "cuda"])
+        _choice("model.ops_backend", self.ops_backend, BACKENDS)
 
 
 # -------------------------------------------------------------------------------------------- method
@@ -250,7 +252,7 @@ class OTConfig:
 
     def __post_init__(self) -> None:
         _choice("method.ot.method", self.method, ["none", "exact", "sinkhorn"])
-        _choice("method.ot.backend", self.backend, ["auto", "reference", "triton", "cuda"])
+        _choice("method.ot.backend", self.backend, BACKENDS)
         _positive("method.ot.sinkhorn_eps", self.sinkhorn_eps)
         _positive("method.ot.sinkhorn_iters", self.sinkhorn_iters)
 

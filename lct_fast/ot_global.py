@@ -1,4 +1,4 @@
-"""Minibatch OT coupling across the global batch (issue #8, option 2; paper §4.4, SPEC §2).
+"""Minibatch OT coupling across the global batch (paper §4.4, SPEC §2).
 
 Per-rank coupling pairs each rank's latents only with that rank's noise. Here every rank all-gathers the
 flattened latents and noise of the whole (per-micro-step) global batch in one collective, one coupling of the
@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .ot import couple
+from .ot import couple, pairing_cost_ratio
 
 __all__ = ["couple_global", "couple_noise_global", "gather_batch", "world_of"]
 
@@ -120,8 +120,4 @@ def couple_noise_global(x0: torch.Tensor, z: torch.Tensor, *, method: str = "sin
         perm = _solve_and_share(x_all, z_all, method=method, backend=backend, eps=eps, iters=iters,
                                 refine_rounds=refine_rounds, solve_on=solve_on, group=group)
         zp = z_all[perm[rank * B:(rank + 1) * B].to(z_all.device)].to(z.dtype).reshape(z.shape)
-        x = x0.detach().float().reshape(B, -1)
-        base = (x - z.detach().float().reshape(B, -1)).square().sum()
-        cost = (x - zp.float().reshape(B, -1)).square().sum()
-        ratio = cost / base.clamp_min(torch.finfo(torch.float32).tiny)
-    return zp, ratio.detach()
+    return zp, pairing_cost_ratio(x0, z, zp)

@@ -137,7 +137,6 @@ def _memory(device: torch.device) -> Dict[str, float]:
 def kernel_backends(cfg: Config, device: torch.device) -> Dict[str, str]:
     """What computed each custom op in this process (the dispatcher's decisions) and the OT coupling."""
     from . import ops
-    from .ot import get_sinkhorn_backend
 
     out: Dict[str, str] = {}
     for (op, requested, dev, chosen), _reason in sorted(ops.backend_choices().items()):
@@ -146,7 +145,7 @@ def kernel_backends(cfg: Config, device: torch.device) -> Dict[str, str]:
         out[key] = val if key not in out else out[key] + "; " + val
     ot = cfg.method.ot
     if ot.method == "sinkhorn":
-        out["ot"] = f"sinkhorn/{get_sinkhorn_backend(ot.backend, device)[0]}"
+        out["ot"] = f"sinkhorn/{ops.get_sinkhorn_backend(ot.backend, device)[0]}"
     else:
         out["ot"] = {"none": "none", "exact": "exact/pot (CPU)", "hungarian": "exact/scipy (CPU)",
                      "exact_scipy": "exact/scipy (CPU)"}.get(ot.method, ot.method)

@@ -1,9 +1,8 @@
-"""The training loop: DeepSpeed engine, loss objects, EMA, checkpoints, logging, NaN guard.
+"""The training loop: loss objects, EMA, checkpoints, logging, NaN guard, on the engine of lct_fast.parallel.
 
-This is the one place where the model meets DeepSpeed. The loss objects receive the engine as ``net``
-(the pass whose gradient DeepSpeed reduces) and the unwrapped module as ``target_net`` (the stop-gradient
-pass and the sCT JVP, which must not go through an engine/DDP wrapper). Under ZeRO-3 the unwrapped
-module's parameters are still gathered by DeepSpeed's per-submodule hooks, so the JVP sees full weights.
+The loss objects receive the engine as ``net`` (the pass whose gradient DeepSpeed reduces) and
+``lct_fast.parallel``'s unwrapped view as ``target_net`` (the stop-gradient pass and the sCT JVP); how the
+model is wrapped (DeepSpeed, ZeRO-3's hooks and prefetcher) lives in that one module.
 
 Progress is counted in samples seen; every step's randomness is seeded from (seed, rank, samples), so
 a resumed run draws exactly what the uninterrupted run drew.
@@ -27,6 +26,7 @@ from .config import Config, save_config
 from .distributed import DistEnv, init_distributed
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
+from .parallel import wrap
 from .profiling import phase
 from .sample import save_latent_grid
 from .seeding import derive_seed
@@ -51,66 +51,6 @@ def resolve_data_path(cfg: Config) -> str:
     from .data.synthetic import ensure_synthetic
 
     return ensure_synthetic(cfg.data.synthetic)
-
-
-class _IdentityFunction:
-    """Stands in for ZeRO-3's per-module backward-hook autograd Functions during a no-grad pass."""
-
-    @staticmethod
-    def apply(x):
-        return x
-
-
-@contextlib.contextmanager
-def _zero3_backward_hooks_off(module: torch.nn.Module):
-    """Bypass ZeRO-3's backward-hook Functions (``pre_bwd_fn``/``post_bwd_fn``) on every submodule.
-
-    ZeRO-3 threads each submodule's inputs and outputs through custom autograd Functions that schedule
-    gradient reduction. They have no ``jvp`` rule, so forward-mode AD (the sCT tangent) fails through
-    them; in a no-grad pass they have nothing to schedule anyway. The forward hooks that gather and
-    release the partitioned parameters stay active, so the JVP sees the full weights.
-    """
-    saved = []
-    for m in module.modules():
-        for attr in ("pre_bwd_fn", "post_bwd_fn"):
-            if attr in m.__dict__:
-                saved.append((m, attr, m.__dict__[attr]))
-                setattr(m, attr, _IdentityFunction)
-    try:
-        yield
-    finally:
-        for m, attr, fn in saved:
-            setattr(m, attr, fn)
-
-
-class _TargetNet:
-    """The unwrapped module as the loss's ``target_net`` (stop-gradient pass and sCT JVP).
-
-    Attribute access goes to the module; calls made with gradients disabled run with ZeRO-3's backward
-    hooks bypassed (see :func:`_zero3_backward_hooks_off`). Calls with gradients enabled run untouched.
-    """
-
-    _CALLS = ("forward", "F", "logvar")
-
-    def __init__(self, module: torch.nn.Module, zero3: bool):
-        self._module = module
-        self._zero3 = zero3
-
-    def _wrap(self, fn):
-        def call(*args, **kwargs):
-            if self._zero3 and not torch.is_grad_enabled():
-                with _zero3_backward_hooks_off(self._module):
-                    return fn(*args, **kwargs)
-            return fn(*args, **kwargs)
-
-        return call
-
-    def __call__(self, *args, **kwargs):
-        return self._wrap(self._module)(*args, **kwargs)
-
-    def __getattr__(self, name):
-        attr = getattr(self._module, name)
-        return self._wrap(attr) if name in self._CALLS else attr
 
 
 class _Logger:
@@ -240,8 +180,6 @@ class Trainer:
     """Builds model, data, loss, optimizer and the DeepSpeed engine from a :class:`Config` and trains."""
 
     def __init__(self, cfg: Config, run_dir: str, *, resume: str | None = None, dist: DistEnv | None = None):
-        import deepspeed
-
         from .data import load_stats
         from .methods import build_loss
         from .models import build_model
@@ -277,34 +215,25 @@ class Trainer:
         self.module = build_model(cfg.model, cfg.method).to(d.device)
         self.num_params = sum(p.numel() for p in self.module.parameters())
         data_dim = m.in_channels * m.resolution * m.resolution
-        self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
         ot = cfg.method.ot
+        coupler = None  # the loss's own per-micro-batch coupling of method.ot
         if ot.global_coupling and ot.method != "none":
             # One OT problem over the whole global micro-batch (all ranks); a collective, which is safe because
             # every rank calls the loss once per micro-step with the same micro-batch size.
             from .ot_global import couple_noise_global
 
-            self.loss_fn.coupler = functools.partial(couple_noise_global, method=ot.method, backend=ot.backend,
-                                                     eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters)
+            coupler = functools.partial(couple_noise_global, method=ot.method, backend=ot.backend,
+                                        eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters)
+        self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, coupler=coupler)
 
         optimizer = build_optimizer(self.module.parameters(), cfg.optim, d.device)
         scheduler = build_scheduler(optimizer, cfg.optim, global_batch=cfg.train.global_batch,
                                     total_samples=cfg.train.total_samples)
         self.optimizer = optimizer
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=cfg.deepspeed_config(d.world_size))
+        self.parallel = wrap(self.module, optimizer, cfg.deepspeed_config(d.world_size), lr_scheduler=scheduler)
+        self.engine, self.target_net = self.parallel.engine, self.parallel.target_net
         self.ema = EMA(self.engine.module.named_parameters(), decays=cfg.train.ema.decays,
                        power_stds=cfg.train.ema.power_stds)
-        self.target_net = _TargetNet(self.engine.module, zero3=self.engine.zero_optimization_stage() == 3)
-        self._zero3_coordinator = None
-        if self.engine.zero_optimization_stage() == 3:
-            # ZeRO-3 prefetches parameters by replaying the module order it recorded over one fwd+bwd; it marks
-            # a new fwd+bwd on every forward of the root module. Our micro-step runs the root module 0 (sCT:
-            # JVP + online pass through .F) or 2 (iCT: online + target) times, so that marker never matches
-            # a step and the trace stays invalid (no prefetch). Mark the step boundary ourselves instead.
-            offload = self.engine.optimizer.parameter_offload
-            offload.fwd_pre_hook.remove()
-            self._zero3_coordinator = offload.get_param_coordinator()
 
         self.samples = 0
         self.bad_streak = 0
@@ -441,8 +370,7 @@ class Trainer:
         k = self.samples // cfg.train.global_batch
         metrics: dict = {}
         for micro in range(self.grad_accum):
-            if self._zero3_coordinator is not None:
-                self._zero3_coordinator.reset_step()
+            self.parallel.before_micro_step()
             with phase("data"):
                 x0, labels = next(self._batches)
                 x0, labels = x0.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
@@ -642,12 +570,4 @@ class Trainer:
 
     def _gathered_weights(self, everywhere: bool = False) -> dict:
         """Full live weights on rank 0, or on every rank with ``everywhere`` (a collective under ZeRO-3)."""
-        import deepspeed
-
-        params = list(self.engine.module.parameters())
-        ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self._zero3
-               else contextlib.nullcontext())
-        with ctx:
-            if everywhere or self.dist.is_main:
-                return {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-        return {}
+        return self.parallel.gathered_state_dict(everywhere=everywhere, is_main=self.dist.is_main)

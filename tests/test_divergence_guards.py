@@ -73,8 +73,8 @@ def test_diffusion_term_gradient_comparable_to_consistency_on_selected_pairs(n_l
     # The curriculum step at which N(k) = n_levels.
     total = 6400
     step = next(k for k in range(total) if schedules.curriculum_N(k, total) == n_levels)
-    full = ICTLoss(method, data_dim=256, total_steps=total)
-    cons = ICTLoss(MethodConfig(name="ict", ict=ICTConfig(diffusion_weight=0.0)), data_dim=256, total_steps=total)
+    full = ICTLoss.from_config(method, data_dim=256, total_steps=total)
+    cons = ICTLoss.from_config(MethodConfig(name="ict", ict=ICTConfig(diffusion_weight=0.0)), data_dim=256, total_steps=total)
     x0 = torch.randn(256, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
     seed = 3
     per_full = full(net, x0, None, step=step, generator=torch.Generator().manual_seed(seed))

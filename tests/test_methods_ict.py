@@ -60,7 +60,7 @@ def data(b=64, seed=1):
 def test_pairs_share_z_and_lambda_weight_closed_form():
     # f = identity: TD = (σ_{i+1} − σ_i)·z, so λ·m = (σ_{i+1} − σ_i)·mean(z²) for L2.
     rec = Recorder(Scale(1.0))
-    loss_fn = ICTLoss(make(distance="l2", diffusion_weight=0.0), data_dim=D, total_steps=1000)
+    loss_fn = ICTLoss.from_config(make(distance="l2", diffusion_weight=0.0), data_dim=D, total_steps=1000)
     x0 = data()
     loss = loss_fn(rec, x0, None, step=0, generator=gen())
     online, target = rec.calls
@@ -81,7 +81,7 @@ def test_pairs_share_z_and_lambda_weight_closed_form():
 def test_distance_and_c_applied(distance, c_mode):
     net = Recorder(tiny_ve())
     cfg = make(distance=distance, c_mode=c_mode, diffusion_weight=0.0)
-    loss_fn = ICTLoss(cfg, data_dim=D, total_steps=294_000)
+    loss_fn = ICTLoss.from_config(cfg, data_dim=D, total_steps=294_000)
     step = 42_000                                    # N = 21
     loss = loss_fn(net, data(16), None, step=step, generator=gen(3))
     online, target = net.calls
@@ -102,8 +102,8 @@ def test_diffusion_loss_selects_exactly_smallest_levels():
     cfg_off = make(distance="cauchy", diffusion_weight=0.0)
     x0 = data(128)
     rec_on, rec_off = Recorder(tiny_ve()), Recorder(tiny_ve())
-    on = ICTLoss(cfg_on, data_dim=D, total_steps=1000)(rec_on, x0, None, step=0, generator=gen(5))
-    off = ICTLoss(cfg_off, data_dim=D, total_steps=1000)(rec_off, x0, None, step=0, generator=gen(5))
+    on = ICTLoss.from_config(cfg_on, data_dim=D, total_steps=1000)(rec_on, x0, None, step=0, generator=gen(5))
+    off = ICTLoss.from_config(cfg_off, data_dim=D, total_steps=1000)(rec_off, x0, None, step=0, generator=gen(5))
     grid = schedules.karras_sigmas(11).float()
     s_hi = rec_on.calls[0]["sigma"]
     i = (s_hi[:, None] == grid[None]).float().argmax(1)          # 0-based position of σ_{i+1} = 1-based i
@@ -116,7 +116,7 @@ def test_diffusion_loss_selects_exactly_smallest_levels():
     assert s_hi[sel].max() < s_hi[~sel].min()
     assert s_hi[sel].max() <= grid[2] + 1e-7
     # metrics
-    m = ICTLoss(cfg_on, data_dim=D, total_steps=1000)
+    m = ICTLoss.from_config(cfg_on, data_dim=D, total_steps=1000)
     m(Recorder(tiny_ve()), x0, None, step=0, generator=gen(5))
     assert m.metrics["diffusion_frac"].item() == pytest.approx(sel.float().mean().item())
     assert m.metrics["diffusion_cutoff"].item() == 2
@@ -128,8 +128,8 @@ def test_default_diffusion_term_is_edm_weighted_mean_over_selected_times_five():
     # consistency term's batch mean.
     x0 = data(128)
     rec_on = Recorder(tiny_ve())
-    on = ICTLoss(make(distance="cauchy"), data_dim=D, total_steps=1000)(rec_on, x0, None, step=0, generator=gen(5))
-    off = ICTLoss(make(distance="cauchy", diffusion_weight=0.0), data_dim=D, total_steps=1000)(
+    on = ICTLoss.from_config(make(distance="cauchy"), data_dim=D, total_steps=1000)(rec_on, x0, None, step=0, generator=gen(5))
+    off = ICTLoss.from_config(make(distance="cauchy", diffusion_weight=0.0), data_dim=D, total_steps=1000)(
         Recorder(tiny_ve()), x0, None, step=0, generator=gen(5))
     s_hi = rec_on.calls[0]["sigma"].double()
     grid = schedules.karras_sigmas(11)
@@ -146,14 +146,14 @@ def test_reduction_sum_rescales_adaptive_c():
     # Eq. 11's c is fitted for the per-dim mean: with reduction=sum it is ×√D, so Cauchy losses agree exactly.
     x0 = data(32)
     kw = dict(distance="cauchy", diffusion_weight=0.0)
-    mean_fn = ICTLoss(make(reduction="mean", **kw), data_dim=D, total_steps=1000)
-    sum_fn = ICTLoss(make(reduction="sum", **kw), data_dim=D, total_steps=1000)
+    mean_fn = ICTLoss.from_config(make(reduction="mean", **kw), data_dim=D, total_steps=1000)
+    sum_fn = ICTLoss.from_config(make(reduction="sum", **kw), data_dim=D, total_steps=1000)
     assert sum_fn.c_at(21) == pytest.approx(mean_fn.c_at(21) * math.sqrt(D), rel=1e-12)
     a = mean_fn(tiny_ve(), x0, None, step=0, generator=gen(3))
     b = sum_fn(tiny_ve(), x0, None, step=0, generator=gen(3))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # the fixed c0 = 0.00054·√D keeps its definition for either reduction
-    assert ICTLoss(make(reduction="sum", c_mode="fixed"), data_dim=D, total_steps=9).c_at(11) == pytest.approx(
+    assert ICTLoss.from_config(make(reduction="sum", c_mode="fixed"), data_dim=D, total_steps=9).c_at(11) == pytest.approx(
         0.00054 * math.sqrt(D))
 
 
@@ -162,9 +162,9 @@ def test_empty_diffusion_selection_adds_zero_never_nan(r, p_mean):
     # r = 0 or floor(11·0.05) = 0: no level qualifies; p_mean = 4 with a narrow std: all pairs at the top.
     kw = dict(distance="cauchy", diffusion_r=r, p_mean=p_mean, p_std=0.05)
     x0 = data(32)
-    on_fn = ICTLoss(make(diffusion_weight=1.0, **kw), data_dim=D, total_steps=1000)
+    on_fn = ICTLoss.from_config(make(diffusion_weight=1.0, **kw), data_dim=D, total_steps=1000)
     on = on_fn(tiny_ve(), x0, None, step=0, generator=gen(2))
-    off = ICTLoss(make(diffusion_weight=0.0, **kw), data_dim=D, total_steps=1000)(
+    off = ICTLoss.from_config(make(diffusion_weight=0.0, **kw), data_dim=D, total_steps=1000)(
         tiny_ve(), x0, None, step=0, generator=gen(2))
     assert torch.isfinite(on).all()
     torch.testing.assert_close(on, off, rtol=0, atol=0)
@@ -179,7 +179,7 @@ def test_diffusion_unselected_nonfinite_does_not_leak():
         def forward(self, x, sigma, labels=None, *, dropout_seed=None):
             return torch.where((sigma > 0.09).view(-1, 1, 1, 1), torch.full_like(x, 1e20), x)
     rec = Recorder(HugeAbove())
-    fn = ICTLoss(make(distance="cauchy", diffusion_r=0.25), data_dim=D, total_steps=1000)
+    fn = ICTLoss.from_config(make(distance="cauchy", diffusion_r=0.25), data_dim=D, total_steps=1000)
     loss = fn(rec, data(64), None, step=0, generator=gen(9))
     assert not torch.isnan(loss).any()
     top = rec.calls[1]["sigma"] > 0.09
@@ -189,7 +189,7 @@ def test_diffusion_unselected_nonfinite_does_not_leak():
 
 def test_shared_dropout_seed_and_target_without_graph():
     net = Recorder(tiny_ve(dropout=0.3).train())
-    fn = ICTLoss(make(), data_dim=D, total_steps=1000)
+    fn = ICTLoss.from_config(make(), data_dim=D, total_steps=1000)
     loss = fn(net, data(8), None, step=0, generator=gen())
     a, b = net.calls
     assert a["seed"] is not None and a["seed"] == b["seed"]
@@ -202,14 +202,14 @@ def test_shared_dropout_seed_and_target_without_graph():
 
 def test_separate_target_net_gets_no_gradient():
     online, target = tiny_ve(seed=0), tiny_ve(seed=0)
-    fn = ICTLoss(make(), data_dim=D, total_steps=1000)
+    fn = ICTLoss.from_config(make(), data_dim=D, total_steps=1000)
     fn(online, data(8), None, step=0, generator=gen(), target_net=target).mean().backward()
     assert all(p.grad is not None for p in online.parameters())
     assert all(p.grad is None for p in target.parameters())
 
 
 def test_generator_only_randomness():
-    fn = ICTLoss(make(), data_dim=D, total_steps=1000)
+    fn = ICTLoss.from_config(make(), data_dim=D, total_steps=1000)
     net, x0 = tiny_ve(), data(16)
     state = torch.get_rng_state()
     a = fn(net, x0, None, step=5, generator=gen(11))
@@ -223,7 +223,7 @@ def test_generator_only_randomness():
 @pytest.mark.parametrize("p", [0.0, 0.5, 0.9])
 def test_label_dropout(p):
     net = Recorder(tiny_ve(num_classes=10))
-    fn = ICTLoss(make(label_dropout=p), data_dim=D, total_steps=1000)
+    fn = ICTLoss.from_config(make(label_dropout=p), data_dim=D, total_steps=1000)
     labels = torch.arange(512) % 10
     fn(net, torch.zeros(512, 4, 8, 8), labels, step=0, generator=gen())
     got = net.calls[0]["labels"]
@@ -257,7 +257,7 @@ def test_ot_coupling_is_optimal_and_shared_by_both_levels(monkeypatch):
     _fake_or_real_couple(monkeypatch)
     rec = Recorder(Scale(1.0))
     x0 = data(32) + 0.5
-    fn = ICTLoss(make(ot="exact"), data_dim=D, total_steps=1000)
+    fn = ICTLoss.from_config(make(ot="exact"), data_dim=D, total_steps=1000)
     fn(rec, x0, None, step=0, generator=gen(4))
     on, tg = rec.calls
     z = (on["x"] - x0) / on["sigma"].view(-1, 1, 1, 1)
@@ -270,7 +270,7 @@ def test_ot_coupling_is_optimal_and_shared_by_both_levels(monkeypatch):
     assert used == pytest.approx(opt, rel=1e-4)
     # z is a permutation of the unpaired draw: replay the identity pairing with OT off
     rec2 = Recorder(Scale(1.0))
-    ICTLoss(make(ot="none"), data_dim=D, total_steps=1000)(rec2, x0, None, step=0, generator=gen(4))
+    ICTLoss.from_config(make(ot="none"), data_dim=D, total_steps=1000)(rec2, x0, None, step=0, generator=gen(4))
     z_id = (rec2.calls[0]["x"] - x0) / rec2.calls[0]["sigma"].view(-1, 1, 1, 1)
     ratio = used / (x0 - z_id).flatten(1).double().square().sum().item()
     assert fn.metrics["ot_cost_ratio"].item() == pytest.approx(ratio, rel=1e-3) and ratio < 1.0
@@ -279,13 +279,13 @@ def test_ot_coupling_is_optimal_and_shared_by_both_levels(monkeypatch):
 def test_build_loss_and_errors():
     assert isinstance(build_loss(make(), data_dim=D, total_steps=10), ICTLoss)
     with pytest.raises(ValueError, match="data_dim"):
-        ICTLoss(make(), data_dim=D, total_steps=10)(tiny_ve(), torch.zeros(2, 3, 8, 8), None, step=0, generator=gen())
+        ICTLoss.from_config(make(), data_dim=D, total_steps=10)(tiny_ve(), torch.zeros(2, 3, 8, 8), None, step=0, generator=gen())
 
 
 
 def test_coupler_is_injectable():
     """The trainer swaps in a global (all-gather) coupler; the loss must use whatever it is given."""
-    loss = ICTLoss(make(), data_dim=D, total_steps=10)
+    loss = ICTLoss.from_config(make(), data_dim=D, total_steps=10)
     seen = []
 
     def reverse(x0, z):

@@ -103,7 +103,7 @@ def test_loss_gradient_is_the_sCM_gradient(fd_setup):
     net = tiny_trigflow(dropout=0.0).double()
     rec = Recorder(net)
     x0 = torch.randn(4, 4, 8, 8, generator=gen(1), dtype=torch.float64) * SD
-    fn = SCTLoss(make(adaptive_weight=False, tangent_warmup=0), data_dim=D, total_steps=10)
+    fn = SCTLoss.from_config(make(adaptive_weight=False, tangent_warmup=0), data_dim=D, total_steps=10)
     loss = fn(rec, x0, None, step=0, generator=gen(2))
     net.zero_grad()
     loss.sum().backward()
@@ -131,27 +131,27 @@ def test_adaptive_weight_prior_and_cauchy_forms():
     with torch.no_grad():
         net.backbone.logvar_head.bias.fill_(0.3)
     x0 = torch.randn(16, 4, 8, 8, generator=gen(5)) * SD
-    base = SCTLoss(make(adaptive_weight=False), data_dim=D, total_steps=10)
+    base = SCTLoss.from_config(make(adaptive_weight=False), data_dim=D, total_steps=10)
     m = base(net, x0, None, step=20_000, generator=gen(6)).detach()          # = ‖F_θ − F⁻ − g‖²/D
     assert base.metrics["r"].item() == 1.0
     rec = Recorder(net)
-    ada = SCTLoss(make(adaptive_weight=True, prior_weight=True), data_dim=D, total_steps=10)
+    ada = SCTLoss.from_config(make(adaptive_weight=True, prior_weight=True), data_dim=D, total_steps=10)
     got = ada(rec, x0, None, step=20_000, generator=gen(6))
     t = rec.online[0]["t"]
     w = net.logvar(t).detach()
     # prior weight λ = 1/(σ_d tan t) on the squared term only: e^{−w}·λ·m + w (EDM2 / sCM form)
     torch.testing.assert_close(got, torch.exp(-w) * m / (SD * torch.tan(t)) + w, rtol=1e-5, atol=1e-7)
     cc = 0.02
-    cau = SCTLoss(make(adaptive_weight=False, distance="cauchy", cauchy_c=cc), data_dim=D, total_steps=10)
+    cau = SCTLoss.from_config(make(adaptive_weight=False, distance="cauchy", cauchy_c=cc), data_dim=D, total_steps=10)
     got_c = cau(net, x0, None, step=20_000, generator=gen(6))
     torch.testing.assert_close(got_c, 2 * cc * cc * torch.log1p(m / (2 * cc * cc)), rtol=1e-5, atol=1e-9)
     # default Cauchy scale: the documented c0 rule 0.00054·√D
-    assert SCTLoss(make(distance="cauchy"), data_dim=D, total_steps=1).cauchy_c == pytest.approx(0.00054 * 16)
+    assert SCTLoss.from_config(make(distance="cauchy"), data_dim=D, total_steps=1).cauchy_c == pytest.approx(0.00054 * 16)
 
 
 def test_warmup_r_and_metrics():
     net = tiny_trigflow()
-    fn = SCTLoss(make(adaptive_weight=False, tangent_warmup=100), data_dim=D, total_steps=10)
+    fn = SCTLoss.from_config(make(adaptive_weight=False, tangent_warmup=100), data_dim=D, total_steps=10)
     x0 = torch.randn(8, 4, 8, 8, generator=gen(1)) * SD
     for step, r in [(0, 0.0), (25, 0.25), (100, 1.0), (500, 1.0)]:
         fn(net, x0, None, step=step, generator=gen(1))
@@ -164,7 +164,7 @@ def test_warmup_r_and_metrics():
 def test_target_net_gets_no_grad_and_rng_untouched():
     online = tiny_trigflow(adaptive_weight=True)
     target = copy.deepcopy(online)
-    fn = SCTLoss(make(), data_dim=D, total_steps=10)
+    fn = SCTLoss.from_config(make(), data_dim=D, total_steps=10)
     x0 = torch.randn(8, 4, 8, 8, generator=gen(1)) * SD
     state = torch.get_rng_state()
     a = fn(online, x0, None, step=3, generator=gen(4), target_net=target)
@@ -179,8 +179,8 @@ def test_target_net_gets_no_grad_and_rng_untouched():
 def test_jvp_fp32_inside_bf16_autocast_and_bf16_option():
     net = tiny_trigflow(adaptive_weight=True)
     x0 = torch.randn(8, 4, 8, 8, generator=gen(1)) * SD
-    ref = SCTLoss(make(), data_dim=D, total_steps=10)(net, x0, None, step=10**6, generator=gen(2)).detach()
-    lo = SCTLoss(make(jvp_dtype="bf16"), data_dim=D, total_steps=10)
+    ref = SCTLoss.from_config(make(), data_dim=D, total_steps=10)(net, x0, None, step=10**6, generator=gen(2)).detach()
+    lo = SCTLoss.from_config(make(jvp_dtype="bf16"), data_dim=D, total_steps=10)
     got = lo(net, x0, None, step=10**6, generator=gen(2)).detach()
     assert torch.isfinite(got).all() and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=0.1, atol=0.02)   # bf16 tangent: close, not equal
@@ -203,7 +203,7 @@ def test_fp32_jvp_ignores_ambient_bf16_autocast(fd_setup):
 
 def test_label_dropout_same_in_both_passes():
     net = Recorder(tiny_trigflow(num_classes=5))
-    fn = SCTLoss(make(label_dropout=0.5, adaptive_weight=False), data_dim=D, total_steps=10)
+    fn = SCTLoss.from_config(make(label_dropout=0.5, adaptive_weight=False), data_dim=D, total_steps=10)
     labels = torch.arange(400) % 5
     fn(net, torch.zeros(400, 4, 8, 8), labels, step=0, generator=gen())
     got = net.online[0]["labels"]
@@ -215,7 +215,7 @@ def test_ot_option_reduces_pairing_cost():
     pytest.importorskip("lct_fast.ot")
     net = tiny_trigflow()
     x0 = torch.randn(32, 4, 8, 8, generator=gen(1)) * SD + 0.3
-    fn = SCTLoss(make(ot="exact", adaptive_weight=False), data_dim=D, total_steps=10)
+    fn = SCTLoss.from_config(make(ot="exact", adaptive_weight=False), data_dim=D, total_steps=10)
     assert torch.isfinite(fn(net, x0, None, step=0, generator=gen(2))).all()
     assert 0.0 < fn.metrics["ot_cost_ratio"].item() < 1.0
 
@@ -231,7 +231,7 @@ def test_errors_and_build():
 
             def F(self, *a, **k):
                 return self.inner.F(*a, **k)
-        SCTLoss(make(adaptive_weight=True), data_dim=D, total_steps=1)(
+        SCTLoss.from_config(make(adaptive_weight=True), data_dim=D, total_steps=1)(
             NoHead(), torch.zeros(2, 4, 8, 8), None, step=0, generator=gen())
 
 
@@ -300,7 +300,7 @@ def test_derivative_split_matches_finite_differences():
 
 def test_diagnostics_keys_and_rng_isolation():
     net = tiny_trigflow()
-    fn = SCTLoss(make(adaptive_weight=False), data_dim=D, total_steps=10)
+    fn = SCTLoss.from_config(make(adaptive_weight=False), data_dim=D, total_steps=10)
     x0 = torch.randn(8, 4, 8, 8, generator=gen(1)) * SD
     state = torch.get_rng_state()
     out = fn.diagnostics(net, x0, None, generator=gen(2))

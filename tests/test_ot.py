@@ -175,20 +175,31 @@ def test_two_opt_never_increases_cost_and_reaches_local_optimum():
                 assert gain <= 1e-12
 
 
+def _fake_backend(monkeypatch, op, name, fn):
+    """Register ``fn`` as backend ``name`` of ``op`` in the one kernel registry for this test only."""
+    from lct_fast.ops import dispatch
+
+    monkeypatch.setitem(dispatch._REGISTRY[op], name,
+                        dispatch._Entry(fn, lambda C, *a: (C.is_cuda, "needs CUDA tensors"), True))
+    monkeypatch.setattr(dispatch, "_SEEN", {})
+
+
 def test_backend_registry_and_fallback(monkeypatch):
     assert O.get_sinkhorn_backend("auto", "cpu")[0] == "reference"
-    with pytest.warns(UserWarning, match="triton"):
+    monkeypatch.setattr("lct_fast.ops.dispatch._SEEN", {})
+    with pytest.warns(RuntimeWarning, match="triton unavailable"):
         assert O.get_sinkhorn_backend("triton", "cpu")[0] == "reference"
     calls = []
 
-    def fake(C, sched, iters):
-        calls.append(iters)
-        return O.sinkhorn_log(C, sched, iters)
+    def fake(C, **kwargs):
+        calls.append(kwargs)
+        return O.sinkhorn_assignment(C, backend="reference", **kwargs)
 
-    monkeypatch.setitem(O._SINKHORN_BACKENDS, "cuda", fake)
+    _fake_backend(monkeypatch, "sinkhorn_log", "cuda", lambda C, s, i: O.sinkhorn_log(C, s, i))
+    _fake_backend(monkeypatch, "sinkhorn_assignment", "cuda", fake)
     assert O.get_sinkhorn_backend("auto", "cpu")[0] == "reference"  # a CUDA kernel is not used for CPU data
     assert O.get_sinkhorn_backend("auto", "cuda")[0] == "cuda"
-    with pytest.warns(UserWarning, match="needs CUDA"):
+    with pytest.warns(RuntimeWarning, match="needs CUDA"):
         O.couple(*_data(16, 8, "random", 11), "sinkhorn", backend="cuda")
     assert calls == []
     with pytest.raises(ValueError, match="backend"):

@@ -22,7 +22,7 @@ if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no CUDA and TRITON_INTERPRET is not set (run through pytest so conftest sets it)",
                 allow_module_level=True)
 
-from lct_fast import ot_triton as T  # noqa: E402  (after TRITON_INTERPRET is settled)
+from lct_fast.ops import sinkhorn_triton as T  # noqa: E402  (after TRITON_INTERPRET is settled)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_ot import _data, _is_perm, _pot_cost  # noqa: E402
@@ -36,7 +36,7 @@ def _scaled_cost(n: int, d: int, kind: str, seed: int, problems: int = 1) -> tor
     pairs = [_data(n, d, kind, seed + p) for p in range(problems)]
     x = torch.stack([a for a, _ in pairs])
     z = torch.stack([b for _, b in pairs])
-    return O._reduce_and_scale(O._batched_cost(x, z)).to(DEV)
+    return O.reduce_and_scale(O._batched_cost(x, z)).to(DEV)
 
 
 # ------------------------------------------------------------------------------------------ Sinkhorn
@@ -155,20 +155,25 @@ def test_triton_assignment_batched_and_deterministic():
 
 
 def test_assignment_hook_in_ot_is_used(monkeypatch):
-    """lct_fast.ot.sinkhorn_assignment hands the whole pipeline to a backend's registered assignment."""
+    """lct_fast.ot.couple hands the whole pipeline to the backend the one registry holds for it."""
+    from lct_fast.ops import dispatch
+
     calls = []
 
     def fake(C, **kw):
         calls.append(kw)
         return T.sinkhorn_assignment_triton(C.to(DEV), **kw).to(C.device)
 
-    monkeypatch.setitem(O._ASSIGNMENT_BACKENDS, "reference", fake)
+    ref = dispatch._REGISTRY["sinkhorn_assignment"]["reference"]
+    monkeypatch.setitem(dispatch._REGISTRY["sinkhorn_assignment"], "reference",
+                        dispatch._Entry(fake, ref.available, ref.supports_forward_ad))
     x, z = _data(32, 16, "random", 50)
     perm = O.couple(x, z, "sinkhorn", backend="reference", eps=0.07, iters=50)
     assert _is_perm(perm, 32)
     assert calls == [dict(eps=0.07, iters=50, eps_start=1.0, refine_rounds=8)]
     monkeypatch.undo()
-    assert "triton" in O._SINKHORN_BACKENDS and "triton" in O._ASSIGNMENT_BACKENDS
+    for op in ("sinkhorn_log", "sinkhorn_assignment"):
+        assert "triton" in dispatch.registered_backends(op)
     assert O.get_sinkhorn_backend("auto", "cuda")[0] in ("cuda", "triton")
 
 
@@ -178,7 +183,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lct_fast import ot_triton as T
+from lct_fast.ops import sinkhorn_triton as T
 f32, i32 = "*fp32", "*i32"
 sigs = {
     "_sinkhorn_kernel": dict(C=f32, F=f32, G=f32, SCHED=f32, n="i32", iters="i32", log_w="fp32", tol="fp32",

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ["lct_fast/ops/nsln_triton.py", "lct_fast/ops/flash_kernels.py", "lct_fast/ot_triton.py"]
+MODULES = ["lct_fast/ops/nsln_triton.py", "lct_fast/ops/flash_kernels.py", "lct_fast/ops/sinkhorn_triton.py"]
 
 
 def _kernels(path):

@@ -1,6 +1,8 @@
 """Training objectives: discrete-time iLCT (``ict``) and continuous-time TrigFlow sCT (``sct``).
 
-Loss interface (shared contract): ``loss = build_loss(method_cfg, data_dim=D, total_steps=K)``;
+Loss interface (shared contract): ``loss = build_loss(method_cfg, data_dim=D, total_steps=K, coupler=None)``
+(``coupler``: the noise coupling, default the per-micro-batch one of ``method_cfg.ot``; the trainer passes the
+global-batch one for ``method.ot.global_coupling``);
 ``per_sample = loss(net, x0, labels, step=k, generator=g, target_net=raw_module)`` -> [B] float32;
 ``loss.metrics`` holds detached 0-dim tensors from the last call; ``loss.diagnostics(target_net, x0, labels,
 generator=g)`` -> dict of 0-dim tensors is the extra, costlier divergence check the trainer runs at its log
@@ -8,9 +10,10 @@ interval only (sCT: the two terms of dF/dt).
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from . import distances, schedules
+from .common import Coupler
 from .distances import DISTANCES, robust_distance
 from .ict import ICTLoss
 from .sct import SCTLoss, sct_tangent
@@ -19,11 +22,13 @@ __all__ = ["ICTLoss", "SCTLoss", "build_loss", "sct_tangent", "schedules", "dist
            "robust_distance"]
 
 
-def build_loss(method_cfg: Any, *, data_dim: int, total_steps: int) -> Union[ICTLoss, SCTLoss]:
-    """The loss object for ``method_cfg.name`` (``ict`` | ``sct``)."""
+def build_loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None
+               ) -> Union[ICTLoss, SCTLoss]:
+    """The loss object for ``method_cfg.name`` (``ict`` | ``sct``) with ``coupler`` (default: the
+    per-micro-batch coupling of ``method_cfg.ot``)."""
     name = getattr(method_cfg, "name", None)
     if name == "ict":
-        return ICTLoss(method_cfg, data_dim=data_dim, total_steps=total_steps)
+        return ICTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
     if name == "sct":
-        return SCTLoss(method_cfg, data_dim=data_dim, total_steps=total_steps)
+        return SCTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
     raise ValueError(f"method.name: expected 'ict' or 'sct', got {name!r}")

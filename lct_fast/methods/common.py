@@ -3,14 +3,15 @@ minibatch OT coupling and its cost metric.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 __all__ = [
-    "randn_like_gen", "draw_seed", "unwrap", "null_class", "drop_labels", "couple_noise", "pairing_cost",
-    "as_float",
+    "randn_like_gen", "draw_seed", "unwrap", "null_class", "drop_labels", "couple_noise", "Coupler",
+    "identity_coupler", "config_coupler", "as_float",
 ]
 
 _SEED_HIGH = 2 ** 62
@@ -69,10 +70,21 @@ def drop_labels(labels: Optional[torch.Tensor], p: float, null_id: int,
     return torch.where(u < p, torch.full_like(labels, null_id), labels)
 
 
-def pairing_cost(x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Σ_b ‖x0_b − z_b‖² over the batch (float32, detached): the transport cost of a pairing."""
-    d = (x0.detach().float() - z.detach().float()).flatten(1)
-    return d.square().sum()
+#: A noise coupler: (x0, z) -> (z paired with x0, cost ratio vs the pairing as drawn, 0-dim fp32).
+Coupler = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def identity_coupler(x0: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """No coupling: z as drawn, ratio 1."""
+    return z, torch.ones((), device=x0.device)
+
+
+def config_coupler(ot_cfg: Any) -> Coupler:
+    """The per-micro-batch coupler of ``method.ot`` (``OTConfig``): :func:`couple_noise` with its settings."""
+    if ot_cfg.method == "none":
+        return identity_coupler
+    return functools.partial(couple_noise, method=str(ot_cfg.method), backend=str(ot_cfg.backend),
+                             eps=float(ot_cfg.sinkhorn_eps), iters=int(ot_cfg.sinkhorn_iters))
 
 
 def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = "auto", *,
@@ -85,7 +97,7 @@ def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = 
     one = torch.ones((), device=x0.device)
     if method == "none":
         return z, one
-    from lct_fast.ot import couple  # lazy: keeps the methods importable without the OT stack
+    from lct_fast.ot import couple, pairing_cost_ratio  # lazy: keeps the methods importable without POT
 
     with torch.no_grad():
         perm = couple(x0.detach(), z.detach(), method=method, backend=backend, eps=eps, iters=iters)
@@ -94,9 +106,7 @@ def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = 
         raise ValueError(f"lct_fast.ot.couple returned a permutation of shape {tuple(perm.shape)}, "
                          f"expected ({z.shape[0]},)")
     zp = z[perm]
-    base = pairing_cost(x0, z)
-    ratio = pairing_cost(x0, zp) / base.clamp_min(torch.finfo(torch.float32).tiny)
-    return zp, ratio.detach()
+    return zp, pairing_cost_ratio(x0, z, zp)
 
 
 def prepare_batch(loss_name: str, x0: torch.Tensor, data_dim: int) -> Tuple[torch.Tensor, Tuple[int, ...]]:

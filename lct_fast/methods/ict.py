@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import functools
 
 import torch
 from torch import nn
 
 from . import schedules
 from ..profiling import phase
-from .common import couple_noise, draw_seed, drop_labels, null_class, prepare_batch, randn_like_gen
+from .common import Coupler, config_coupler, draw_seed, identity_coupler, drop_labels, null_class, prepare_batch, randn_like_gen
 from .distances import reduce_squared, robust_distance
 
 __all__ = ["ICTLoss"]
@@ -29,41 +28,41 @@ __all__ = ["ICTLoss"]
 class ICTLoss:
     """iCT/iLCT loss with the latent CT paper's switches.
 
-    Switches (all from ``cfg.ict`` / ``cfg.ot``): ``distance`` (l2 | pseudo_huber | cauchy |
-    geman_mcclure), ``c_mode`` (fixed c0 = c0_coeff·√D | adaptive eq. 11 with c_a, c_b),
-    ``diffusion_weight`` / ``diffusion_r`` (0 disables eq. 9), ``ot.method`` (none | exact | sinkhorn).
+    Switches (explicit arguments; :meth:`from_config` reads them from ``MethodConfig.ict``): ``distance``
+    (l2 | pseudo_huber | cauchy | geman_mcclure), ``c_mode`` (fixed c0 = c0_coeff·√D | adaptive eq. 11 with
+    c_a, c_b), ``diffusion_weight`` / ``diffusion_r`` (0 disables eq. 9), and the noise ``coupler`` (§4.4).
 
     Args:
-        cfg: ``MethodConfig`` (uses ``sigma_data``, ``label_dropout``, ``ict``, ``ot``).
         data_dim: D = C·H·W of one latent.
         total_steps: K, the number of optimizer iterations of the run (curriculum length).
+        coupler: ``(x0, z) -> (z paired with x0, cost ratio)``; None keeps the drawn pairing.
     """
 
-    def __init__(self, cfg: Any, *, data_dim: int, total_steps: int) -> None:
-        ict = cfg.ict
+    def __init__(self, *, data_dim: int, total_steps: int, sigma_data: float, label_dropout: float,
+                 sigma_min: float, sigma_max: float, rho: float, s0: int, s1: int, p_mean: float, p_std: float,
+                 distance: str, reduction: str, c_mode: str, c0_coeff: float, c_a: float, c_b: float,
+                 diffusion_r: float, diffusion_weight: float, diffusion_sigma_weight: str,
+                 diffusion_average: str = "selected", coupler: Optional[Coupler] = None) -> None:
         if data_dim < 1:
             raise ValueError(f"ICTLoss: data_dim must be >= 1, got {data_dim}")
         if total_steps < 1:
             raise ValueError(f"ICTLoss: total_steps must be >= 1, got {total_steps}")
         self.data_dim = int(data_dim)
         self.total_steps = int(total_steps)
-        self.sigma_data = float(cfg.sigma_data)
-        self.label_dropout = float(cfg.label_dropout)
-        self.sigma_min, self.sigma_max, self.rho = float(ict.sigma_min), float(ict.sigma_max), float(ict.rho)
-        self.s0, self.s1 = int(ict.s0), int(ict.s1)
-        self.p_mean, self.p_std = float(ict.p_mean), float(ict.p_std)
-        self.distance, self.reduction = str(ict.distance), str(ict.reduction)
-        self.c_mode, self.c0_coeff = str(ict.c_mode), float(ict.c0_coeff)
-        self.c_a, self.c_b = float(ict.c_a), float(ict.c_b)
-        self.diffusion_r, self.diffusion_weight = float(ict.diffusion_r), float(ict.diffusion_weight)
-        self.diffusion_sigma_weight = str(ict.diffusion_sigma_weight)
-        self.diffusion_average = str(getattr(ict, "diffusion_average", "selected"))
-        self.ot_method, self.ot_backend = str(cfg.ot.method), str(cfg.ot.backend)
-        self.ot_eps, self.ot_iters = float(cfg.ot.sinkhorn_eps), int(cfg.ot.sinkhorn_iters)
-        # (x0, z) -> (z paired with x0, cost ratio vs identity). Per micro-batch by default; the trainer swaps
-        # in lct_fast.ot_global's all-gather coupler for method.ot.global_coupling (losses stay rank-agnostic).
-        self.coupler = functools.partial(couple_noise, method=self.ot_method, backend=self.ot_backend,
-                                         eps=self.ot_eps, iters=self.ot_iters)
+        self.sigma_data = float(sigma_data)
+        self.label_dropout = float(label_dropout)
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.s0, self.s1 = int(s0), int(s1)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.distance, self.reduction = str(distance), str(reduction)
+        self.c_mode, self.c0_coeff = str(c_mode), float(c0_coeff)
+        self.c_a, self.c_b = float(c_a), float(c_b)
+        self.diffusion_r, self.diffusion_weight = float(diffusion_r), float(diffusion_weight)
+        self.diffusion_sigma_weight = str(diffusion_sigma_weight)
+        self.diffusion_average = str(diffusion_average)
+        # (x0, z) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
+        # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
+        self.coupler = coupler or identity_coupler
         # Fail at construction, not at step 1, on a bad switch value.
         robust_distance(self.distance, torch.zeros(1), 1.0)
         reduce_squared(torch.zeros(1, 1), self.reduction)
@@ -75,6 +74,21 @@ class ICTLoss:
             raise ValueError(f"ICTLoss: diffusion_average must be selected|batch, got {self.diffusion_average!r}")
         self.metrics: Dict[str, torch.Tensor] = {}
         self._grid_cache: Dict[int, tuple] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None
+                    ) -> "ICTLoss":
+        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``ict``); ``coupler`` from
+        :func:`lct_fast.methods.build_loss` (default: the per-micro-batch coupling of ``cfg.ot``)."""
+        ict = cfg.ict
+        return cls(data_dim=data_dim, total_steps=total_steps, sigma_data=cfg.sigma_data,
+                   label_dropout=cfg.label_dropout, sigma_min=ict.sigma_min, sigma_max=ict.sigma_max, rho=ict.rho,
+                   s0=ict.s0, s1=ict.s1, p_mean=ict.p_mean, p_std=ict.p_std, distance=ict.distance,
+                   reduction=ict.reduction, c_mode=ict.c_mode, c0_coeff=ict.c0_coeff, c_a=ict.c_a, c_b=ict.c_b,
+                   diffusion_r=ict.diffusion_r, diffusion_weight=ict.diffusion_weight,
+                   diffusion_sigma_weight=ict.diffusion_sigma_weight,
+                   diffusion_average=getattr(ict, "diffusion_average", "selected"),
+                   coupler=coupler if coupler is not None else config_coupler(cfg.ot))
 
     # ------------------------------------------------------------------ schedules
     def num_levels(self, step: int) -> int:

@@ -34,7 +34,6 @@ in g ← g/(‖g‖+c) or a fast-moving network).
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -44,7 +43,7 @@ from torch import nn
 
 from ..profiling import phase
 from . import schedules
-from .common import couple_noise, draw_seed, drop_labels, null_class, prepare_batch, randn_like_gen, unwrap
+from .common import Coupler, config_coupler, draw_seed, identity_coupler, drop_labels, null_class, prepare_batch, randn_like_gen, unwrap
 
 __all__ = ["SCTLoss", "sct_tangent", "derivative_split"]
 
@@ -139,39 +138,51 @@ def derivative_split(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, 
 class SCTLoss:
     """sCT loss (TrigFlow, adaptive weighting, tangent warm-up and normalisation) with optional OT / Cauchy.
 
+    Explicit arguments (:meth:`from_config` reads them from ``MethodConfig.sct``).
+
     Args:
-        cfg: ``MethodConfig`` (uses ``sigma_data``, ``label_dropout``, ``sct``, ``ot``).
         data_dim: D = C·H·W of one latent.
         total_steps: K (unused by the schedule; kept for the common loss interface).
+        coupler: ``(x0, z) -> (z paired with x0, cost ratio)``; None keeps the drawn pairing.
     """
 
-    def __init__(self, cfg: Any, *, data_dim: int, total_steps: int) -> None:
-        s = cfg.sct
+    def __init__(self, *, data_dim: int, total_steps: int, sigma_data: float, label_dropout: float, p_mean: float,
+                 p_std: float, tangent_warmup: int, g_norm_c: float, prior_weight: bool, adaptive_weight: bool,
+                 jvp_dtype: str, distance: str, cauchy_c: float = 0.0, coupler: Optional[Coupler] = None) -> None:
         if data_dim < 1:
             raise ValueError(f"SCTLoss: data_dim must be >= 1, got {data_dim}")
         self.data_dim = int(data_dim)
         self.total_steps = int(total_steps)
-        self.sigma_data = float(cfg.sigma_data)
-        self.label_dropout = float(cfg.label_dropout)
-        self.p_mean, self.p_std = float(s.p_mean), float(s.p_std)
-        self.tangent_warmup = int(s.tangent_warmup)
-        self.g_norm_c = float(s.g_norm_c)
-        self.prior_weight = bool(s.prior_weight)
-        self.adaptive_weight = bool(s.adaptive_weight)
-        self.jvp_dtype = str(s.jvp_dtype)
-        self.distance = str(s.distance)
+        self.sigma_data = float(sigma_data)
+        self.label_dropout = float(label_dropout)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.tangent_warmup = int(tangent_warmup)
+        self.g_norm_c = float(g_norm_c)
+        self.prior_weight = bool(prior_weight)
+        self.adaptive_weight = bool(adaptive_weight)
+        self.jvp_dtype = str(jvp_dtype)
+        self.distance = str(distance)
         if self.distance not in ("l2", "cauchy"):
             raise ValueError(f"SCTLoss: sct.distance must be 'l2' or 'cauchy', got {self.distance!r}")
         if self.jvp_dtype not in _JVP_DTYPES:
             raise ValueError(f"SCTLoss: sct.jvp_dtype must be one of {sorted(_JVP_DTYPES)}, got {self.jvp_dtype!r}")
-        self.cauchy_c = float(s.cauchy_c) if s.cauchy_c > 0 else schedules.fixed_c(self.data_dim)
-        self.ot_method, self.ot_backend = str(cfg.ot.method), str(cfg.ot.backend)
-        self.ot_eps, self.ot_iters = float(cfg.ot.sinkhorn_eps), int(cfg.ot.sinkhorn_iters)
-        # (x0, z) -> (z paired with x0, cost ratio vs identity). Per micro-batch by default; the trainer swaps
-        # in lct_fast.ot_global's all-gather coupler for method.ot.global_coupling (losses stay rank-agnostic).
-        self.coupler = functools.partial(couple_noise, method=self.ot_method, backend=self.ot_backend,
-                                         eps=self.ot_eps, iters=self.ot_iters)
+        self.cauchy_c = float(cauchy_c) if cauchy_c > 0 else schedules.fixed_c(self.data_dim)
+        # (x0, z) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
+        # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
+        self.coupler = coupler or identity_coupler
         self.metrics: Dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None
+                    ) -> "SCTLoss":
+        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``sct``); ``coupler`` from
+        :func:`lct_fast.methods.build_loss` (default: the per-micro-batch coupling of ``cfg.ot``)."""
+        s = cfg.sct
+        return cls(data_dim=data_dim, total_steps=total_steps, sigma_data=cfg.sigma_data,
+                   label_dropout=cfg.label_dropout, p_mean=s.p_mean, p_std=s.p_std, tangent_warmup=s.tangent_warmup,
+                   g_norm_c=s.g_norm_c, prior_weight=s.prior_weight, adaptive_weight=s.adaptive_weight,
+                   jvp_dtype=s.jvp_dtype, distance=s.distance, cauchy_c=s.cauchy_c,
+                   coupler=coupler if coupler is not None else config_coupler(cfg.ot))
 
     def diagnostics(self, target_net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *,
                     generator: torch.Generator, max_samples: int = 64) -> Dict[str, torch.Tensor]:

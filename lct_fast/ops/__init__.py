@@ -3,6 +3,7 @@
 Public API::
 
     nsln(x, bias, *, eps=1e-6, backend="auto")
+    sinkhorn_assignment(C, *, eps, iters, backend="auto") / sinkhorn_log (reference) -- the OT coupling's solver
     nsln_modulate(x, shift, scale, bias=None, *, eps=1e-6, backend="auto")
     attention(q, k, v, *, backend="auto")
     linear(x, w, b) / conv2d(x, w, b, ...)   # F.linear / F.conv2d without forward-AD's zero-tangent products
@@ -45,6 +46,7 @@ __all__ = [
     "explain_backend",
     "forward_ad_active",
     "get_default_backend",
+    "get_sinkhorn_backend",
     "linear",
     "nsln",
     "nsln_modulate",
@@ -55,6 +57,7 @@ __all__ = [
     "registered_backends",
     "reset_backend_log",
     "set_default_backend",
+    "sinkhorn_assignment",
     "unregister_backend",
 ]
 
@@ -66,3 +69,55 @@ from . import nsln_fused  # noqa: E402,F401  (Triton kernels themselves are impo
 from .flash_attention import register_flash_attention_backend as _register_flash_attention  # noqa: E402
 
 _register_flash_attention()
+
+# --- Sinkhorn OT: reference (ops.sinkhorn) + Triton and CUDA kernels, imported on first use with CUDA tensors ---
+from . import sinkhorn as _sinkhorn  # noqa: E402  (registers the reference backends)
+from .sinkhorn import get_sinkhorn_backend, sinkhorn_assignment  # noqa: E402,F401
+
+
+def _register_sinkhorn_kernels() -> None:
+    import importlib.util
+
+    def on_cuda(C, *args):
+        return (C.is_cuda, "needs CUDA tensors")
+
+    if importlib.util.find_spec("triton") is not None:
+        def triton_iterations(C, sched, iters):
+            from .sinkhorn_triton import sinkhorn_log_triton
+
+            return sinkhorn_log_triton(C, sched, iters)
+
+        def triton_assignment(C, **kwargs):
+            from .sinkhorn_triton import sinkhorn_assignment_triton
+
+            return sinkhorn_assignment_triton(C, **kwargs)
+
+        register_backend("sinkhorn_log", "triton", triton_iterations, on_cuda)
+        register_backend("sinkhorn_assignment", "triton", triton_assignment, on_cuda)
+    try:
+        built = importlib.util.find_spec("lct_fast._C") is not None
+    except (ImportError, ValueError):  # lct_fast not importable as a package (e.g. a vendored copy)
+        built = False
+    if built:
+        def cuda_ready(C, *args):
+            if not C.is_cuda:
+                return False, "needs CUDA tensors"
+            from .sinkhorn_cuda import cuda_ops_loaded
+
+            return cuda_ops_loaded()  # (False, why) for a build without the Sinkhorn ops
+
+        def cuda_iterations(C, sched, iters):
+            from .sinkhorn_cuda import sinkhorn_log_cuda
+
+            return sinkhorn_log_cuda(C, sched, iters)
+
+        def cuda_assignment(C, **kwargs):
+            from .sinkhorn_cuda import sinkhorn_assignment_cuda
+
+            return sinkhorn_assignment_cuda(C, **kwargs)
+
+        register_backend("sinkhorn_log", "cuda", cuda_iterations, cuda_ready)
+        register_backend("sinkhorn_assignment", "cuda", cuda_assignment, cuda_ready)
+
+
+_register_sinkhorn_kernels()

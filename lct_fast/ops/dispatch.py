@@ -28,9 +28,9 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
-logger = logging.getLogger("lct_fast.ops")
+from ..backends import BACKENDS  # the one list of backend names
 
-BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda", "auto")
+logger = logging.getLogger("lct_fast.ops")
 _AUTO_ORDER: Tuple[str, ...] = ("cuda", "triton")
 
 
@@ -185,8 +185,9 @@ def forward_ad_active(*tensors: Any) -> bool:
 
 def _device_of(tensors: Tuple[Any, ...]) -> str:
     for t in tensors:
-        if isinstance(t, torch.Tensor):
-            return t.device.type
+        dev = getattr(t, "device", None)
+        if isinstance(dev, torch.device):
+            return dev.type
     return "cpu"
 
 
@@ -261,6 +262,11 @@ def chosen_backend(op: str, backend: str = "auto", *tensors: Any) -> str:
 def backend_choices() -> Dict[Tuple[str, str, str, str], str]:
     """Decisions made so far: ``(op, requested, device, chosen) -> reason``."""
     return dict(_SEEN)
+
+
+def implementation(op: str, backend_name: str) -> Callable[..., Any]:
+    """The function registered as ``backend_name`` of ``op`` (KeyError when there is none)."""
+    return _REGISTRY[op][backend_name].fn
 
 
 def dispatch(op: str, backend: str, tensors: Tuple[Any, ...]) -> Callable[..., Any]:

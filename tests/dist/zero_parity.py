@@ -189,24 +189,16 @@ def _float_metrics(metrics: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- cases
-def trainer_target(engine, stage: int) -> Any:
-    """The ``target_net`` Trainer.train_step passes: its ``_TargetNet`` wrapper (ZeRO-3: the no-grad/JVP
-    pass bypasses DeepSpeed's backward-hook autograd.Functions, which have no jvp), else the module."""
-    import lct_fast.trainer as trainer
-
-    wrapper = getattr(trainer, "_TargetNet", None)
-    return wrapper(engine.module, zero3=stage == 3) if wrapper is not None else engine.module
-
-
 def build_engine(cfg: Config):
-    """The trainer's construction: module, lct_fast.optim optimizer, Config.deepspeed_config unchanged."""
-    import deepspeed
+    """The trainer's construction: module, lct_fast.optim optimizer, Config.deepspeed_config unchanged, wrapped
+    by lct_fast.parallel.wrap (engine, the target_net view Trainer.train_step passes -- under ZeRO-3 its
+    no-grad/JVP pass bypasses DeepSpeed's backward-hook autograd.Functions, which have no jvp -- and the
+    per-micro-step hook)."""
+    from lct_fast.parallel import wrap
 
-    ds_cfg = cfg.deepspeed_config(WORLD)
     module = make_module(cfg)
     optimizer = build_optimizer(module.parameters(), cfg.optim, torch.device("cpu"))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
-    return engine, optimizer
+    return wrap(module, optimizer, cfg.deepspeed_config(WORLD)), optimizer
 
 
 def destroy_engine(engine) -> None:
@@ -247,7 +239,8 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
                               "memory_efficient_linear": cfg.deepspeed_config(WORLD)["zero_optimization"].get(
                                   "memory_efficient_linear")}
 
-    engine, optimizer = build_engine(cfg)
+    wrapped, optimizer = build_engine(cfg)
+    engine = wrapped.engine
     try:
         ds_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
         ds_ema = EMA(engine.module.named_parameters(), decays=cfg.train.ema.decays,
@@ -264,7 +257,7 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
         ref_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
         ref_ema = EMA(ref.named_parameters(), decays=cfg.train.ema.decays, power_stds=cfg.train.ema.power_stds)
 
-        target = trainer_target(engine, stage)
+        target = wrapped.target_net
         result["target_net"] = type(target).__name__
 
         for i in range(steps):
@@ -274,6 +267,7 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
 
             # --- DeepSpeed path: this rank's half, seeded as Trainer.train_step seeds it.
             xr, lr_ = halves[rank]
+            wrapped.before_micro_step()
             gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, rank, samples))
             per_sample = ds_loss(engine, xr, lr_, step=k, generator=gen, target_net=target)
             row["metrics_rank"] = _float_metrics(ds_loss.metrics)

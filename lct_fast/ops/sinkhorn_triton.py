@@ -1,4 +1,4 @@
-"""Triton kernels for the GPU Sinkhorn OT coupling (issue #8, SPEC §4).
+"""Triton kernels for the GPU Sinkhorn OT coupling (SPEC §4).
 
 Three persistent kernels, one Triton program per independent problem (grid ``(P,)``), each running its whole
 loop on the device with device-side termination, so the pipeline
@@ -18,17 +18,17 @@ issues a fixed, small number of launches and never synchronises with the host:
                        round every free row picks its cheapest free column and every free column its cheapest
                        free row; mutual pairs are fixed. Rounds stop on the device when no row is free or after
                        ``max_rounds``; leftovers are paired k-th free row with k-th free column. Same algorithm
-                       and tie rules (first index) as :func:`lct_fast.ot.round_to_permutation`.
+                       and tie rules (first index) as :func:`lct_fast.ops.sinkhorn_reference.round_to_permutation`.
 ``_two_opt_kernel``    parallel 2-opt polish: every row picks its best swap partner, mutually chosen pairs with
                        a positive gain swap at once; stops when a round swaps nothing. Same as
-                       :func:`lct_fast.ot.two_opt`.
+                       :func:`lct_fast.ops.sinkhorn_reference.two_opt`.
 
 Cross-thread communication inside a program goes through small global scratch vectors separated by
 ``tl.debug_barrier()`` (a CTA barrier: stores before it are visible to the whole program after it).
 
 Kernels are created when this module is imported: on a machine without a GPU set ``TRITON_INTERPRET=1``
-before importing it (tests/conftest.py does). :mod:`lct_fast.ot` imports this module lazily, only when the
-``triton`` backend is used on CUDA tensors.
+before importing it (tests/conftest.py does). :mod:`lct_fast.ops` registers it as backend ``triton`` of the
+``sinkhorn_log`` / ``sinkhorn_assignment`` ops and imports it lazily, on first use with CUDA tensors.
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ot as _ot
-from .ops.dispatch import interpreting
+from . import sinkhorn as _pipe
+from .dispatch import interpreting
+from .sinkhorn_reference import sinkhorn_log
 
 __all__ = [
     "sinkhorn_log_triton",
@@ -309,28 +310,28 @@ def _blocks(n: int) -> tuple[int, int, int]:
 
 def _check_square(C: torch.Tensor, who: str) -> None:
     if C.dim() != 3 or C.shape[1] != C.shape[2]:
-        raise ValueError(f"ot_triton: {who} expects C of shape [P, n, n], got {tuple(C.shape)}")
+        raise ValueError(f"sinkhorn_triton: {who} expects C of shape [P, n, n], got {tuple(C.shape)}")
     if not (C.is_cuda or interpreting()):
-        raise ValueError(f"ot_triton: {who} needs a CUDA tensor (or TRITON_INTERPRET=1), got device {C.device}")
+        raise ValueError(f"sinkhorn_triton: {who} needs a CUDA tensor (or TRITON_INTERPRET=1), got device {C.device}")
 
 def sinkhorn_log_triton(C: torch.Tensor, eps_schedule: Sequence[float], iters: int | None = None, *,
                         tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton replacement of :func:`lct_fast.ot.sinkhorn_log` (same signature and result).
+    """Triton replacement of :func:`lct_fast.ops.sinkhorn_reference.sinkhorn_log` (same signature and result).
 
     ``C`` [P, n, n] fp32 (scaled so the ε values are absolute); returns (f [P, n], g [P, n]) fp32. ``tol``
     (relative to ε) lets the kernel stop early at the final ε once max|Δf| ≤ tol·ε; 0 keeps the fixed budget
     (it can still stop at an exact fixed point, which changes nothing).
     """
     _check_square(C, "sinkhorn_log_triton")
-    sched = _ot.check_schedule("ot_triton", eps_schedule, iters, tol)
+    sched = _pipe.check_schedule("sinkhorn_triton", eps_schedule, iters, tol)
     P, n, _ = C.shape
     C = C.contiguous().float()
     f = torch.zeros(P, n, device=C.device, dtype=torch.float32)
     g = torch.zeros(P, n, device=C.device, dtype=torch.float32)
     if n < 2 or P == 0:  # Triton specialises n == 1 to a constant; trivial problems take the reference
-        return _ot.sinkhorn_log(C, sched, len(sched)) if n == 1 and P else (f, g)
+        return sinkhorn_log(C, sched, len(sched)) if n == 1 and P else (f, g)
     bm, bn, warps = _blocks(n)
-    _sinkhorn_kernel[(P,)](C, f, g, _ot.schedule_tensor(sched, C.device), n, len(sched), -math.log(n),
+    _sinkhorn_kernel[(P,)](C, f, g, _pipe.schedule_tensor(sched, C.device), n, len(sched), -math.log(n),
                            float(tol), float(sched[-1]), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return f, g
 
@@ -339,7 +340,7 @@ def round_to_permutation_triton(C: torch.Tensor, f: torch.Tensor | None = None, 
                                 max_rounds: int | None = None) -> torch.Tensor:
     """Permutations [P, n] (int64) from the reduced cost R = C − f − g by mutual-best greedy rounding.
 
-    Equals :func:`lct_fast.ot.round_to_permutation` applied to ``C - f[:, :, None] - g[:, None, :]`` whenever
+    Equals :func:`lct_fast.ops.sinkhorn_reference.round_to_permutation` applied to ``C - f[:, :, None] - g[:, None, :]`` whenever
     that function finishes within its budget (its budget counts in steps of 4 rounds). ``f``/``g`` default to 0.
     """
     _check_square(C, "round_to_permutation_triton")
@@ -360,11 +361,11 @@ def round_to_permutation_triton(C: torch.Tensor, f: torch.Tensor | None = None, 
 
 
 def two_opt_triton(C: torch.Tensor, perm: torch.Tensor, rounds: int = 8) -> torch.Tensor:
-    """Triton version of :func:`lct_fast.ot.two_opt` (returns a new int64 [P, n] tensor)."""
+    """Triton version of :func:`lct_fast.ops.sinkhorn_reference.two_opt` (returns a new int64 [P, n] tensor)."""
     _check_square(C, "two_opt_triton")
     P, n, _ = C.shape
     if perm.shape != (P, n):
-        raise ValueError(f"ot_triton: two_opt perm must have shape {(P, n)}, got {tuple(perm.shape)}")
+        raise ValueError(f"sinkhorn_triton: two_opt perm must have shape {(P, n)}, got {tuple(perm.shape)}")
     out = perm.to(torch.int32).contiguous().clone()
     if n < 2 or rounds <= 0:
         return out.long()
@@ -383,11 +384,11 @@ def two_opt_triton(C: torch.Tensor, perm: torch.Tensor, rounds: int = 8) -> torc
 def sinkhorn_assignment_triton(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100, eps_start: float = 1.0,
                                refine_rounds: int = 8, tol: float = 0.0, max_rounds: int | None = None
                                ) -> torch.Tensor:
-    """The whole :func:`lct_fast.ot.sinkhorn_assignment` pipeline with the three kernels, no host sync.
+    """The whole :func:`lct_fast.ops.sinkhorn.sinkhorn_assignment` pipeline with the three kernels, no host sync.
 
     ``C`` [P, n, n] or [n, n] (any float dtype; used in fp32). Returns LongTensor [P, n] (or [n]).
     """
-    return _ot.run_assignment(C, "ot_triton: sinkhorn_assignment_triton",
+    return _pipe.run_assignment(C, "sinkhorn_triton: sinkhorn_assignment_triton",
                               functools.partial(sinkhorn_log_triton, tol=tol),
                               functools.partial(_round_and_two_opt, max_rounds=max_rounds),
                               eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)

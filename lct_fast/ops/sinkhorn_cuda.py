@@ -1,4 +1,4 @@
-"""CUDA C++ backend of the GPU Sinkhorn OT coupling (issue #8, SPEC §4): Python side of csrc/sinkhorn*.
+"""CUDA C++ backend of the GPU Sinkhorn OT coupling (SPEC §4): Python side of csrc/sinkhorn*.
 
 The extension ``lct_fast._C`` (built by setup.py only with a CUDA torch) registers two ops:
 
@@ -7,11 +7,11 @@ The extension ``lct_fast._C`` (built by setup.py only with a CUDA torch) registe
     device vector, fixed iteration budget with optional device-side early stop (``tol``; 0 = full budget).
 ``torch.ops.lct_fast.sinkhorn_round_cuda(C, f, g, max_rounds, refine_rounds) -> perm``
     mutual-best greedy rounding of C − f − g to a permutation plus parallel 2-opt, both with device-side
-    termination (same algorithms and tie rules as :func:`lct_fast.ot.round_to_permutation` / ``two_opt``).
+    termination (same algorithms and tie rules as :func:`lct_fast.ops.sinkhorn_reference.round_to_permutation` / ``two_opt``).
 
-This module wraps them with the signatures of :func:`lct_fast.ot.sinkhorn_log` and of the whole
-:func:`lct_fast.ot.sinkhorn_assignment` pipeline; :mod:`lct_fast.ot` registers them as backend ``"cuda"``
-lazily (importing this module never builds or loads anything until a CUDA tensor needs it). The whole
+This module wraps them with the signatures of :func:`lct_fast.ops.sinkhorn_reference.sinkhorn_log` and of
+the whole :func:`lct_fast.ops.sinkhorn.sinkhorn_assignment` pipeline; :mod:`lct_fast.ops` registers them as
+backend ``cuda`` (importing this module never builds or loads anything until a CUDA tensor needs it). The whole
 pipeline issues a fixed number of launches and performs no host synchronisation.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from . import ot as _ot
-from .ops.dispatch import load_extension_ops
+from . import sinkhorn as _pipe
+from .dispatch import load_extension_ops
 
 __all__ = ["cuda_ops_loaded", "available", "sinkhorn_log_cuda", "round_and_refine_cuda",
            "sinkhorn_assignment_cuda"]
@@ -50,23 +50,23 @@ def available(device: torch.device | str | None = None) -> bool:
 
 def _require(C: torch.Tensor, who: str) -> None:
     if C.dim() != 3 or C.shape[1] != C.shape[2]:
-        raise ValueError(f"ot_cuda: {who} expects C of shape [P, n, n], got {tuple(C.shape)}")
+        raise ValueError(f"sinkhorn_cuda: {who} expects C of shape [P, n, n], got {tuple(C.shape)}")
     if not C.is_cuda:
-        raise ValueError(f"ot_cuda: {who} needs a CUDA tensor, got device {C.device}")
+        raise ValueError(f"sinkhorn_cuda: {who} needs a CUDA tensor, got device {C.device}")
     ok, why = cuda_ops_loaded()
     if not ok:
-        raise RuntimeError(f"ot_cuda: {who}: CUDA Sinkhorn backend requested but {why}")
+        raise RuntimeError(f"sinkhorn_cuda: {who}: CUDA Sinkhorn backend requested but {why}")
 
 def sinkhorn_log_cuda(C: torch.Tensor, eps_schedule: Sequence[float], iters: int | None = None, *,
                       tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA replacement of :func:`lct_fast.ot.sinkhorn_log` (same signature and result up to fp32 rounding).
+    """CUDA replacement of :func:`lct_fast.ops.sinkhorn_reference.sinkhorn_log` (same signature and result up to fp32 rounding).
 
     ``C`` [P, n, n] (scaled so the ε values are absolute) -> (f [P, n], g [P, n]) fp32. ``tol`` (relative to ε)
     lets the kernel stop at the final ε once max|Δf| ≤ tol·ε; 0 keeps the fixed budget.
     """
     _require(C, "sinkhorn_log_cuda")
-    sched = _ot.check_schedule("ot_cuda", eps_schedule, iters, tol)
-    return torch.ops.lct_fast.sinkhorn_cuda(C.float().contiguous(), _ot.schedule_tensor(sched, C.device),
+    sched = _pipe.check_schedule("sinkhorn_cuda", eps_schedule, iters, tol)
+    return torch.ops.lct_fast.sinkhorn_cuda(C.float().contiguous(), _pipe.schedule_tensor(sched, C.device),
                                             float(tol), float(sched[-1]))
 
 
@@ -84,10 +84,10 @@ def round_and_refine_cuda(C: torch.Tensor, f: torch.Tensor | None = None, g: tor
 def sinkhorn_assignment_cuda(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100, eps_start: float = 1.0,
                              refine_rounds: int = 8, tol: float = 0.0, max_rounds: int | None = None
                              ) -> torch.Tensor:
-    """The whole :func:`lct_fast.ot.sinkhorn_assignment` pipeline on the CUDA kernels, no host sync.
+    """The whole :func:`lct_fast.ops.sinkhorn.sinkhorn_assignment` pipeline on the CUDA kernels, no host sync.
 
     ``C`` [P, n, n] or [n, n]. Returns LongTensor [P, n] (or [n]).
     """
-    return _ot.run_assignment(C, "ot_cuda: sinkhorn_assignment_cuda", functools.partial(sinkhorn_log_cuda, tol=tol),
+    return _pipe.run_assignment(C, "sinkhorn_cuda: sinkhorn_assignment_cuda", functools.partial(sinkhorn_log_cuda, tol=tol),
                               functools.partial(round_and_refine_cuda, max_rounds=max_rounds),
                               eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)

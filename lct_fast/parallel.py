@@ -1,0 +1,131 @@
+"""DeepSpeed wrapping in one place: the engine, the stop-gradient/JVP view of the module, the ZeRO-3 surgery.
+
+Model and loss code know nothing about parallelism. :func:`wrap` builds the engine and returns a
+:class:`Wrapped` with
+
+* ``engine``: what the loss's online pass goes through (DeepSpeed reduces its gradients);
+* ``target_net``: the unwrapped module for the stop-gradient pass and the sCT JVP (which must not go through
+  an engine/DDP wrapper). Under ZeRO-3 its parameters are still gathered by DeepSpeed's per-submodule
+  forward hooks, so the JVP sees full weights; its no-grad calls bypass ZeRO-3's backward-hook Functions,
+  which have no forward-AD rule (:func:`zero3_backward_hooks_off`);
+* ``before_micro_step()``: marks a micro-step boundary for ZeRO-3's parameter prefetcher (see :func:`wrap`);
+* ``gathered_state_dict()``: the full weights (a collective under ZeRO-3).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = ["wrap", "Wrapped", "TargetNet", "zero3_backward_hooks_off"]
+
+
+class _IdentityFunction:
+    """Stands in for ZeRO-3's per-module backward-hook autograd Functions during a no-grad pass."""
+
+    @staticmethod
+    def apply(x):
+        return x
+
+
+@contextlib.contextmanager
+def zero3_backward_hooks_off(module: torch.nn.Module):
+    """Bypass ZeRO-3's backward-hook Functions (``pre_bwd_fn``/``post_bwd_fn``) on every submodule.
+
+    ZeRO-3 threads each submodule's inputs and outputs through custom autograd Functions that schedule
+    gradient reduction. They have no ``jvp`` rule, so forward-mode AD (the sCT tangent) fails through
+    them; in a no-grad pass they have nothing to schedule anyway. The forward hooks that gather and
+    release the partitioned parameters stay active, so the JVP sees the full weights.
+    """
+    saved = []
+    for m in module.modules():
+        for attr in ("pre_bwd_fn", "post_bwd_fn"):
+            if attr in m.__dict__:
+                saved.append((m, attr, m.__dict__[attr]))
+                setattr(m, attr, _IdentityFunction)
+    try:
+        yield
+    finally:
+        for m, attr, fn in saved:
+            setattr(m, attr, fn)
+
+
+class TargetNet:
+    """The unwrapped module as the loss's ``target_net`` (stop-gradient pass and sCT JVP).
+
+    Attribute access goes to the module; calls made with gradients disabled run with ZeRO-3's backward
+    hooks bypassed (see :func:`zero3_backward_hooks_off`). Calls with gradients enabled run untouched.
+    """
+
+    _CALLS = ("forward", "F", "logvar")
+
+    def __init__(self, module: torch.nn.Module, zero3: bool):
+        self._module = module
+        self._zero3 = zero3
+
+    def _wrap(self, fn):
+        def call(*args, **kwargs):
+            if self._zero3 and not torch.is_grad_enabled():
+                with zero3_backward_hooks_off(self._module):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def __call__(self, *args, **kwargs):
+        return self._wrap(self._module)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        return self._wrap(attr) if name in self._CALLS else attr
+
+
+@dataclass
+class Wrapped:
+    engine: Any
+    target_net: TargetNet
+    zero_stage: int
+    _coordinator: Optional[Any] = None
+
+    def before_micro_step(self) -> None:
+        """Call before each micro-step's forward passes (ZeRO-3: restarts the prefetcher's recorded order)."""
+        if self._coordinator is not None:
+            self._coordinator.reset_step()
+
+    def gathered_state_dict(self, *, everywhere: bool, is_main: bool) -> dict:
+        """Full fp32 weights on CPU: on every rank with ``everywhere``, else on the main rank ({} elsewhere).
+        A collective under ZeRO-3 (every rank must call it)."""
+        import deepspeed
+
+        module = self.engine.module
+        ctx = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+               if self.zero_stage == 3 else contextlib.nullcontext())
+        with ctx:
+            if everywhere or is_main:
+                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        return {}
+
+
+def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
+         lr_scheduler: Optional[Callable[..., Any]] = None) -> Wrapped:
+    """``deepspeed.initialize`` of ``module``/``optimizer`` with ``ds_config`` (from ``Config.deepspeed_config``),
+    plus the stop-gradient view and, under ZeRO-3, our own step boundary for the prefetcher.
+
+    ZeRO-3 prefetches parameters by replaying the module order it recorded over one fwd+bwd; it marks a new
+    fwd+bwd on every forward of the root module. Our micro-step runs the root module 0 (sCT: JVP + online pass
+    through ``.F``) or 2 (iCT: online + target) times, so that marker never matches a step and the trace stays
+    invalid (no prefetch). :meth:`Wrapped.before_micro_step` marks the boundary instead."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           config=ds_config)
+    stage = engine.zero_optimization_stage()
+    coordinator = None
+    if stage == 3:
+        offload = engine.optimizer.parameter_offload
+        offload.fwd_pre_hook.remove()
+        coordinator = offload.get_param_coordinator()
+    return Wrapped(engine=engine, target_net=TargetNet(engine.module, zero3=stage == 3), zero_stage=stage,
+                   _coordinator=coordinator)
