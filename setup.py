@@ -72,8 +72,9 @@ setup(
     extras_require={
         # scikit-image ships the photographs of the quality benchmark; matplotlib draws its figures.
         # torch-fidelity: the image metrics' real code path runs in the tests (random-init Inception weights).
+        # nvidia-dali-cuda130: the DALI reader's CPU pipeline runs in the tests.
         "dev": ["pytest>=7", "hypothesis", "triton", "diffusers>=0.27", "pillow", "scikit-image>=0.22",
-                "matplotlib>=3.7", "torch-fidelity>=0.3"],
+                "matplotlib>=3.7", "torch-fidelity>=0.3", "nvidia-dali-cuda130"],
         "eval": ["torch-fidelity>=0.3"],
         "dali": ["nvidia-dali-cuda130"],
         "encode": ["diffusers>=0.27", "safetensors>=0.4", "pillow"],

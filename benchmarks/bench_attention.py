@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Attention kernels side by side (issue #7): forward, JVP (forward + tangent) and forward+backward.
+"""Attention kernels side by side: forward, JVP (forward + tangent) and forward+backward.
 
 Providers
   forward   ours (Triton flash, ``lct_fast::flash_attn_fwd``) · SDPA flash

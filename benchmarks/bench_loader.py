@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Throughput of the webdataset latent reader (latents/s) at several worker counts.
+"""Throughput of the latent readers side by side (latents/s): WebDataset at 0..N DataLoader workers, DALI
+(CPU pipeline, or the GPU one on a CUDA machine) at 1..N threads, in one run.
 
-Generates its own temporary dataset of C×H×W float16 latents (default 4×32×32, the
-CelebA-HQ 256 / SD-VAE setting), then times ``LatentLoader`` in resampled (training) mode
-for each worker count: a warm-up of a few batches, then ``--batches`` timed batches.
-Results go to benchmarks/results/ as CSV + Markdown (see harness.py).
+Generates its own temporary dataset of C×H×W float16 latents (default 4×32×32, the CelebA-HQ 256 / SD-VAE
+setting), then times each reader through ``lct_fast.data.build_loader`` -- the trainer's own path -- in its
+training (infinite, shuffled) mode: a warm-up of a few batches, then ``--batches`` timed batches. DALI rows
+are left out (with a note) when nvidia-dali is not installed. Results go to benchmarks/results/ as CSV +
+Markdown (see harness.py).
 
     python benchmarks/bench_loader.py --samples 8192 --workers 0 1 2 4 --batch-size 128
 """
@@ -22,7 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import machine_string, write_results  # noqa: E402
-from lct_fast.data import LatentLoader, ShardWriter  # noqa: E402
+from lct_fast.config import DataConfig  # noqa: E402
+from lct_fast.data import ShardWriter, build_loader  # noqa: E402
 
 
 def make_dataset(path: str, n: int, shape: tuple[int, int, int], per_shard: int, classes: int) -> float:
@@ -36,9 +39,12 @@ def make_dataset(path: str, n: int, shape: tuple[int, int, int], per_shard: int,
     return n / (time.perf_counter() - t0)
 
 
-def time_loader(path: str, workers: int, batch_size: int, batches: int, warmup: int, shuffle_buffer: int) -> float:
-    loader = LatentLoader(path, batch_size=batch_size, num_workers=workers, shuffle_buffer=shuffle_buffer,
-                          resample=True, seed=0)
+def time_loader(path: str, workers: int, batch_size: int, batches: int, warmup: int, shuffle_buffer: int,
+                reader: str = "webdataset", device: str = "cpu") -> float:
+    cfg = DataConfig(reader=reader, path=path, num_workers=workers, shuffle_buffer=shuffle_buffer)
+    import torch
+
+    loader = build_loader(cfg, batch_size=batch_size, seed=0, device=torch.device(device))
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -72,15 +78,29 @@ def main(argv=None) -> int:
         path = os.path.join(tmp, "latents")
         write_rate = make_dataset(path, a.samples, tuple(a.shape), a.samples_per_shard, 10)
         print(f"wrote {a.samples} latents {a.shape} fp16 at {write_rate:.0f} samples/s")
-        for w in a.workers:
-            rate = time_loader(path, w, a.batch_size, a.batches, a.warmup, a.shuffle_buffer)
+        import torch
+
+        from lct_fast.data.dali_reader import dali_available
+
+        dali_ok, why = dali_available()
+        dali_device = "cuda" if torch.cuda.is_available() else "cpu"
+        settings = [("webdataset", w, "cpu") for w in a.workers]
+        if dali_ok:
+            settings += [("dali", max(1, w), dali_device) for w in a.workers]  # DALI needs >= 1 thread
+        settings = list(dict.fromkeys(settings))
+        if not dali_ok:
+            print(f"dali rows skipped: {why}")
+        for reader, w, dev in settings:
+            rate = time_loader(path, w, a.batch_size, a.batches, a.warmup, a.shuffle_buffer, reader, dev)
             mb = rate * int(np.prod(a.shape)) * 2 / 1e6
-            print(f"workers={w:2d}  {rate:10.0f} latents/s  ({mb:.1f} MB/s of fp16 latents)")
-            rows.append({"workers": w, "batch_size": a.batch_size, "shape": "x".join(map(str, a.shape)),
-                         "dtype": "float16", "latents_per_s": round(rate, 1), "MB_per_s": round(mb, 2),
-                         "timed_batches": a.batches, "shuffle_buffer": a.shuffle_buffer})
+            unit = "workers" if reader == "webdataset" else "threads"
+            print(f"{reader:10s} {unit}={w:2d} ({dev})  {rate:10.0f} latents/s  ({mb:.1f} MB/s of fp16 latents)")
+            rows.append({"reader": reader, "device": dev, "workers_or_threads": w, "batch_size": a.batch_size,
+                         "shape": "x".join(map(str, a.shape)), "dtype": "float16", "latents_per_s": round(rate, 1),
+                         "MB_per_s": round(mb, 2), "timed_batches": a.batches, "shuffle_buffer": a.shuffle_buffer})
     if not a.no_save:
-        notes = (f"LatentLoader (resampled, normalize=channel) over {a.samples} generated samples in shards of "
+        notes = (f"build_loader (data.reader webdataset: resampled, DataLoader workers; dali: the DALI pipeline, "
+                 f"CPU threads; normalize=channel) over {a.samples} generated samples in shards of "
                  f"{a.samples_per_shard}; {a.warmup} warm-up + {a.batches} timed batches per row; "
                  f"ShardWriter write rate {write_rate:.0f} samples/s.")
         csv_path, md_path = write_results("bench_loader", rows, notes=notes)

@@ -1,4 +1,4 @@
-"""Fused NsLN benchmark (issue #6): providers side by side on DiT and UNet shapes.
+"""Fused NsLN benchmark: providers side by side on DiT and UNet shapes.
 
 Providers: torch eager (F.layer_norm + modulate), torch.compile of the same, apex FusedLayerNorm (+ eager
 modulate; only when apex is installed), Triton, CUDA (when lct_fast._C is built). Modes: fwd, bwd (backward

@@ -1,4 +1,4 @@
-// Sinkhorn OT coupling kernels (issue #8, SPEC §4): log-domain Sinkhorn, mutual-best rounding, 2-opt.
+// Sinkhorn OT coupling kernels (SPEC §4): log-domain Sinkhorn, mutual-best rounding, 2-opt.
 //
 // One thread block per independent problem; every loop runs on the device with device-side termination, so
 // the pipeline (cost bmm -> reduce & scale -> Sinkhorn -> rounding -> 2-opt) needs no host synchronisation.

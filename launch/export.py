@@ -12,7 +12,6 @@ resolved config) so ``launch/sample.py --checkpoint`` can rebuild the model. No 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import sys
@@ -30,10 +29,8 @@ def export(run_dir: str, tag: str | None = None, out: str | None = None) -> list
     tag = tag or ckpt.find_resume_tag(ckpt_dir)
     if tag is None or not ckpt.is_complete(ckpt_dir, tag):
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint{' ' + tag if tag else ''} to export")
-    files = sorted(glob.glob(os.path.join(ckpt_dir, tag, "client-rank*.pt")))
-    states = [torch.load(f, map_location="cpu", weights_only=True)["ema"] for f in files]
-    if not states:
-        raise FileNotFoundError(f"{ckpt_dir}/{tag}: no client-rank*.pt files")
+    states = [torch.load(f, map_location="cpu", weights_only=True)["ema"]
+              for f in ckpt.client_state_paths(ckpt_dir, tag)]
     from safetensors.torch import save_file
 
     out = out or os.path.join(run_dir, "export")

@@ -66,13 +66,35 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+_CLIENT = "client-rank{rank:05d}.pt"
+_CLIENT_RE = re.compile(r"client-rank(\d{5})\.pt")
+
+
+def client_state_path(ckpt_dir: str, tag: str, rank: int) -> str:
+    """Where rank ``rank``'s client state (samples, RNG, EMA shard) of checkpoint ``tag`` lives."""
+    return os.path.join(ckpt_dir, tag, _CLIENT.format(rank=rank))
+
+
+def client_state_paths(ckpt_dir: str, tag: str) -> list[str]:
+    """Every rank's client-state file of ``tag``, in rank order (FileNotFoundError naming the folder when none
+    is there, or when a rank in between is missing)."""
+    folder = os.path.join(ckpt_dir, tag)
+    ranks = sorted(int(m.group(1)) for m in map(_CLIENT_RE.fullmatch, os.listdir(folder)) if m) \
+        if os.path.isdir(folder) else []
+    if not ranks:
+        raise FileNotFoundError(f"{folder}: no client-state files ({_CLIENT.format(rank=0)}, ...)")
+    if ranks != list(range(len(ranks))):
+        raise FileNotFoundError(f"{folder}: client-state files for ranks {ranks}, expected 0..{len(ranks) - 1}")
+    return [client_state_path(ckpt_dir, tag, r) for r in ranks]
+
+
 def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int) -> str:
     """Save a complete checkpoint on every rank (a collective) and mark it latest when all are done."""
     tag = tag_for(samples)
     engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     tag_dir = os.path.join(ckpt_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
-    path = os.path.join(tag_dir, f"client-rank{rank:05d}.pt")
+    path = client_state_path(ckpt_dir, tag, rank)
     torch.save(client_state, f"{path}.tmp")
     _fsync(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -107,7 +129,7 @@ def find_resume_tag(ckpt_dir: str) -> str | None:
 
 
 def load_client_state(ckpt_dir: str, tag: str, rank: int) -> dict:
-    path = os.path.join(ckpt_dir, tag, f"client-rank{rank:05d}.pt")
+    path = client_state_path(ckpt_dir, tag, rank)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing client state for rank {rank} (was the world size different?)")
     return torch.load(path, map_location="cpu", weights_only=True)

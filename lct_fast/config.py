@@ -281,6 +281,9 @@ class MethodConfig:
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class SyntheticConfig:
+    """The embedded synthetic latent dataset (``lct_fast.data.synthetic`` generates it from exactly these
+    fields; its cache key hashes them)."""
+
     num_samples: int = 4096
     """Samples in the embedded synthetic latent dataset."""
     channels: int = 4
@@ -291,15 +294,26 @@ class SyntheticConfig:
     """Classes in the synthetic dataset."""
     seed: int = 0
     """Seed of the synthetic dataset (part of its cache key)."""
+    samples_per_shard: int = 256
+    """Samples per shard-%06d.tar of the embedded dataset."""
+    outlier_rate: float = 0.002
+    """Fraction of elements replaced by large spikes (the heavy tails of SD-VAE latents, SPEC §1)."""
+    dtype: str = "float32"
+    """Stored dtype of the latents (float32 | float16)."""
 
     def __post_init__(self) -> None:
-        for k in ("num_samples", "channels", "resolution"):
+        for k in ("num_samples", "channels", "resolution", "samples_per_shard"):
             _positive(f"data.synthetic.{k}", getattr(self, k))
         _positive("data.synthetic.num_classes", self.num_classes, allow_zero=True)
+        if not 0 <= self.outlier_rate < 1:
+            raise ConfigError(f"data.synthetic.outlier_rate: expected a value in [0, 1), got {self.outlier_rate}")
+        _choice("data.synthetic.dtype", self.dtype, ["float32", "float16"])
 
 
 @dataclass
 class DataConfig:
+    reader: str = "webdataset"
+    """webdataset (torch DataLoader workers) | dali (NVIDIA DALI pipeline; needs nvidia-dali-cuda130)."""
     path: str = ""
     """Dataset folder (shard-%06d.tar + stats.json); empty = the embedded synthetic dataset."""
     normalize: str = "channel"
@@ -307,13 +321,14 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Samples in the seeded shuffle buffer."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (webdataset); DALI CPU threads per rank (dali, at least 1)."""
     resample: bool = True
     """Infinite stream: resample shards with replacement (else epochs over a fixed shard split)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """The embedded dataset used when path is empty."""
 
     def __post_init__(self) -> None:
+        _choice("data.reader", self.reader, ["webdataset", "dali"])
         _choice("data.normalize", self.normalize, ["channel", "element"])
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("data.num_workers", self.num_workers, allow_zero=True)

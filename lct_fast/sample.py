@@ -314,41 +314,23 @@ def save_latents(path: str, x: Union[torch.Tensor, np.ndarray]) -> str:
     return path
 
 
-def _load_stats(stats: Any):
-    if isinstance(stats, (str, os.PathLike)):
-        from lct_fast.data.stats import load_stats
-        return load_stats(str(stats))
-    return stats
-
-
-def _stat(stats: Any, key: str):
-    return stats.get(key) if isinstance(stats, dict) else getattr(stats, key, None)
-
-
 def denormalize_latents(x: torch.Tensor, stats: Any, *, sigma_data: float = 0.5,
                         normalize: str = "channel") -> torch.Tensor:
     """Undo the data normalisation (SPEC §1: x0 = (latent − mean)/std·σ_d): latent = x0·std/σ_d + mean.
 
-    ``stats``: a ``lct_fast.data.stats.Stats``, a dict with the ``stats.json`` keys, or a path to it.
-    ``normalize``: "channel" (mean/std per channel) or "element" (mean_element/std_element).
+    The reader's own inverse (:meth:`lct_fast.data.LatentNormalizer.denormalize`), so both follow one rule
+    (a zero std is treated as 1). ``stats``: a ``lct_fast.data.stats.Stats`` or the dataset folder / its
+    ``stats.json``; ``normalize``: channel | element | none, as ``data.normalize``.
     """
-    stats = _load_stats(stats)
-    if normalize == "channel":
-        mean, std = _stat(stats, "mean"), _stat(stats, "std")
-        shape = (1, -1, 1, 1)
-    elif normalize == "element":
-        mean, std = _stat(stats, "mean_element"), _stat(stats, "std_element")
-        shape = (1, *x.shape[1:])
-    else:
-        raise ValueError(f"sample: normalize must be 'channel' or 'element', got {normalize!r}")
-    if mean is None or std is None:
-        keys = "mean/std" if normalize == "channel" else "mean_element/std_element"
-        raise ValueError(f"sample: stats lack {keys}, needed for normalize={normalize!r}")
-    mean_t = torch.as_tensor(np.asarray(mean, dtype=np.float32)).reshape(shape)
-    std_t = torch.as_tensor(np.asarray(std, dtype=np.float32)).reshape(shape)
-    if normalize == "channel" and mean_t.shape[1] != x.shape[1]:
-        raise ValueError(f"sample: stats have {mean_t.shape[1]} channels, latents have {x.shape[1]}")
-    return x.float() * (std_t.to(x.device) / sigma_data) + mean_t.to(x.device)
+    from lct_fast.data.reader import LatentNormalizer
+    from lct_fast.data.stats import load_stats
+
+    if isinstance(stats, (str, os.PathLike)):
+        stats = load_stats(str(stats))
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(stats.shape):
+        raise ValueError(f"sample: latents of shape {tuple(x.shape)} do not match the stats' shape "
+                         f"{tuple(stats.shape)} ({stats.path or 'stats'})")
+    return LatentNormalizer(stats, normalize, sigma_data).denormalize(x)
 
 
 def _load_vae(vae_path: str, device: Union[str, torch.device]):

@@ -247,15 +247,13 @@ class Trainer:
                          else contextlib.nullcontext())
 
     def _make_loader(self):
-        """This rank's stream, positioned after the samples already seen (exact resume)."""
-        from .data import make_loader
+        """This rank's stream (``data.reader``), positioned after the samples already seen (exact resume)."""
+        from .data import build_loader
 
         cfg, d = self.cfg, self.dist
-        return make_loader(
-            self.data_path, batch_size=self.micro_batch, rank=d.rank, world_size=d.world_size,
-            seed=cfg.train.seed, sigma_data=cfg.method.sigma_data, normalize=cfg.data.normalize,
-            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers, resample=cfg.data.resample,
-            start_sample=self.samples // d.world_size)
+        return build_loader(cfg.data, batch_size=self.micro_batch, rank=d.rank, world_size=d.world_size,
+                            seed=cfg.train.seed, sigma_data=cfg.method.sigma_data, path=self.data_path,
+                            start_sample=self.samples // d.world_size, device=d.device)
 
     # ------------------------------------------------------------------------------------ evaluation
     def _make_evaluator(self):

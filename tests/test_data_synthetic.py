@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lct_fast.data import LatentLoader, ensure_synthetic, load_stats, loader_from_config, resolve_dataset
+from lct_fast.data import LatentLoader, build_loader, ensure_synthetic, load_stats, resolve_dataset
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_config_without_path_uses_synthetic(tmp_path, monkeypatch):
     )
     path = resolve_dataset(cfg)
     assert path.startswith(str(tmp_path / "envcache"))
-    loader = loader_from_config(cfg, batch_size=16, seed=0)
+    loader = build_loader(cfg, batch_size=16, seed=0)
     x, y = next(iter(loader))
     assert x.shape == (16, 4, 8, 8) and y.dtype == torch.int64 and int(y.max()) < 3
     cfg.path = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="missing"):
-        loader_from_config(cfg, batch_size=16)
+        build_loader(cfg, batch_size=16)

@@ -1,4 +1,4 @@
-"""Triton flash attention (issue #7, SPEC §4) in the Triton interpreter on CPU: forward, log-sum-exp,
+"""Triton flash attention (SPEC §4) in the Triton interpreter on CPU: forward, log-sum-exp,
 backward and the one-pass tangent against an explicit float64 softmax written in this file and
 ``torch.func.jvp`` of it; the forward-AD / torch.func / dispatcher paths; a small DiT's JVP pass.
 

@@ -1,4 +1,4 @@
-"""Triton flash attention on a CUDA device (issue #7): realistic sizes, bf16 and fp32, backward, tangent,
+"""Triton flash attention on a CUDA device: realistic sizes, bf16 and fp32, backward, tangent,
 the dispatcher and a DiT JVP pass. Skipped without CUDA.
 
 bf16 criterion (as FlashAttention's own tests): error vs a float64 reference on the same (bf16-rounded)

@@ -1,4 +1,4 @@
-"""Fused NsLN kernels (issue #6) against the PyTorch reference: forward, every gradient, the JVP.
+"""Fused NsLN kernels against the PyTorch reference: forward, every gradient, the JVP.
 
 On a CPU machine the Triton kernels run under ``TRITON_INTERPRET=1`` (set by conftest) on CPU tensors,
 called explicitly (the dispatcher never picks them for CPU tensors). On a GPU the same checks run on CUDA

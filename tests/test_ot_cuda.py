@@ -1,4 +1,4 @@
-"""CUDA C++ Sinkhorn backend (issue #8, csrc/sinkhorn*): compile checks on CPU, numerics on a GPU.
+"""CUDA C++ Sinkhorn backend (csrc/sinkhorn*): compile checks on CPU, numerics on a GPU.
 
 Without a GPU the sources are compiled (nvcc for sm_90, g++ against torch's CPU headers) to prove they build,
 and the ``cuda`` backend must fall back to the reference with a warning on CPU tensors. Tests marked ``gpu``

@@ -1,4 +1,4 @@
-"""Global OT coupling across ranks (issue #8): a 2-rank gloo run checked against POT on the global batch."""
+"""Global OT coupling across ranks: a 2-rank gloo run checked against POT on the global batch."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Triton Sinkhorn OT kernels (issue #8) against the PyTorch reference in lct_fast.ot and against POT.
+"""Triton Sinkhorn OT kernels against the PyTorch reference in lct_fast.ot and against POT.
 
 On a CPU-only machine the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
 shapes stay small; the sm_90 compile test proves the same kernels also lower to a GPU binary. Tests marked

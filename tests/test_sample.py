@@ -196,6 +196,22 @@ def test_denormalize_inverts_spec_normalisation(tmp_path, normalize):
     torch.testing.assert_close(back.double(), lat, rtol=1e-5, atol=1e-5)
 
 
+def test_denormalize_follows_the_readers_zero_std_rule(tmp_path):
+    """A constant channel (std 0) is normalised with std 1 by the reader; the sampler's inverse must agree."""
+    from lct_fast.data import LatentNormalizer
+
+    st, _ = _stats(tmp_path)
+    st.std = st.std.copy()
+    st.std[1] = 0.0
+    lat = torch.randn(3, *SHAPE)
+    lat[:, 1] = float(st.mean[1])
+    x0 = LatentNormalizer(st, "channel", 0.5).normalize(lat)
+    assert torch.isfinite(x0).all()
+    torch.testing.assert_close(S.denormalize_latents(x0, st, sigma_data=0.5), lat, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        S.denormalize_latents(torch.zeros(2, 3, 1, 1), st)
+
+
 def _tiny_vae(path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)

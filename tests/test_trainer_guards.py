@@ -158,3 +158,20 @@ def test_divergence_watch_warns_once_per_runaway_metric():
     msgs = w.check({"jvp_abs": 3.0, "g_norm_mean": 81.0, "sample_absmax": 4.5, "data_absmax": 1.0})
     assert len(msgs) == 3 and "jvp_abs" in msgs[0] and "g_norm_mean" in msgs[1] and "data range" in msgs[2]
     assert w.check({"jvp_abs": 30.0, "g_norm_mean": float("nan"), "sample_absmax": 9.0, "data_absmax": 1.0}) == []
+
+
+def test_client_state_files_are_named_in_one_place(tmp_path):
+    """checkpoint.py names the per-rank client files; export and resume find them through it, in rank order,
+    and a missing rank in between is an error naming the folder."""
+    tag = ckpt.tag_for(64)
+    folder = tmp_path / tag
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match="no client-state files"):
+        ckpt.client_state_paths(str(tmp_path), tag)
+    for r in (0, 1, 2):
+        (folder / os.path.basename(ckpt.client_state_path(str(tmp_path), tag, r))).write_bytes(b"")
+    assert [os.path.basename(p) for p in ckpt.client_state_paths(str(tmp_path), tag)] == [
+        "client-rank00000.pt", "client-rank00001.pt", "client-rank00002.pt"]
+    os.remove(ckpt.client_state_path(str(tmp_path), tag, 1))
+    with pytest.raises(FileNotFoundError, match=r"ranks \[0, 2\]"):
+        ckpt.client_state_paths(str(tmp_path), tag)

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO stages 0-3 against a single-process reference, for iLCT and sCT (issue #5).
+"""DeepSpeed ZeRO stages 0-3 against a single-process reference, for iLCT and sCT.
 
 One launch of ``tests/dist/zero_parity.py`` on 2 CPU ranks (gloo) runs every (method, stage) case; rank 0
 writes the measured errors as JSON and the tests below assert on them:

@@ -4,15 +4,16 @@ Public API::
 
     ShardWriter(out_dir, *, samples_per_shard, vae, vae_scale, dtype, num_classes, overwrite)
     load_stats(path) -> Stats            RunningStats(shape)
-    LatentLoader(path, *, batch_size, rank, world_size, seed, sigma_data, normalize,
-                 shuffle_buffer, num_workers, resample, start_sample, ...)   make_loader(path, **kw)
+    build_loader(data_cfg, *, batch_size, rank, world_size, seed, sigma_data, start_sample, ...) -> LatentSource
+    LatentSource (the reader protocol)   READERS / register_reader(name, factory)
+    LatentLoader(path, *, batch_size, rank, world_size, seed, ...)  (data.reader=webdataset)
+    DaliLoader (lct_fast.data.dali_reader, data.reader=dali; needs nvidia-dali)
     LatentNormalizer(stats, mode, sigma_data)   DataErrors
-    ensure_synthetic(cfg=None, root=None, **overrides) -> path
-    resolve_dataset(data_cfg, root=None) -> path      loader_from_config(data_cfg, *, batch_size, ...)
+    ensure_synthetic(cfg=None, root=None, **overrides) -> path      resolve_dataset(data_cfg, root=None) -> path
 """
 
-from .config_glue import loader_from_config, resolve_dataset
-from .reader import DataErrors, LatentLoader, LatentNormalizer, derive_seed, list_shards, make_loader
+from .loader import READERS, LatentSource, build_loader, register_reader, resolve_dataset
+from .reader import DataErrors, LatentLoader, LatentNormalizer, derive_seed, list_shards
 from .stats import STATS_FILE, RunningStats, Stats, StatsError, load_stats, write_stats
 from .synthetic import SyntheticSpec, default_cache_root, ensure_synthetic, generate, write_synthetic
 from .writer import SHARD_PATTERN, ShardWriter, npy_bytes
@@ -34,8 +35,10 @@ __all__ = [
     "generate",
     "list_shards",
     "load_stats",
-    "loader_from_config",
-    "make_loader",
+    "build_loader",
+    "LatentSource",
+    "READERS",
+    "register_reader",
     "npy_bytes",
     "resolve_dataset",
     "write_stats",

@@ -599,11 +599,6 @@ class LatentLoader:
             log.warning("lct_fast.data: %s", self.report())
 
 
-def make_loader(path: str, **kwargs: Any) -> LatentLoader:
-    """``LatentLoader(path, **kwargs)``; see :class:`LatentLoader` for the arguments."""
-    return LatentLoader(path, **kwargs)
-
-
 def read_all_latents(path: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, DataErrors]:
     """Every latent (as stored, float32 [N, C, H, W]) and class id of a shard folder, in key order, for
     evaluation and statistics (not the training stream). An unreadable shard or sample is skipped and

@@ -36,11 +36,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from ..config import SyntheticConfig
 from .stats import STATS_FILE
 from .writer import ShardWriter
 
@@ -48,22 +48,14 @@ from .writer import ShardWriter
 GENERATOR_VERSION = 1
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """Parameters of the synthetic dataset (mirrors ``config.SyntheticConfig``)."""
+#: The one description of the dataset: the config's dataclass (``data.synthetic``), so the two cannot drift.
+SyntheticSpec = SyntheticConfig
 
-    num_samples: int = 4096
-    channels: int = 4
-    resolution: int = 8
-    num_classes: int = 4
-    seed: int = 0
-    samples_per_shard: int = 256
-    outlier_rate: float = 0.002
-    dtype: str = "float32"
 
-    def key(self) -> str:
-        payload = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def spec_key(spec: SyntheticSpec) -> str:
+    """Cache key of a dataset: a hash of the generator version and every field of ``spec``."""
+    payload = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def as_spec(cfg: Any = None, **overrides: Any) -> SyntheticSpec:
@@ -81,15 +73,7 @@ def as_spec(cfg: Any = None, **overrides: Any) -> SyntheticSpec:
     if unknown:
         raise TypeError(f"unknown synthetic dataset parameter(s) {sorted(unknown)}; known: {names}")
     values.update(overrides)
-    spec = SyntheticSpec(**values)
-    for name in ("num_samples", "channels", "resolution", "samples_per_shard"):
-        if int(getattr(spec, name)) <= 0:
-            raise ValueError(f"synthetic dataset: {name} must be > 0, got {getattr(spec, name)}")
-    if spec.num_classes < 0:
-        raise ValueError(f"synthetic dataset: num_classes must be >= 0, got {spec.num_classes}")
-    if not 0 <= spec.outlier_rate < 1:
-        raise ValueError(f"synthetic dataset: outlier_rate must be in [0, 1), got {spec.outlier_rate}")
-    return spec
+    return SyntheticSpec(**values)  # validated by the dataclass (ConfigError, a ValueError)
 
 
 def _smooth_patterns(rng: np.random.Generator, count: int, res: int, terms: int = 4) -> np.ndarray:
@@ -162,11 +146,11 @@ def ensure_synthetic(cfg: Any = None, root: Optional[str] = None, **overrides: A
     """
     spec = as_spec(cfg, **overrides)
     root = os.path.abspath(root or default_cache_root())
-    final = os.path.join(root, f"synthetic-{spec.key()}")
+    final = os.path.join(root, f"synthetic-{spec_key(spec)}")
     if os.path.exists(os.path.join(final, STATS_FILE)):
         return final
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{spec.key()}-", dir=root)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{spec_key(spec)}-", dir=root)
     try:
         write_synthetic(spec, tmp)
         with open(os.path.join(tmp, "synthetic.json"), "w") as f:

@@ -61,10 +61,10 @@ __all__ = [
     "unregister_backend",
 ]
 
-# --- fused NsLN kernels (issue #6): registers the "triton"/"cuda" backends of nsln / nsln_modulate ---
+# --- fused NsLN kernels: registers the "triton"/"cuda" backends of nsln / nsln_modulate ---
 from . import nsln_fused  # noqa: E402,F401  (Triton kernels themselves are imported lazily)
 
-# --- flash attention with a one-pass tangent (issue #7): registers the "triton" backend of attention ---
+# --- flash attention with a one-pass tangent: registers the "triton" backend of attention ---
 # (API in the submodule: lct_fast.ops.flash_attention.flash_attention / flash_attention_jvp / ...)
 from .flash_attention import register_flash_attention_backend as _register_flash_attention  # noqa: E402
 

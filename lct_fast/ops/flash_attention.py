@@ -1,4 +1,4 @@
-"""JVP-friendly flash attention (Triton): forward, backward and a one-pass tangent (SPEC §4, issue #7).
+"""JVP-friendly flash attention (Triton): forward, backward and a one-pass tangent (SPEC §4).
 
 O = softmax(Q·Kᵀ·s)·V on [B, H, L, Dh] with the log-sum-exp saved; its tangent
 Ȯ = Ṗ·V + P·V̇, Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)), Ṡ = (Q̇·Kᵀ + Q·K̇ᵀ)·s, computed in the same flash pass as O

@@ -1,4 +1,4 @@
-"""Fused NsLN / adaLN-NsLN ops (issue #6): torch.library custom ops over the Triton and CUDA kernels, one
+"""Fused NsLN / adaLN-NsLN ops: torch.library custom ops over the Triton and CUDA kernels, one
 ``autograd.Function`` with ``backward`` and ``jvp``, and the ``triton``/``cuda`` backends of
 ``lct_fast.ops.nsln`` / ``nsln_modulate`` (SPEC §4).
 
@@ -311,10 +311,11 @@ def _backend_fns(impl: str):
     return nsln_backend, nsln_modulate_backend
 
 
-nsln_triton, nsln_modulate_triton = _backend_fns("triton")
-nsln_cuda, nsln_modulate_cuda = _backend_fns("cuda")
+# Named *_op so they cannot be mistaken for (or shadow) the kernel modules ops/nsln_triton.py and _C.
+nsln_triton_op, nsln_modulate_triton_op = _backend_fns("triton")
+nsln_cuda_op, nsln_modulate_cuda_op = _backend_fns("cuda")
 
-register_backend("nsln", "triton", nsln_triton, available=triton_available)
-register_backend("nsln_modulate", "triton", nsln_modulate_triton, available=triton_available)
-register_backend("nsln", "cuda", nsln_cuda, available=cuda_available)
-register_backend("nsln_modulate", "cuda", nsln_modulate_cuda, available=cuda_available)
+register_backend("nsln", "triton", nsln_triton_op, available=triton_available)
+register_backend("nsln_modulate", "triton", nsln_modulate_triton_op, available=triton_available)
+register_backend("nsln", "cuda", nsln_cuda_op, available=cuda_available)
+register_backend("nsln_modulate", "cuda", nsln_modulate_cuda_op, available=cuda_available)

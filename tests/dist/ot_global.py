@@ -1,4 +1,4 @@
-"""2-rank check of the global OT coupling (issue #8), launched by ``tests/test_ot_global.py``::
+"""2-rank check of the global OT coupling, launched by ``tests/test_ot_global.py``::
 
     PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 --master_port PORT \
         tests/dist/ot_global.py --out result.json

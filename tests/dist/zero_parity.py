@@ -1,4 +1,4 @@
-"""ZeRO parity check: DeepSpeed ZeRO stages 0/1/2/3 against a single-process reference (issue #5).
+"""ZeRO parity check: DeepSpeed ZeRO stages 0/1/2/3 against a single-process reference.
 
 Launched by the DeepSpeed launcher (2 ranks, CPU/gloo on a machine without GPUs)::
 
