@@ -387,14 +387,16 @@ def decode_and_save_grid(latents: torch.Tensor, vae_path: str, stats: Any, out_p
                          sigma_data: float = 0.5, normalize: str = "channel", nrow: Optional[int] = None,
                          padding: int = 2, batch_size: int = 16,
                          device: Union[str, torch.device] = "cpu") -> np.ndarray:
-    """Denormalize generated latents with the dataset ``stats`` (then / ``stats.vae_scale`` + ``stats.vae_shift``),
+    """Denormalize generated latents with the dataset ``stats`` (a ``Stats`` or the dataset folder; then
+    / ``stats.vae_scale`` + ``stats.vae_shift``),
     decode with the local diffusers ``AutoencoderKL`` at ``vae_path`` and write a PNG grid to ``out_png``.
     Returns the grid as a uint8 array."""
-    stats = _load_stats(stats)
-    vae_scale = _stat(stats, "vae_scale")
-    vae_scale = 1.0 if vae_scale is None else float(vae_scale)
-    vae_shift = _stat(stats, "vae_shift")
-    vae_shift = 0.0 if vae_shift is None else float(vae_shift)
+    from lct_fast.data.stats import load_stats
+
+    if isinstance(stats, (str, os.PathLike)):
+        stats = load_stats(str(stats))
+    vae_scale = 1.0 if stats.vae_scale is None else float(stats.vae_scale)
+    vae_shift = 0.0 if stats.vae_shift is None else float(stats.vae_shift)
     vae = _load_vae(vae_path, device)
     images = decode_latents(denormalize_latents(latents, stats, sigma_data=sigma_data, normalize=normalize),
                             vae, vae_scale=vae_scale, vae_shift=vae_shift, batch_size=batch_size)
