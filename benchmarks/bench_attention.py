@@ -56,7 +56,7 @@ def _providers(q, k, v, tq, tk, tv, go):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import lct_fast.ops.flash_attention as fa
+    import lct_fast.ops.attention_fused as fa
     from lct_fast.ops import attention_reference
 
     def sdpa(backend):

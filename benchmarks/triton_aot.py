@@ -4,7 +4,7 @@ Why: CPU CI runs the kernels in the Triton interpreter, which checks the arithme
 compiler: a kernel can pass every interpreter test and still fail to lower (unsupported op/layout), or
 ask for more shared memory than the SM has (an "out of resource" at the first launch), or spill its
 accumulators to local memory (slow). This tool runs the real launchers (``nsln_triton``,
-``flash_kernels``, ``sinkhorn_triton``) on CPU tensors with a compile-only Triton driver: every launch, and for
+``attention_triton``, ``sinkhorn_triton``) on CPU tensors with a compile-only Triton driver: every launch, and for
 autotuned kernels every configuration the autotuner would benchmark after its own pruning, is compiled
 to a cubin for the chosen architecture (default sm_90 = H100/H200) and checked, then nothing runs.
 
@@ -194,7 +194,7 @@ def _nsln_cases(quick: bool) -> Dict[str, Callable[[], None]]:
 
 
 def _attention_cases(quick: bool) -> Dict[str, Callable[[], None]]:
-    from lct_fast.ops import flash_kernels as K
+    from lct_fast.ops import attention_triton as K
 
     # L = 1000 compiles the masked-tail (EVEN_N = 0) variants
     shapes = ([(64, 1000, torch.bfloat16), (128, 1024, torch.bfloat16), (64, 1024, torch.float32)] if quick

@@ -22,8 +22,8 @@ optimal, so the Sinkhorn path first row/column-reduces C (Hungarian-style) and m
 differ by O(√D); an ε relative to the raw mean(C) would make the plan nearly uniform, whereas relative to
 the reduced cost it tracks the spread that actually decides the assignment.
 
-The Sinkhorn solver is a kernel family of :mod:`lct_fast.ops` (``ops.sinkhorn``: the shared pipeline and the
-dispatch; ``sinkhorn_reference`` / ``sinkhorn_triton`` / ``sinkhorn_cuda``), registered in the one backend
+The Sinkhorn solver is a kernel family of :mod:`lct_fast.ops` (``ops.sinkhorn_ops``: the shared pipeline and the
+dispatch; ``sinkhorn_pytorch`` / ``sinkhorn_triton`` / ``sinkhorn_cuda``), registered in the one backend
 registry; ``backend="auto"`` picks a ``cuda``/``triton`` kernel for CUDA tensors and the PyTorch reference
 otherwise. This module only consumes it; its names are re-exported here for callers of the coupling API.
 """
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from .backends import BACKENDS
-from .ops.sinkhorn import (SinkhornFn, check_schedule, eps_schedule, get_sinkhorn_backend, reduce_and_scale,
+from .ops.sinkhorn_ops import (SinkhornFn, check_schedule, eps_schedule, get_sinkhorn_backend, reduce_and_scale,
                            run_assignment, schedule_tensor, sinkhorn_assignment)
-from .ops.sinkhorn_reference import round_to_permutation, sinkhorn_log, two_opt
+from .ops.sinkhorn_pytorch import round_to_permutation, sinkhorn_log, two_opt
 
 __all__ = [
     "METHODS",

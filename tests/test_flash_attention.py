@@ -15,7 +15,7 @@ import torch.autograd.forward_ad as fwAD
 pytest.importorskip("triton")
 
 from lct_fast import ops  # noqa: E402
-import lct_fast.ops.flash_attention as fa  # noqa: E402
+import lct_fast.ops.attention_fused as fa  # noqa: E402
 from lct_fast.models import TrigFlowPrecond, build_backbone  # noqa: E402
 
 from model_helpers import randomize, small_cfg  # noqa: E402
@@ -274,7 +274,7 @@ def test_dual_tensors_with_grad_enabled_give_tangent_and_gradient():
 def test_fp32_dot_precision_follows_torch_tf32_setting():
     """fp32 inputs take exact (IEEE) dots unless TF32 is allowed, through either of torch's APIs; reading
     the legacy flag after the new API was used raises in torch, which must not reach the kernel launch."""
-    from lct_fast.ops import flash_kernels as K
+    from lct_fast.ops import attention_triton as K
 
     saved = torch.get_float32_matmul_precision()
     try:

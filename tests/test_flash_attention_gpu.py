@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
 triton = pytest.importorskip("triton")
 
 from lct_fast import ops  # noqa: E402
-import lct_fast.ops.flash_attention as fa  # noqa: E402
+import lct_fast.ops.attention_fused as fa  # noqa: E402
 from lct_fast.models import TrigFlowPrecond, build_backbone  # noqa: E402
 
 from model_helpers import randomize, small_cfg  # noqa: E402

@@ -98,3 +98,33 @@ def test_the_walker_sees_lazy_imports_and_cycles():
     assert "lct_fast.ops.dispatch" in g["lct_fast.ops.forward_ad"]
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_is_shadowed_by_a_package_attribute():
+    """``import lct_fast.ops.x as m`` must give the module x: no package exports a function or class under the
+    name of one of its own submodules (that is how ``nsln_reference`` the function would hide a module of the
+    same name)."""
+    import importlib
+
+    bad = []
+    for mod in sorted(_modules()):
+        pkg, _, name = mod.rpartition(".")
+        if not pkg or mod.endswith("__init__"):
+            continue
+        parent = importlib.import_module(pkg)
+        if name in vars(parent) and not hasattr(vars(parent)[name], "__path__") \
+                and getattr(vars(parent)[name], "__name__", None) != mod:
+            bad.append(f"{pkg}.{name} is {type(vars(parent)[name]).__name__}, not the module {mod}")
+    assert not bad, "; ".join(bad)
+
+
+def test_kernel_families_share_one_file_layout():
+    """Each kernel family: <family>_ops.py (functional entry), <family>_pytorch.py (reference), and its kernels
+    as <family>_triton.py / <family>_cuda.py / <family>_fused.py (autograd layer), all in lct_fast/ops/."""
+    files = set(os.listdir(os.path.join(PKG, "ops")))
+    for family in ("nsln", "attention", "sinkhorn"):
+        assert {f"{family}_ops.py", f"{family}_pytorch.py", f"{family}_triton.py"} <= files, family
+    extra = {f for f in files if f.endswith(".py")} - {"__init__.py", "dispatch.py", "forward_ad.py"} - {
+        f"{fam}_{kind}.py" for fam in ("nsln", "attention", "sinkhorn") for kind in ("ops", "pytorch", "triton",
+                                                                                      "cuda", "fused")}
+    assert not extra, f"files in lct_fast/ops outside the family layout: {sorted(extra)}"

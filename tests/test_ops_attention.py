@@ -7,7 +7,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from lct_fast import ops
-import lct_fast.ops.attention_ops as attn_mod
+import lct_fast.ops.attention_pytorch as attn_mod
 
 
 def _qkv(seed, dtype=torch.float64, shape=(2, 3, 5, 4)):

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ["lct_fast/ops/nsln_triton.py", "lct_fast/ops/flash_kernels.py", "lct_fast/ops/sinkhorn_triton.py"]
+MODULES = ["lct_fast/ops/nsln_triton.py", "lct_fast/ops/attention_triton.py", "lct_fast/ops/sinkhorn_triton.py"]
 
 
 def _kernels(path):
@@ -76,7 +76,7 @@ def test_autotuned_launches_have_a_spill_free_candidate(records):
 
 
 def test_pruning_keeps_spills_small(records):
-    # flash_kernels.live_per_thread / nsln_triton.MAX_PER_THREAD prune what spills ≥ ~400 B per thread (the
+    # attention_triton.live_per_thread / nsln_triton.MAX_PER_THREAD prune what spills ≥ ~400 B per thread (the
     # calibration in their comments); a candidate past that means the model no longer matches the compiler.
     worst = max(records, key=lambda r: r["spill_bytes"])
     assert worst["spill_bytes"] <= 256, worst
@@ -84,7 +84,7 @@ def test_pruning_keeps_spills_small(records):
 
 def test_register_model_orders_flash_configs():
     # Independent of the compiler: the model must reject the tile shapes measured to spill heavily on sm_90.
-    from lct_fast.ops.flash_kernels import MAX_LIVE_PER_THREAD, live_per_thread
+    from lct_fast.ops.attention_triton import MAX_LIVE_PER_THREAD, live_per_thread
 
     assert live_per_thread("jvp", 128, 64, 128, 4) > MAX_LIVE_PER_THREAD  # 1.7 KB/thread spill measured
     assert live_per_thread("fwd", 128, 128, 128, 4) > MAX_LIVE_PER_THREAD  # 632 B
@@ -96,7 +96,7 @@ def test_pruning_rules_and_the_autotune_switch(monkeypatch):
     import torch
     import triton
 
-    from lct_fast.ops import flash_kernels as FK
+    from lct_fast.ops import attention_triton as FK
     from lct_fast.ops import nsln_triton as NT
     from lct_fast.ops.dispatch import with_autotune_switch as switched
 

@@ -65,14 +65,14 @@ __all__ = [
 from . import nsln_fused  # noqa: E402,F401  (Triton kernels themselves are imported lazily)
 
 # --- flash attention with a one-pass tangent: registers the "triton" backend of attention ---
-# (API in the submodule: lct_fast.ops.flash_attention.flash_attention / flash_attention_jvp / ...)
-from .flash_attention import register_flash_attention_backend as _register_flash_attention  # noqa: E402
+# (API in the submodule: lct_fast.ops.attention_fused.flash_attention / flash_attention_jvp / ...)
+from .attention_fused import register_flash_attention_backend as _register_flash_attention  # noqa: E402
 
 _register_flash_attention()
 
-# --- Sinkhorn OT: reference (ops.sinkhorn) + Triton and CUDA kernels, imported on first use with CUDA tensors ---
-from . import sinkhorn as _sinkhorn  # noqa: E402  (registers the reference backends)
-from .sinkhorn import get_sinkhorn_backend, sinkhorn_assignment  # noqa: E402,F401
+# --- Sinkhorn OT: reference (ops.sinkhorn_ops) + Triton and CUDA kernels, imported on first use with CUDA tensors ---
+from . import sinkhorn_ops as _sinkhorn  # noqa: E402  (registers the reference backends)
+from .sinkhorn_ops import get_sinkhorn_backend, sinkhorn_assignment  # noqa: E402,F401
 
 
 def _register_sinkhorn_kernels() -> None:

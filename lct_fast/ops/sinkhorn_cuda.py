@@ -7,10 +7,10 @@ The extension ``lct_fast._C`` (built by setup.py only with a CUDA torch) registe
     device vector, fixed iteration budget with optional device-side early stop (``tol``; 0 = full budget).
 ``torch.ops.lct_fast.sinkhorn_round_cuda(C, f, g, max_rounds, refine_rounds) -> perm``
     mutual-best greedy rounding of C − f − g to a permutation plus parallel 2-opt, both with device-side
-    termination (same algorithms and tie rules as :func:`lct_fast.ops.sinkhorn_reference.round_to_permutation` / ``two_opt``).
+    termination (same algorithms and tie rules as :func:`lct_fast.ops.sinkhorn_pytorch.round_to_permutation` / ``two_opt``).
 
-This module wraps them with the signatures of :func:`lct_fast.ops.sinkhorn_reference.sinkhorn_log` and of
-the whole :func:`lct_fast.ops.sinkhorn.sinkhorn_assignment` pipeline; :mod:`lct_fast.ops` registers them as
+This module wraps them with the signatures of :func:`lct_fast.ops.sinkhorn_pytorch.sinkhorn_log` and of
+the whole :func:`lct_fast.ops.sinkhorn_ops.sinkhorn_assignment` pipeline; :mod:`lct_fast.ops` registers them as
 backend ``cuda`` (importing this module never builds or loads anything until a CUDA tensor needs it). The whole
 pipeline issues a fixed number of launches and performs no host synchronisation.
 """
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from . import sinkhorn as _pipe
+from . import sinkhorn_ops as _pipe
 from .dispatch import load_extension_ops
 
 __all__ = ["cuda_ops_loaded", "available", "sinkhorn_log_cuda", "round_and_refine_cuda",
@@ -59,7 +59,7 @@ def _require(C: torch.Tensor, who: str) -> None:
 
 def sinkhorn_log_cuda(C: torch.Tensor, eps_schedule: Sequence[float], iters: int | None = None, *,
                       tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA replacement of :func:`lct_fast.ops.sinkhorn_reference.sinkhorn_log` (same signature and result up to fp32 rounding).
+    """CUDA replacement of :func:`lct_fast.ops.sinkhorn_pytorch.sinkhorn_log` (same signature and result up to fp32 rounding).
 
     ``C`` [P, n, n] (scaled so the ε values are absolute) -> (f [P, n], g [P, n]) fp32. ``tol`` (relative to ε)
     lets the kernel stop at the final ε once max|Δf| ≤ tol·ε; 0 keeps the fixed budget.
@@ -84,7 +84,7 @@ def round_and_refine_cuda(C: torch.Tensor, f: torch.Tensor | None = None, g: tor
 def sinkhorn_assignment_cuda(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100, eps_start: float = 1.0,
                              refine_rounds: int = 8, tol: float = 0.0, max_rounds: int | None = None
                              ) -> torch.Tensor:
-    """The whole :func:`lct_fast.ops.sinkhorn.sinkhorn_assignment` pipeline on the CUDA kernels, no host sync.
+    """The whole :func:`lct_fast.ops.sinkhorn_ops.sinkhorn_assignment` pipeline on the CUDA kernels, no host sync.
 
     ``C`` [P, n, n] or [n, n]. Returns LongTensor [P, n] (or [n]).
     """

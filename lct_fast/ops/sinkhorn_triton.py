@@ -18,10 +18,10 @@ issues a fixed, small number of launches and never synchronises with the host:
                        round every free row picks its cheapest free column and every free column its cheapest
                        free row; mutual pairs are fixed. Rounds stop on the device when no row is free or after
                        ``max_rounds``; leftovers are paired k-th free row with k-th free column. Same algorithm
-                       and tie rules (first index) as :func:`lct_fast.ops.sinkhorn_reference.round_to_permutation`.
+                       and tie rules (first index) as :func:`lct_fast.ops.sinkhorn_pytorch.round_to_permutation`.
 ``_two_opt_kernel``    parallel 2-opt polish: every row picks its best swap partner, mutually chosen pairs with
                        a positive gain swap at once; stops when a round swaps nothing. Same as
-                       :func:`lct_fast.ops.sinkhorn_reference.two_opt`.
+                       :func:`lct_fast.ops.sinkhorn_pytorch.two_opt`.
 
 Cross-thread communication inside a program goes through small global scratch vectors separated by
 ``tl.debug_barrier()`` (a CTA barrier: stores before it are visible to the whole program after it).
@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import sinkhorn as _pipe
+from . import sinkhorn_ops as _pipe
 from .dispatch import interpreting
-from .sinkhorn_reference import sinkhorn_log
+from .sinkhorn_pytorch import sinkhorn_log
 
 __all__ = [
     "sinkhorn_log_triton",
@@ -316,7 +316,7 @@ def _check_square(C: torch.Tensor, who: str) -> None:
 
 def sinkhorn_log_triton(C: torch.Tensor, eps_schedule: Sequence[float], iters: int | None = None, *,
                         tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton replacement of :func:`lct_fast.ops.sinkhorn_reference.sinkhorn_log` (same signature and result).
+    """Triton replacement of :func:`lct_fast.ops.sinkhorn_pytorch.sinkhorn_log` (same signature and result).
 
     ``C`` [P, n, n] fp32 (scaled so the ε values are absolute); returns (f [P, n], g [P, n]) fp32. ``tol``
     (relative to ε) lets the kernel stop early at the final ε once max|Δf| ≤ tol·ε; 0 keeps the fixed budget
@@ -340,7 +340,7 @@ def round_to_permutation_triton(C: torch.Tensor, f: torch.Tensor | None = None, 
                                 max_rounds: int | None = None) -> torch.Tensor:
     """Permutations [P, n] (int64) from the reduced cost R = C − f − g by mutual-best greedy rounding.
 
-    Equals :func:`lct_fast.ops.sinkhorn_reference.round_to_permutation` applied to ``C - f[:, :, None] - g[:, None, :]`` whenever
+    Equals :func:`lct_fast.ops.sinkhorn_pytorch.round_to_permutation` applied to ``C - f[:, :, None] - g[:, None, :]`` whenever
     that function finishes within its budget (its budget counts in steps of 4 rounds). ``f``/``g`` default to 0.
     """
     _check_square(C, "round_to_permutation_triton")
@@ -361,7 +361,7 @@ def round_to_permutation_triton(C: torch.Tensor, f: torch.Tensor | None = None, 
 
 
 def two_opt_triton(C: torch.Tensor, perm: torch.Tensor, rounds: int = 8) -> torch.Tensor:
-    """Triton version of :func:`lct_fast.ops.sinkhorn_reference.two_opt` (returns a new int64 [P, n] tensor)."""
+    """Triton version of :func:`lct_fast.ops.sinkhorn_pytorch.two_opt` (returns a new int64 [P, n] tensor)."""
     _check_square(C, "two_opt_triton")
     P, n, _ = C.shape
     if perm.shape != (P, n):
@@ -384,7 +384,7 @@ def two_opt_triton(C: torch.Tensor, perm: torch.Tensor, rounds: int = 8) -> torc
 def sinkhorn_assignment_triton(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100, eps_start: float = 1.0,
                                refine_rounds: int = 8, tol: float = 0.0, max_rounds: int | None = None
                                ) -> torch.Tensor:
-    """The whole :func:`lct_fast.ops.sinkhorn.sinkhorn_assignment` pipeline with the three kernels, no host sync.
+    """The whole :func:`lct_fast.ops.sinkhorn_ops.sinkhorn_assignment` pipeline with the three kernels, no host sync.
 
     ``C`` [P, n, n] or [n, n] (any float dtype; used in fp32). Returns LongTensor [P, n] (or [n]).
     """

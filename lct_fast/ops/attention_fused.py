@@ -4,7 +4,7 @@ O = softmax(Q·Kᵀ·s)·V on [B, H, L, Dh] with the log-sum-exp saved; its tang
 Ȯ = Ṗ·V + P·V̇, Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)), Ṡ = (Q̇·Kᵀ + Q·K̇ᵀ)·s, computed in the same flash pass as O
 (no L×L matrix is ever stored, so the JVP needs O(L) memory).
 
-Layers (developer guide): Triton launchers (:mod:`lct_fast.ops.flash_kernels`, imported lazily so that
+Layers (developer guide): Triton launchers (:mod:`lct_fast.ops.attention_triton`, imported lazily so that
 ``TRITON_INTERPRET`` can be set first) → ``torch.library`` custom ops ``lct_fast::flash_attn_fwd``,
 ``lct_fast::flash_attn_jvp``, ``lct_fast::flash_attn_bwd`` (with fake kernels) → the autograd.Function
 :class:`FlashAttentionFunction` (``setup_context``, ``backward``, ``jvp``) → :func:`flash_attention`
@@ -49,9 +49,9 @@ _ALLOW_CPU_INTERPRETER = False
 
 
 def _kernels():
-    from . import flash_kernels  # lazy: TRITON_INTERPRET must be set before @triton.jit runs
+    from . import attention_triton  # lazy: TRITON_INTERPRET must be set before @triton.jit runs
 
-    return flash_kernels
+    return attention_triton
 
 
 # ---------------------------------------------------------------------------------------------------------

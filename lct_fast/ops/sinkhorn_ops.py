@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import dispatch
-from .sinkhorn_reference import round_to_permutation, sinkhorn_log, two_opt
+from .sinkhorn_pytorch import round_to_permutation, sinkhorn_log, two_opt
 
 __all__ = ["SinkhornFn", "eps_schedule", "reduce_and_scale", "check_schedule", "schedule_tensor",
            "run_assignment", "round_and_two_opt", "sinkhorn_assignment", "get_sinkhorn_backend"]

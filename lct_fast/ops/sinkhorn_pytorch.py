@@ -1,6 +1,6 @@
 """Sinkhorn OT, PyTorch reference pieces (SPEC §4): the log-domain iterations, rounding to a permutation and the
 2-opt polish. The pipeline that strings them together, and the backend dispatch, are in
-:mod:`lct_fast.ops.sinkhorn`; the Triton and CUDA kernels replace these pieces one for one
+:mod:`lct_fast.ops.sinkhorn_ops`; the Triton and CUDA kernels replace these pieces one for one
 (``sinkhorn_triton``, ``sinkhorn_cuda``)."""
 from __future__ import annotations
 

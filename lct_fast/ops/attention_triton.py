@@ -1,6 +1,6 @@
 """Triton kernels for flash attention with a one-pass tangent (SPEC §4) and their launchers.
 
-Imported lazily by :mod:`lct_fast.ops.flash_attention` (``TRITON_INTERPRET`` must be set before the
+Imported lazily by :mod:`lct_fast.ops.attention_fused` (``TRITON_INTERPRET`` must be set before the
 ``@triton.jit`` functions below are created, so this module is only imported on first use).
 
 Kernels, all on [B, H, L, Dh] tensors with unit stride on the last dim and fp32 accumulation:
