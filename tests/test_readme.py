@@ -75,3 +75,18 @@ def test_readme_shows_profiling_and_its_results():
     assert "## Profiling" in readme
     for path in re.findall(r"\]\((benchmarks/results/profile-[^)]+)\)", readme):
         assert os.path.isfile(os.path.join(ROOT, path)), f"README links a missing result {path}"
+
+
+def test_layout_table_names_every_module():
+    """Every module and package of lct_fast is in the README's layout table, and every path there exists."""
+    readme = _read("README.md")
+    table = readme[readme.index("## Layout"):readme.index("## Quality")]
+    named = set(re.findall(r"`(lct_fast/[\w/.]+?)/?`", table))
+    for entry in sorted(os.listdir(os.path.join(ROOT, "lct_fast"))):
+        if entry.startswith(("_", ".")) or entry.endswith(".egg-info"):
+            continue
+        path = f"lct_fast/{entry}"
+        if entry.endswith(".py") or os.path.isdir(os.path.join(ROOT, path)):
+            assert path in named, f"README layout table does not mention {path}"
+    for path in named:
+        assert os.path.exists(os.path.join(ROOT, path)), f"README layout table names a missing {path}"
