@@ -1,7 +1,7 @@
 // torch.library binding of the Sinkhorn OT kernels (csrc/sinkhorn_kernels.cu): ops
 //   lct_fast::sinkhorn_cuda(C, sched, tol, eps_final) -> (f, g)
 //   lct_fast::sinkhorn_round_cuda(C, f, g, max_rounds, refine_rounds) -> perm (int64)
-// Fake (meta) implementations live in lct_fast/ot_cuda.py. CPU-side torch headers only; the stream comes from
+// Fake (meta) implementations live in lct_fast/ops/sinkhorn_cuda.py. CPU-side torch headers only; the stream comes from
 // the CUDA device-guard implementation.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>

@@ -237,6 +237,28 @@ class SCTConfig:
 
 
 @dataclass
+class TrigFlowConfig:
+    """TrigFlow diffusion (method trigflow): the teacher that sCD distils (sCM §2, SPEC §3b)."""
+
+    p_mean: float = -0.4
+    """Time sampling tau ~ N(p_mean, p_std^2), t = arctan(e^tau / sigma_d); the sCM tables' teacher values:
+    -0.4 / 1.0 for ImageNet 512 (64x64 latents), -0.8 / 1.6 for ImageNet 64."""
+    p_std: float = 1.0
+    """Time sampling standard deviation."""
+    adaptive_weight: bool = True
+    """Learned adaptive weighting e^{-w(t)} * loss + w(t) (needs model.adaptive_weight)."""
+    solver: str = "heun"
+    """Probability-flow ODE solver for sampling: heun (2nd order, EDM's correction) | ddim (1st order)."""
+    spacing: str = "uniform"
+    """Sampling times: uniform in t | edm (EDM's rho-spaced sigma grid mapped to t = arctan(sigma / sigma_d))."""
+
+    def __post_init__(self) -> None:
+        _positive("method.trigflow.p_std", self.p_std)
+        _choice("method.trigflow.solver", self.solver, ["heun", "ddim"])
+        _choice("method.trigflow.spacing", self.spacing, ["uniform", "edm"])
+
+
+@dataclass
 class OTConfig:
     method: str = "none"
     """Minibatch OT coupling of latents and noise (paper sec. 4.4): none | exact | sinkhorn."""
@@ -260,7 +282,8 @@ class OTConfig:
 @dataclass
 class MethodConfig:
     name: str = "ict"
-    """Training method: ict (discrete-time improved latent CT) | sct (continuous-time TrigFlow sCT)."""
+    """Training method: ict (discrete-time improved latent CT) | sct (continuous-time TrigFlow sCT) | trigflow
+    (TrigFlow diffusion, the teacher of sCD)."""
     sigma_data: float = 0.5
     """Data standard deviation after normalisation (x0 = (latent - mean) / std * sigma_data)."""
     label_dropout: float = 0.0
@@ -269,11 +292,13 @@ class MethodConfig:
     """Discrete-time settings."""
     sct: SCTConfig = field(default_factory=SCTConfig)
     """Continuous-time settings."""
+    trigflow: TrigFlowConfig = field(default_factory=TrigFlowConfig)
+    """TrigFlow diffusion (teacher) settings."""
     ot: OTConfig = field(default_factory=OTConfig)
     """Minibatch OT coupling."""
 
     def __post_init__(self) -> None:
-        _choice("method.name", self.name, ["ict", "sct"])
+        _choice("method.name", self.name, ["ict", "sct", "trigflow"])
         _positive("method.sigma_data", self.sigma_data)
         _unit("method.label_dropout", self.label_dropout)
 
@@ -314,6 +339,8 @@ class SyntheticConfig:
 class DataConfig:
     reader: str = "webdataset"
     """webdataset (torch DataLoader workers) | dali (NVIDIA DALI pipeline; needs nvidia-dali-cuda130)."""
+    dali_device: str = "cpu"
+    """data.reader=dali: cpu pipeline (batches moved by the trainer) | gpu pipeline (untested so far)."""
     path: str = ""
     """Dataset folder (shard-%06d.tar + stats.json); empty = the embedded synthetic dataset."""
     normalize: str = "channel"
@@ -329,6 +356,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.reader", self.reader, ["webdataset", "dali"])
+        _choice("data.dali_device", self.dali_device, ["cpu", "gpu"])
+        if self.reader == "dali" and not self.resample:
+            raise ConfigError("data.resample: data.reader=dali streams without end; set data.resample=true or use "
+                              "data.reader=webdataset for one-epoch mode")
         _choice("data.normalize", self.normalize, ["channel", "element"])
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
@@ -516,6 +547,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.method.name == "sct" and self.method.sct.adaptive_weight and not self.model.adaptive_weight:
             raise ConfigError("model.adaptive_weight: method.sct.adaptive_weight=true needs model.adaptive_weight=true")
+        if (self.method.name == "trigflow" and self.method.trigflow.adaptive_weight
+                and not self.model.adaptive_weight):
+            raise ConfigError("model.adaptive_weight: method.trigflow.adaptive_weight=true needs "
+                              "model.adaptive_weight=true")
         if self.model.num_classes == 0 and self.method.label_dropout > 0:
             raise ConfigError("method.label_dropout: label dropout needs model.num_classes > 0")
 

@@ -33,6 +33,8 @@ __all__ = [
     "generate",
     "save_latents",
     "denormalize_latents",
+    "trigflow_ode",
+    "trigflow_times",
     "decode_latents",
     "make_grid",
     "save_png",
@@ -239,8 +241,9 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
     """Generate ``n`` latents of ``shape`` (C, H, W) in batches with the sampler of ``method_cfg.name``.
 
     ``method_cfg``: a ``MethodConfig`` (reads name, sigma_data, ict.sigma_min/sigma_max/sigma_mid/rho,
-    sct.t_mid). ``steps``: 1, 2 (σ_mid / t_mid from the config) or k (see :func:`ict_sigmas` /
-    :func:`sct_times`); explicit ``sigmas`` / ``ts`` override the schedule. Deterministic for a ``seed``
+    sct.t_mid, trigflow.solver/spacing). ``steps``: 1, 2 (σ_mid / t_mid from the config) or k (see
+    :func:`ict_sigmas` / :func:`sct_times`); for ``trigflow`` the number of ODE solver steps
+    (:func:`trigflow_times`, :func:`trigflow_ode`); explicit ``sigmas`` / ``ts`` override the schedule. Deterministic for a ``seed``
     and independent of ``batch_size``. Returns latents on the CPU.
 
     ``start`` / ``count``: return only samples ``start … start+count−1`` of the ``n``-sample draw (one rank's
@@ -266,8 +269,12 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
             rho=getattr(icfg, "rho", 7.0))
     elif name == "sct":
         sched = tuple(ts) if ts is not None else sct_times(steps, t_mid=method_cfg.sct.t_mid)
+    elif name == "trigflow":
+        # a diffusion model: ``steps`` solver steps of its probability-flow ODE (Heun: about 2 NFE each)
+        tf = method_cfg.trigflow
+        sched = tuple(ts) if ts is not None else trigflow_times(steps, spacing=tf.spacing, sigma_data=sigma_data)
     else:
-        raise ValueError(f"sample: method_cfg.name must be 'ict' or 'sct', got {name!r}")
+        raise ValueError(f"sample: method_cfg.name must be 'ict', 'sct' or 'trigflow', got {name!r}")
     shape = tuple(int(s) for s in shape)
     dev = torch.device(device) if device is not None else _module_device(net)
     all_labels = sample_labels(n, num_classes, seed, labels)
@@ -275,14 +282,99 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
     cache: dict = {}
     for b0 in range(start, start + count, batch_size):
         idx = list(range(b0, min(b0 + batch_size, start + count)))
-        noise = sample_noise(seed, idx, len(sched), shape, cache=cache).to(dev)
         lab = None if all_labels is None else all_labels[idx[0]:idx[-1] + 1].to(dev)
+        if name == "trigflow":  # one noise draw; the ODE is deterministic
+            noise = sample_noise(seed, idx, 1, shape, cache=cache).to(dev)
+            x = trigflow_ode(_inner(net), noise[0], lab, sigma_data=sigma_data, ts=sched,
+                             solver=method_cfg.trigflow.solver, cfg_scale=cfg_scale,
+                             null_label=num_classes if cfg_scale != 1.0 else None)
+            out[idx[0] - start:idx[-1] + 1 - start] = x.float().cpu()
+            continue
+        noise = sample_noise(seed, idx, len(sched), shape, cache=cache).to(dev)
         if name == "ict":
             x = ict_sample(net, noise[0], lab, sigmas=sched, sigma_min=method_cfg.ict.sigma_min, noise=noise[1:])
         else:
             x = sct_sample(net, noise[0], lab, ts=sched, sigma_data=sigma_data, noise=noise[1:])
         out[idx[0] - start:idx[-1] + 1 - start] = x.float().cpu()
     return SampleResult(latents=out, labels=None if all_labels is None else all_labels[start:start + count])
+
+
+def trigflow_times(steps: int, *, spacing: str = "uniform", sigma_data: float = 0.5, sigma_max: float = 80.0,
+                   sigma_min: float = 0.002, rho: float = 7.0) -> tuple:
+    """``steps + 1`` TrigFlow times from π/2 (pure noise) down to 0.
+
+    ``uniform``: equal steps in t. ``edm``: π/2, then t = arctan(σ_i/σ_d) over EDM's ρ-spaced σ grid from
+    σ_max to σ_min (steps − 1 values), then 0. Measured on the Gaussian toy of tests/test_methods_trigflow.py
+    (Heun, 20k samples, sample std / data std): 8 steps uniform 0.93–1.01, edm 1.50–1.68; 24 steps uniform
+    1.00–1.01, edm 1.035–1.046; 64 steps both within 1 %. Uniform is the default."""
+    if steps < 1:
+        raise ValueError(f"sample: trigflow ODE needs steps >= 1, got {steps}")
+    if spacing == "uniform":
+        return tuple(math.pi / 2 * (1 - i / steps) for i in range(steps)) + (0.0,)
+    if spacing != "edm":
+        raise ValueError(f"sample: trigflow time spacing must be uniform | edm, got {spacing!r}")
+    inner = []
+    if steps > 1:
+        k = steps - 1
+        ramp = [i / max(k - 1, 1) for i in range(k)] if k > 1 else [0.0]
+        inner = [math.atan(((sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho)
+                           / sigma_data) for r in ramp]
+    return (math.pi / 2, *inner, 0.0)
+
+
+def trigflow_ode(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor], *, sigma_data: float,
+                 ts: Sequence[float], solver: str = "heun", cfg_scale: float = 1.0,
+                 null_label: Optional[int] = None) -> torch.Tensor:
+    """Integrate the probability-flow ODE dx_t/dt = σ_d·F(x_t/σ_d, t) from x_{π/2} = σ_d·z down the times ``ts``
+    (descending, ending at 0).
+
+    ``ddim`` (= ``euler``): x_s = cos(t−s)·x_t − sin(t−s)·σ_d·F, which keeps the predicted (x̂0, ẑ) pair fixed: it is
+    Euler's method on the equivalent VE ODE dx̃/dσ = (x̃ − x̂0)/σ with x̃ = x/cos t, σ = σ_d·tan t. ``heun``: EDM's
+    second-order correction on that VE ODE (slopes (x̃ − x̂0)/σ averaged; the first step from t = π/2, where
+    σ = ∞, and the last one to t = 0 stay first order, as in EDM). Averaging the TrigFlow velocities themselves
+    would not be second order: the velocity of a fixed (x̂0, ẑ) pair changes along the step. ``cfg_scale``
+    s ≠ 1: F = F_u + s·(F_c − F_u), F_u at ``null_label``."""
+    if solver not in ("heun", "ddim", "euler"):
+        raise ValueError(f"sample: trigflow solver must be heun | ddim | euler, got {solver!r}")
+    ts = [float(t) for t in ts]
+    if len(ts) < 2 or any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > math.pi / 2 + 1e-9:
+        raise ValueError(f"sample: trigflow times must descend within [0, π/2] and be >= 2, got {ts}")
+    sd = float(sigma_data)
+    guided = cfg_scale != 1.0 and labels is not None
+    if guided and null_label is None:
+        raise ValueError("sample: cfg_scale != 1 needs null_label (the model's null class id)")
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        if not guided:
+            return sd * net.F(x / sd, tt, labels).to(x.dtype)
+        null = torch.full_like(labels, int(null_label))
+        both = net.F(torch.cat([x, x]) / sd, torch.cat([tt, tt]), torch.cat([labels, null])).to(x.dtype)
+        cond, uncond = both.chunk(2)
+        return sd * (uncond + cfg_scale * (cond - uncond))
+
+    def denoised(x: torch.Tensor, t: float) -> torch.Tensor:  # x̂0 = cos t·x − sin t·σ_d·F
+        return math.cos(t) * x - math.sin(t) * velocity(x, t)
+
+    x = sd * z
+    with torch.no_grad():
+        for t, s in zip(ts, ts[1:]):
+            d1 = denoised(x, t)
+            z_hat = (x - math.cos(t) * d1) / math.sin(t)
+            x_next = math.cos(s) * d1 + math.sin(s) * z_hat          # the DDIM step (exact for fixed x̂0, ẑ)
+            if solver == "heun" and s > 0 and t < math.pi / 2 - 1e-9:
+                sig_t, sig_s = sd * math.tan(t), sd * math.tan(s)
+                xt_ve, xs_ve = x / math.cos(t), x_next / math.cos(s)
+                slope1 = (xt_ve - d1) / sig_t
+                slope2 = (xs_ve - denoised(x_next, s)) / sig_s
+                x_next = math.cos(s) * (xt_ve + (sig_s - sig_t) * 0.5 * (slope1 + slope2))
+            x = x_next
+    return x
+
+
+def _inner(net: nn.Module) -> nn.Module:
+    """The network under the CFG wrapper (the ODE sampler guides F itself)."""
+    return net.net if isinstance(net, _Guided) else net
 
 
 class _Guided(nn.Module):
@@ -327,9 +419,10 @@ def denormalize_latents(x: torch.Tensor, stats: Any, *, sigma_data: float = 0.5,
 
     if isinstance(stats, (str, os.PathLike)):
         stats = load_stats(str(stats))
-    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(stats.shape):
+    need = tuple(stats.shape) if normalize == "element" else tuple(stats.shape[:1])
+    if x.dim() != 4 or tuple(x.shape[1:1 + len(need)]) != need:
         raise ValueError(f"sample: latents of shape {tuple(x.shape)} do not match the stats' shape "
-                         f"{tuple(stats.shape)} ({stats.path or 'stats'})")
+                         f"{tuple(stats.shape)} ({stats.path or 'stats'}) for normalize={normalize!r}")
     return LatentNormalizer(stats, normalize, sigma_data).denormalize(x)
 
 

@@ -46,11 +46,9 @@ def step_seed(seed: int, rank: int, samples: int, micro: int = 0) -> int:
 
 def resolve_data_path(cfg: Config) -> str:
     """The dataset folder: ``data.path`` or the embedded synthetic dataset (written once, cached)."""
-    if cfg.data.path:
-        return cfg.data.path
-    from .data.synthetic import ensure_synthetic
+    from .data import resolve_dataset
 
-    return ensure_synthetic(cfg.data.synthetic)
+    return resolve_dataset(cfg.data)
 
 
 class _Logger:

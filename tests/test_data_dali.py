@@ -69,7 +69,7 @@ def test_shuffled_stream_is_seeded_and_resumes_exactly(tmp_path):
     assert not all(torch.equal(p, q) for p, q in zip(full, in_order))  # and the stream is shuffled
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bad_header"])
+@pytest.mark.parametrize("damage", ["truncate", "bad_header", "orphan_member", "bad_label"])
 def test_a_damaged_shard_is_skipped_and_counted(tmp_path, damage):
     raw = []
     path = _dataset(tmp_path / "d", raw=raw)
@@ -78,12 +78,32 @@ def test_a_damaged_shard_is_skipped_and_counted(tmp_path, damage):
         size = os.path.getsize(shard)
         with open(shard, "r+b") as f:
             f.truncate(size // 2 + 100)
-    else:
+    elif damage == "bad_header":
         data = bytearray(open(shard, "rb").read())
         i = data.index(b"'shape': (3, 4, 4)")
         data[i:i + 18] = b"'shape': (3, 4, 5)"
         open(shard, "wb").write(bytes(data))
-    assert validate_shard(shard, SHAPE, True)[1] is not None or damage == "truncate"
+    else:  # rewrite the shard with one more member: a .cls without its latent, or a label out of range
+        import io
+        import tarfile
+
+        members = []
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                members.append((m, tar.extractfile(m).read()))
+        with tarfile.open(shard, "w") as tar:
+            for m, data in members:
+                if damage == "bad_label" and m.name.endswith(".cls") and not any(
+                        x[0].name == "bad" for x in members):
+                    data = b"99"
+                    damage = "done"
+                m.size = len(data)
+                tar.addfile(m, io.BytesIO(data))
+            if damage == "orphan_member":
+                info = tarfile.TarInfo("zzz.cls")
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"1"))
+    assert validate_shard(shard, SHAPE, True, 5)[1] is not None or damage == "truncate"
     loader = DaliLoader(path, batch_size=5, shuffle_buffer=0)
     assert loader.errors.shard_errors == 1 and "invalid_shard" in loader.errors.reasons
     assert loader.errors.skipped_samples == 20       # the whole shard, as stats.json counts it
@@ -118,13 +138,37 @@ def test_tiny_preset_trains_on_the_dali_reader(tmp_path):
     sets = ["model.width=32", "train.global_batch=8", "train.log_interval=16", "train.ckpt_interval=0",
             "train.sample_interval=0", "train.eval_interval=0", "optim.warmup_samples=0", "data.shuffle_buffer=64"]
     runs = {}
-    for reader in ("dali", "webdataset"):
+    for reader, kind in (("dali", DaliLoader), ("webdataset", LatentLoader)):
         tr = Trainer(load_config("tiny", sets + [f"data.reader={reader}"]), str(tmp_path / reader))
         summary = tr.run(max_samples=64)
+        assert type(tr.loader) is kind
         runs[reader] = summary
         assert summary["samples"] == 64 and np.isfinite(summary["final"]["loss"])
-    assert type(tr.loader).__name__ == "LatentLoader"
     # Same data, model, seeds and steps: the two streams differ only in sample order, so the losses agree in
     # scale (a wrong normalisation or label decoding would move them by far more).
     a, b = runs["dali"]["final"]["loss"], runs["webdataset"]["final"]["loss"]
     assert 0.5 < a / b < 2.0
+
+
+def test_non_finite_latents_are_dropped_and_counted(tmp_path):
+    raw = []
+    path = _dataset(tmp_path / "d", shards=1, raw=raw)
+    loader = DaliLoader(path, batch_size=5, shuffle_buffer=0)
+    real = loader._to_torch
+
+    def poisoned(out):
+        x = out[0].as_array().copy()
+        x[2] = np.nan
+        return real(type("Out", (), {"__getitem__": lambda self, i: _Arr(x) if i == 0 else out[i]})())
+
+    class _Arr:
+        def __init__(self, a):
+            self.a = a
+
+        def as_array(self):
+            return self.a
+
+    loader._to_torch = poisoned
+    x, y = next(iter(loader))
+    assert x.shape[0] == 4 and y.shape[0] == 4 and torch.isfinite(x).all()
+    assert loader.errors.skipped_samples == 1 and loader.errors.reasons == {"non_finite": 1}

@@ -11,14 +11,16 @@ same loader contract (:class:`lct_fast.data.loader.LatentSource`):
 * **Sharding.** Rank ``r`` of ``W`` reads DALI's shard ``r`` of ``W`` (a contiguous range of the samples of
   the valid shards, ``shard_id``/``num_shards``); ``num_workers`` is the pipeline's CPU thread count.
 * **Shuffling** with DALI's reader buffer (``initial_fill = data.shuffle_buffer``; 0 or 1 reads in order),
-  seeded from (seed, rank, epoch) like the WebDataset reader's streams. The stream is infinite: DALI's reader
-  wraps around its shard, continuing the same seeded sequence.
+  seeded from (seed, rank, epoch) like the WebDataset reader's streams. The stream is infinite: at each epoch
+  end DALI's reader moves on (to the next shard of the split, ``stick_to_shard=False``), continuing the same
+  seeded sequence. Every rank validates the shard list itself: ranks must see the same files.
 * **Exact resume by replay.** A DALI reader cannot seek, so a stream built with ``start_sample = k`` runs the
   same seeded pipeline and discards its first ``k / batch_size`` batches: it then yields exactly what an
   uninterrupted stream yields after ``k`` samples (``tests/test_data_dali.py``), at the cost of reading the
   skipped samples again (about ``k / (latents/s)`` seconds at resume).
-* **Device.** ``device`` CUDA: DALI's GPU pipeline (decoded on the CPU, moved by DALI), the batch handed to
-  torch on that GPU; otherwise the CPU pipeline. Normalisation runs in torch on the batch's device (the
+* **Device.** ``dali_device="gpu"`` (``data.dali_device``) with a CUDA ``device``: DALI's GPU pipeline (decoded
+  on the CPU, moved by DALI), the batch handed to torch on that GPU; by default the CPU pipeline, whose batches
+  the trainer moves. Normalisation runs in torch on the batch's device (the
   reader's :class:`~lct_fast.data.reader.LatentNormalizer`). The GPU pipeline is untested here: the DALI
   wheel (~199 MB) is more than a device session can carry; the CPU pipeline is what CI runs.
 """
@@ -49,15 +51,21 @@ def dali_available() -> Tuple[bool, str]:
     return True, ""
 
 
-def validate_shard(path: str, shape: Tuple[int, ...], labelled: bool) -> Tuple[int, Optional[str]]:
-    """(samples, None) when the shard is complete and every sample readable, else (samples seen, why)."""
-    samples, keys_cls, keys_npy = 0, set(), set()
+def validate_shard(path: str, shape: Tuple[int, ...], labelled: bool, num_classes: int = 0
+                   ) -> Tuple[int, Optional[str]]:
+    """(samples, None) when the shard is complete and every sample readable -- a latent.npy of the dataset's
+    shape and dtype, and in a labelled set a .cls holding an ASCII integer in [0, num_classes) -- else
+    (samples seen, why). Keys with other members but no latent.npy fail too (DALI stops on them)."""
+    samples, keys_cls, keys_npy, keys_all = 0, set(), set(), set()
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:  # reads every header: a truncated file ends in ReadError/EOFError
                 if not m.isfile():
                     continue
                 key, _, ext = m.name.partition(".")
+                if key.startswith("."):  # DALI skips dot-files
+                    continue
+                keys_all.add(key)
                 if ext == "latent.npy":
                     f = tar.extractfile(m)
                     version = np.lib.format.read_magic(f)
@@ -72,9 +80,18 @@ def validate_shard(path: str, shape: Tuple[int, ...], labelled: bool) -> Tuple[i
                     keys_npy.add(key)
                     samples += 1
                 elif ext == "cls":
+                    text = tar.extractfile(m).read(32)
+                    try:
+                        cls = int(text.decode("ascii").strip())
+                    except (UnicodeDecodeError, ValueError):
+                        return samples, f"{m.name}: class id {text[:16]!r} is not an ASCII integer"
+                    if labelled and not 0 <= cls < max(num_classes, 1):
+                        return samples, f"{m.name}: class id {cls} outside [0, {num_classes})"
                     keys_cls.add(key)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         return samples, f"unreadable tar ({type(e).__name__}: {e})"
+    if keys_all - keys_npy:
+        return samples, f"{len(keys_all - keys_npy)} sample keys without a latent.npy (e.g. {sorted(keys_all - keys_npy)[0]})"
     if labelled and keys_npy - keys_cls:
         return samples, f"{len(keys_npy - keys_cls)} samples without a class id"
     return samples, None
@@ -102,7 +119,7 @@ class DaliLoader:
     def __init__(self, path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  sigma_data: float = 0.5, normalize: str = "channel", shuffle_buffer: int = 1000,
                  num_workers: int = 0, resample: bool = True, start_sample: int = 0, epoch: int = 0,
-                 device: Optional[torch.device] = None, prefetch: int = 2) -> None:
+                 device: Optional[torch.device] = None, dali_device: str = "cpu", prefetch: int = 2) -> None:
         ok, why = dali_available()
         if not ok:
             raise ImportError(f"data.reader=dali: {why}")
@@ -126,7 +143,9 @@ class DaliLoader:
         self.threads = max(1, int(num_workers))
         self.start_sample = int(start_sample)
         self.samples_yielded = self.start_sample
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if dali_device not in ("cpu", "gpu"):
+            raise ValueError(f"data.dali_device must be cpu | gpu, got {dali_device!r}")
+        self.device = torch.device(device) if device is not None and dali_device == "gpu" else torch.device("cpu")
         self.prefetch = int(prefetch)
         self._errors = DataErrors()
         self.shards = []
@@ -137,7 +156,7 @@ class DaliLoader:
             if entry["name"] not in present:
                 self._errors.add("shard", "missing_shard", f"{entry['name']} is listed in stats.json but absent")
         for shard in present.values():
-            n, why = validate_shard(shard, self.stats.shape, labelled)
+            n, why = validate_shard(shard, self.stats.shape, labelled, self.stats.num_classes)
             why = why or _truncated(shard)  # a cut inside the last member's data or the end marker
             if why is None:
                 self.shards.append(shard)
@@ -198,9 +217,11 @@ class DaliLoader:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             t = x.as_tensor()
-            lat = torch.empty(t.shape(), dtype=torch.float16 if "16" in str(t.dtype) else torch.float32,
-                              device=self.device)
+            from nvidia.dali.plugin.pytorch import to_torch_type
+
+            lat = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.device)
             feed_ndarray(t, lat, cuda_stream=torch.cuda.current_stream(self.device))
+            torch.cuda.current_stream(self.device).synchronize()  # the next run() may reuse DALI's buffer
         else:
             lat = torch.from_numpy(np.ascontiguousarray(x.as_array()))
         if self.labelled:
@@ -208,7 +229,15 @@ class DaliLoader:
                                   dtype=torch.int64)
         else:
             labels = torch.zeros(lat.shape[0], dtype=torch.int64)
-        return self.normalizer.normalize(lat), labels.to(lat.device)
+        labels = labels.to(lat.device)
+        # Finiteness is checked per batch (validation reads headers only): a non-finite latent is dropped and
+        # counted, as the WebDataset reader skips it; the batch is then that much smaller.
+        ok = torch.isfinite(lat.flatten(1)).all(dim=1)
+        if not bool(ok.all()):
+            for _ in range(int((~ok).sum())):
+                self._errors.add("sample", "non_finite", "a latent with NaN/Inf values (dropped from its batch)")
+            lat, labels = lat[ok], labels[ok]
+        return self.normalizer.normalize(lat), labels
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         pipe = self._pipeline()

@@ -80,4 +80,5 @@ def build_loader(data_cfg: Any, *, batch_size: int, rank: int = 0, world_size: i
         path or resolve_dataset(data_cfg, cache_root), batch_size=batch_size, rank=rank, world_size=world_size,
         seed=seed, sigma_data=sigma_data, normalize=getattr(data_cfg, "normalize", "channel"),
         shuffle_buffer=getattr(data_cfg, "shuffle_buffer", 1000), num_workers=getattr(data_cfg, "num_workers", 0),
-        resample=getattr(data_cfg, "resample", True), start_sample=start_sample, device=device)
+        resample=getattr(data_cfg, "resample", True), start_sample=start_sample, device=device,
+        **({"dali_device": getattr(data_cfg, "dali_device", "cpu")} if name == "dali" else {}))

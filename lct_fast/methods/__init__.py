@@ -1,4 +1,5 @@
-"""Training objectives: discrete-time iLCT (``ict``) and continuous-time TrigFlow sCT (``sct``).
+"""Training objectives: discrete-time iLCT (``ict``), continuous-time TrigFlow sCT (``sct``) and TrigFlow diffusion
+(``trigflow``, the sCD teacher).
 
 Loss interface (shared contract): ``loss = build_loss(method_cfg, data_dim=D, total_steps=K, coupler=None)``
 (``coupler``: the noise coupling, default the per-micro-batch one of ``method_cfg.ot``; the trainer passes the
@@ -17,13 +18,14 @@ from .common import Coupler
 from .distances import DISTANCES, robust_distance
 from .ict import ICTLoss
 from .sct import SCTLoss, sct_tangent
+from .trigflow import TrigFlowLoss
 
-__all__ = ["ICTLoss", "SCTLoss", "build_loss", "sct_tangent", "schedules", "distances", "DISTANCES",
+__all__ = ["ICTLoss", "SCTLoss", "TrigFlowLoss", "build_loss", "sct_tangent", "schedules", "distances", "DISTANCES",
            "robust_distance"]
 
 
 def build_loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None
-               ) -> Union[ICTLoss, SCTLoss]:
+               ) -> Union[ICTLoss, SCTLoss, TrigFlowLoss]:
     """The loss object for ``method_cfg.name`` (``ict`` | ``sct``) with ``coupler`` (default: the
     per-micro-batch coupling of ``method_cfg.ot``)."""
     name = getattr(method_cfg, "name", None)
@@ -31,4 +33,6 @@ def build_loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Opt
         return ICTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
     if name == "sct":
         return SCTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
-    raise ValueError(f"method.name: expected 'ict' or 'sct', got {name!r}")
+    if name == "trigflow":
+        return TrigFlowLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
+    raise ValueError(f"method.name: expected 'ict', 'sct' or 'trigflow', got {name!r}")

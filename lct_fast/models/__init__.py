@@ -3,7 +3,7 @@
 Public API::
 
     build_backbone(model_cfg) -> DiT | UNet
-    build_model(model_cfg, method_cfg) -> VEPrecond ("ict") | TrigFlowPrecond ("sct")
+    build_model(model_cfg, method_cfg) -> VEPrecond ("ict") | TrigFlowPrecond ("sct", "trigflow")
     count_parameters(model_cfg) -> int      # built on the meta device, nothing allocated
     DiT, UNet, VEPrecond, TrigFlowPrecond, NsLN, NsLN2d, DIT_PRESETS
 
@@ -78,7 +78,8 @@ def build_backbone(model_cfg: Any) -> nn.Module:
 
 
 def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
-    """Backbone wrapped in the preconditioning of the method: VEPrecond for "ict", TrigFlow for "sct"."""
+    """Backbone wrapped in the preconditioning of the method: VEPrecond for "ict", TrigFlow for "sct" and
+    "trigflow" (diffusion in TrigFlow form: the same F, c_noise = t)."""
     name = _get(method_cfg, "name")
     sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
     backbone = build_backbone(model_cfg)
@@ -89,7 +90,9 @@ def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
     if name == "sct":
         time_scale = float(getattr(getattr(method_cfg, "sct", None), "time_scale", 1.0))
         return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=time_scale)
-    raise ValueError(f"method.name={name!r} is not one of ['ict', 'sct']")
+    if name == "trigflow":
+        return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=1.0)
+    raise ValueError(f"method.name={name!r} is not one of ['ict', 'sct', 'trigflow']")
 
 
 def count_parameters(model_cfg: Any) -> int:

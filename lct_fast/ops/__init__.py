@@ -3,7 +3,8 @@
 Public API::
 
     nsln(x, bias, *, eps=1e-6, backend="auto")
-    sinkhorn_assignment(C, *, eps, iters, backend="auto") / sinkhorn_log (reference) -- the OT coupling's solver
+    sinkhorn_assignment(C, *, eps, iters, backend="auto") -- the OT coupling's solver (ops sinkhorn_assignment
+        and sinkhorn_log in the registry; a backend registers both)
     nsln_modulate(x, shift, scale, bias=None, *, eps=1e-6, backend="auto")
     attention(q, k, v, *, backend="auto")
     linear(x, w, b) / conv2d(x, w, b, ...)   # F.linear / F.conv2d without forward-AD's zero-tangent products
@@ -99,25 +100,36 @@ def _register_sinkhorn_kernels() -> None:
     except (ImportError, ValueError):  # lct_fast not importable as a package (e.g. a vendored copy)
         built = False
     if built:
-        def cuda_ready(C, *args):
-            if not C.is_cuda:
-                return False, "needs CUDA tensors"
-            from .sinkhorn_cuda import cuda_ops_loaded
+        import warnings
 
-            return cuda_ops_loaded()  # (False, why) for a build without the Sinkhorn ops
+        def fallback(what: str, why: str) -> str:
+            # A build without the Sinkhorn ops (stale _C): the next kernel down, as auto would pick, not the
+            # reference, whose rounding synchronises with the host.
+            name = "triton" if "triton" in registered_backends("sinkhorn_assignment") else "reference"
+            warnings.warn(f"sinkhorn backend 'cuda' {what} unavailable ({why}); using {name!r}", RuntimeWarning,
+                          stacklevel=4)
+            return name
 
         def cuda_iterations(C, sched, iters):
-            from .sinkhorn_cuda import sinkhorn_log_cuda
+            from .dispatch import implementation
+            from .sinkhorn_cuda import cuda_ops_loaded, sinkhorn_log_cuda
 
+            ok, why = cuda_ops_loaded()
+            if not ok:
+                return implementation("sinkhorn_log", fallback("iterations", why))(C, sched, iters)
             return sinkhorn_log_cuda(C, sched, iters)
 
         def cuda_assignment(C, **kwargs):
-            from .sinkhorn_cuda import sinkhorn_assignment_cuda
+            from .dispatch import implementation
+            from .sinkhorn_cuda import cuda_ops_loaded, sinkhorn_assignment_cuda
 
+            ok, why = cuda_ops_loaded()
+            if not ok:
+                return implementation("sinkhorn_assignment", fallback("pipeline", why))(C, **kwargs)
             return sinkhorn_assignment_cuda(C, **kwargs)
 
-        register_backend("sinkhorn_log", "cuda", cuda_iterations, cuda_ready)
-        register_backend("sinkhorn_assignment", "cuda", cuda_assignment, cuda_ready)
+        register_backend("sinkhorn_log", "cuda", cuda_iterations, on_cuda)
+        register_backend("sinkhorn_assignment", "cuda", cuda_assignment, on_cuda)
 
 
 _register_sinkhorn_kernels()
