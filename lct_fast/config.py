@@ -259,6 +259,25 @@ class TrigFlowConfig:
 
 
 @dataclass
+class SCDConfig:
+    """Continuous-time consistency distillation (method scd, sCM §4): the sCT objective of ``method.sct`` with the
+    teacher's velocity dx_t/dt = sigma_d * F_teacher(x_t / sigma_d, t) in place of the data velocity."""
+
+    teacher: str = ""
+    """Exported teacher weights (launch/export.py: <run>/export/<ema>.safetensors) of a method=trigflow run."""
+    teacher_config: str = ""
+    """The teacher run's resolved config.json; empty = config.json beside the teacher file."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale of the teacher's velocity, fixed for the run (1 = no guidance);
+    F = F_u + s * (F_c - F_u), F_u at the null class."""
+    init_from_teacher: bool = True
+    """Start the student from the teacher's weights (the paper does); the adaptive-weight head starts at zero."""
+
+    def __post_init__(self) -> None:
+        _positive("method.scd.guidance", self.guidance)
+
+
+@dataclass
 class OTConfig:
     method: str = "none"
     """Minibatch OT coupling of latents and noise (paper sec. 4.4): none | exact | sinkhorn."""
@@ -283,7 +302,7 @@ class OTConfig:
 class MethodConfig:
     name: str = "ict"
     """Training method: ict (discrete-time improved latent CT) | sct (continuous-time TrigFlow sCT) | trigflow
-    (TrigFlow diffusion, the teacher of sCD)."""
+    (TrigFlow diffusion, the teacher of sCD) | scd (continuous-time consistency distillation from that teacher)."""
     sigma_data: float = 0.5
     """Data standard deviation after normalisation (x0 = (latent - mean) / std * sigma_data)."""
     label_dropout: float = 0.0
@@ -294,11 +313,13 @@ class MethodConfig:
     """Continuous-time settings."""
     trigflow: TrigFlowConfig = field(default_factory=TrigFlowConfig)
     """TrigFlow diffusion (teacher) settings."""
+    scd: SCDConfig = field(default_factory=SCDConfig)
+    """Distillation settings (the sCT settings of ``sct`` apply to its student)."""
     ot: OTConfig = field(default_factory=OTConfig)
     """Minibatch OT coupling."""
 
     def __post_init__(self) -> None:
-        _choice("method.name", self.name, ["ict", "sct", "trigflow"])
+        _choice("method.name", self.name, ["ict", "sct", "trigflow", "scd"])
         _positive("method.sigma_data", self.sigma_data)
         _unit("method.label_dropout", self.label_dropout)
 
@@ -545,7 +566,8 @@ class Config:
     list replaces its base's."""
 
     def __post_init__(self) -> None:
-        if self.method.name == "sct" and self.method.sct.adaptive_weight and not self.model.adaptive_weight:
+        if (self.method.name in ("sct", "scd") and self.method.sct.adaptive_weight
+                and not self.model.adaptive_weight):
             raise ConfigError("model.adaptive_weight: method.sct.adaptive_weight=true needs model.adaptive_weight=true")
         if (self.method.name == "trigflow" and self.method.trigflow.adaptive_weight
                 and not self.model.adaptive_weight):
@@ -580,7 +602,7 @@ class Config:
             # ZeRO-3's "memory efficient linear" swaps torch.nn.functional.linear, process-wide, for an
             # autograd.Function without a jvp rule: forward-mode AD (the sCT tangent) then fails. Our
             # parameters are gathered by ZeRO-3's module hooks anyway, so plain F.linear is correct.
-            if zero.get("memory_efficient_linear") and self.method.name == "sct":
+            if zero.get("memory_efficient_linear") and self.method.name in ("sct", "scd"):
                 raise ConfigError("deepspeed.zero_optimization.memory_efficient_linear: must be false for "
                                   "method sct (its linear has no forward-mode AD rule)")
             zero.setdefault("memory_efficient_linear", False)

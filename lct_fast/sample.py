@@ -267,14 +267,14 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
         sched = tuple(sigmas) if sigmas is not None else ict_sigmas(
             steps, sigma_max=icfg.sigma_max, sigma_mid=icfg.sigma_mid, sigma_min=icfg.sigma_min,
             rho=getattr(icfg, "rho", 7.0))
-    elif name == "sct":
+    elif name in ("sct", "scd"):  # a distilled student samples like an sCT model
         sched = tuple(ts) if ts is not None else sct_times(steps, t_mid=method_cfg.sct.t_mid)
     elif name == "trigflow":
         # a diffusion model: ``steps`` solver steps of its probability-flow ODE (Heun: about 2 NFE each)
         tf = method_cfg.trigflow
         sched = tuple(ts) if ts is not None else trigflow_times(steps, spacing=tf.spacing, sigma_data=sigma_data)
     else:
-        raise ValueError(f"sample: method_cfg.name must be 'ict', 'sct' or 'trigflow', got {name!r}")
+        raise ValueError(f"sample: method_cfg.name must be 'ict', 'sct', 'trigflow' or 'scd', got {name!r}")
     shape = tuple(int(s) for s in shape)
     dev = torch.device(device) if device is not None else _module_device(net)
     all_labels = sample_labels(n, num_classes, seed, labels)

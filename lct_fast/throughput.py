@@ -45,7 +45,7 @@ __all__ = ["ProfileOptions", "profile_trainer", "summarise", "format_table", "ex
 
 #: Phases of one training step in the order they run (the table's order). ``loss`` is the loss's own time
 #: outside its sub-phases (noising, distances, weights); ``untracked`` is the step's time outside any phase.
-STEP_PHASES = ("data", "ot", "target_forward", "jvp", "online_forward", "loss", "backward", "recompute",
+STEP_PHASES = ("data", "ot", "teacher_forward", "target_forward", "jvp", "online_forward", "loss", "backward", "recompute",
                "optimizer", "ema", "logging", "eval", "checkpoint", "samples", UNTRACKED)
 #: Phases that are not model work: their FLOPs stay out of the model FLOPs and MFU -- the log interval's
 #: diagnostics, and the forward that activation checkpointing re-runs inside the backward (``recompute``;
@@ -197,7 +197,7 @@ def _forward_flops_per_sample(trainer: Any) -> float:
     labels = torch.zeros(b, dtype=torch.long, device=dev) if m.num_classes else None
     net = trainer.target_net
     with torch.no_grad(), trainer.autocast, FlopCounter(bucket=lambda: "forward") as fc:
-        if cfg.method.name == "sct":
+        if cfg.method.name in ("sct", "scd", "trigflow"):
             net.F(x, torch.full((b,), 0.7, device=dev), labels)
         else:
             net(x, torch.full((b,), 1.0, device=dev), labels)
@@ -317,7 +317,7 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         "device": device, "versions": versions(), "world_size": world, **trainer_info,
         "method": cfg.method.name, "arch": cfg.model.arch, "size": cfg.model.size,
         "precision": cfg.train.precision, "bf16_weights": bool(cfg.deepspeed.get("bf16", {}).get("enabled", False)),
-        "jvp_dtype": cfg.method.sct.jvp_dtype if cfg.method.name == "sct" else None,
+        "jvp_dtype": cfg.method.sct.jvp_dtype if cfg.method.name in ("sct", "scd") else None,
         "zero_stage": int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)),
         "global_batch": gb, "steps": n, "warmup": opts.warmup,
         "step_ms": {k: v * 1e3 for k, v in agg.items()},
@@ -344,7 +344,7 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         out["flops"] = {
             "forward_per_sample": fwd,
             "forward_per_sample_closed_form": closed,
-            "jvp_per_sample_closed_form": dit_jvp_flops(cfg.model) if closed and cfg.method.name == "sct" else None,
+            "jvp_per_sample_closed_form": dit_jvp_flops(cfg.model) if closed and cfg.method.name in ("sct", "scd") else None,
             "per_sample_by_phase": per_sample,
             "per_step_all_ranks": step_flops,
             "per_step_ratio_to_forward": step_flops / gb / fwd if fwd else None,

@@ -222,7 +222,16 @@ class Trainer:
 
             coupler = functools.partial(couple_noise_global, method=ot.method, backend=ot.backend,
                                         eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters)
-        self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, coupler=coupler)
+        self.teacher = None
+        if cfg.method.name == "scd":
+            # The frozen teacher, checked against the student before anything trains; the student starts from it.
+            from .distill import init_student_from_teacher, load_teacher
+
+            self.teacher = load_teacher(cfg.method.scd, cfg, d.device)
+            if cfg.method.scd.init_from_teacher:
+                init_student_from_teacher(self.module, self.teacher)
+        self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, coupler=coupler,
+                                  teacher=self.teacher)
 
         optimizer = build_optimizer(self.module.parameters(), cfg.optim, d.device)
         scheduler = build_scheduler(optimizer, cfg.optim, global_batch=cfg.train.global_batch,

@@ -24,15 +24,16 @@ __all__ = ["ICTLoss", "SCTLoss", "TrigFlowLoss", "build_loss", "sct_tangent", "s
            "robust_distance"]
 
 
-def build_loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None
-               ) -> Union[ICTLoss, SCTLoss, TrigFlowLoss]:
+def build_loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None,
+               teacher: Any = None) -> Union[ICTLoss, SCTLoss, TrigFlowLoss]:
     """The loss object for ``method_cfg.name`` (``ict`` | ``sct``) with ``coupler`` (default: the
     per-micro-batch coupling of ``method_cfg.ot``)."""
     name = getattr(method_cfg, "name", None)
     if name == "ict":
         return ICTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
-    if name == "sct":
-        return SCTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
+    if name in ("sct", "scd"):  # sCD is the sCT objective with the teacher's velocity
+        return SCTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler,
+                                   teacher=teacher)
     if name == "trigflow":
         return TrigFlowLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
-    raise ValueError(f"method.name: expected 'ict', 'sct' or 'trigflow', got {name!r}")
+    raise ValueError(f"method.name: expected 'ict', 'sct', 'trigflow' or 'scd', got {name!r}")

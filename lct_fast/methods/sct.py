@@ -43,7 +43,8 @@ from torch import nn
 
 from ..profiling import phase
 from . import schedules
-from .common import Coupler, config_coupler, draw_seed, identity_coupler, drop_labels, null_class, prepare_batch, randn_like_gen, unwrap
+from .common import (Coupler, config_coupler, draw_seed, drop_labels, identity_coupler, null_class, prepare_batch,
+                     randn_like_gen, unwrap)
 
 __all__ = ["SCTLoss", "sct_tangent", "derivative_split"]
 
@@ -148,7 +149,8 @@ class SCTLoss:
 
     def __init__(self, *, data_dim: int, total_steps: int, sigma_data: float, label_dropout: float, p_mean: float,
                  p_std: float, tangent_warmup: int, g_norm_c: float, prior_weight: bool, adaptive_weight: bool,
-                 jvp_dtype: str, distance: str, cauchy_c: float = 0.0, coupler: Optional[Coupler] = None) -> None:
+                 jvp_dtype: str, distance: str, cauchy_c: float = 0.0, coupler: Optional[Coupler] = None,
+                 teacher: Optional[nn.Module] = None, guidance: float = 1.0) -> None:
         if data_dim < 1:
             raise ValueError(f"SCTLoss: data_dim must be >= 1, got {data_dim}")
         self.data_dim = int(data_dim)
@@ -170,19 +172,44 @@ class SCTLoss:
         # (x0, z) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
         # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
         self.coupler = coupler or identity_coupler
+        # sCD: the frozen teacher whose (guided) velocity replaces the data velocity in the tangent
+        self.teacher, self.guidance = teacher, float(guidance)
         self.metrics: Dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None
-                    ) -> "SCTLoss":
-        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``sct``); ``coupler`` from
-        :func:`lct_fast.methods.build_loss` (default: the per-micro-batch coupling of ``cfg.ot``)."""
+    def from_config(cls, cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None,
+                    teacher: Optional[nn.Module] = None) -> "SCTLoss":
+        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``sct``; for ``scd`` also ``scd.guidance``
+        and the ``teacher`` module); ``coupler`` from :func:`lct_fast.methods.build_loss` (default: the
+        per-micro-batch coupling of ``cfg.ot``)."""
+        if cfg.name == "scd" and teacher is None:
+            raise ValueError("method scd needs the teacher module (lct_fast.distill.load_teacher)")
         s = cfg.sct
         return cls(data_dim=data_dim, total_steps=total_steps, sigma_data=cfg.sigma_data,
                    label_dropout=cfg.label_dropout, p_mean=s.p_mean, p_std=s.p_std, tangent_warmup=s.tangent_warmup,
                    g_norm_c=s.g_norm_c, prior_weight=s.prior_weight, adaptive_weight=s.adaptive_weight,
                    jvp_dtype=s.jvp_dtype, distance=s.distance, cauchy_c=s.cauchy_c,
-                   coupler=coupler if coupler is not None else config_coupler(cfg.ot))
+                   coupler=coupler if coupler is not None else config_coupler(cfg.ot),
+                   teacher=teacher if cfg.name == "scd" else None,
+                   guidance=cfg.scd.guidance if cfg.name == "scd" else 1.0)
+
+    def velocity(self, x0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                 labels: Optional[torch.Tensor], null_label: Optional[int] = None) -> torch.Tensor:
+        """dx_t/dt of the tangent: the data velocity cos t·z − sin t·x0 (sCT), or the teacher's probability-flow
+        velocity σ_d·F_T(x_t/σ_d, t), guided F_u + s·(F_c − F_u) (sCD; no grad, in the JVP dtype)."""
+        if self.teacher is None:
+            bshape = (x0.shape[0],) + (1,) * (x0.ndim - 1)
+            return torch.cos(t).view(bshape) * z - torch.sin(t).view(bshape) * x0
+        sd, teacher = self.sigma_data, self.teacher
+        with torch.no_grad(), _jvp_precision(teacher, x_t.device, self.jvp_dtype):
+            if self.guidance == 1.0 or labels is None:
+                f = teacher.F(x_t / sd, t, labels)
+            else:
+                null = torch.full_like(labels, int(null_label if null_label is not None else null_class(teacher)))
+                both = teacher.F(torch.cat([x_t, x_t]) / sd, torch.cat([t, t]), torch.cat([labels, null]))
+                cond, uncond = both.chunk(2)
+                f = uncond + self.guidance * (cond - uncond)
+        return (sd * f).to(x_t.dtype)
 
     def diagnostics(self, target_net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *,
                     generator: torch.Generator, max_samples: int = 64) -> Dict[str, torch.Tensor]:
@@ -227,7 +254,8 @@ class SCTLoss:
 
         ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
         x_t = ct * x0 + st * z
-        v = ct * z - st * x0                                   # dx_t/dt (consistency training)
+        with phase("teacher_forward") if self.teacher is not None else contextlib.nullcontext():
+            v = self.velocity(x0, z, x_t, t, labels)           # dx_t/dt: data (sCT) or teacher (sCD)
         r = self.warmup(step)
         with phase("jvp"):
             g, f_minus, jac, g_norm = sct_tangent(target_net, x_t, t, v, labels, sigma_data=sd, r=r,

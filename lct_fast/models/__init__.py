@@ -87,12 +87,12 @@ def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
         ict = getattr(method_cfg, "ict", None)
         return VEPrecond(backbone, sigma_data=sigma_data, sigma_min=float(getattr(ict, "sigma_min", 0.002)),
                          noise_scale=float(getattr(ict, "noise_scale", 250.0)))
-    if name == "sct":
+    if name in ("sct", "scd"):
         time_scale = float(getattr(getattr(method_cfg, "sct", None), "time_scale", 1.0))
         return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=time_scale)
     if name == "trigflow":
         return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=1.0)
-    raise ValueError(f"method.name={name!r} is not one of ['ict', 'sct', 'trigflow']")
+    raise ValueError(f"method.name={name!r} is not one of ['ict', 'sct', 'trigflow', 'scd']")
 
 
 def count_parameters(model_cfg: Any) -> int:

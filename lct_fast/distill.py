@@ -1,0 +1,83 @@
+"""The sCD teacher: loaded from an exported TrigFlow run, checked against the student, frozen; and the student's
+initialisation from it (sCM §4: the student starts as the teacher).
+
+``load_teacher(scd_cfg, student_cfg)`` reads the teacher run's resolved ``config.json`` (``method.scd.teacher_config``,
+default the one ``launch/export.py`` copies beside the weights), requires ``method.name == "trigflow"`` and the
+student's architecture (arch, size/width/depth/heads or UNet channels, patch, channels, resolution, classes),
+builds the teacher and loads its safetensors weights strictly. Every mismatch is an error naming the file and the
+key, before any training step. The teacher is frozen (``requires_grad=False``, ``eval()``) and has no optimizer
+state; it runs in the student's JVP dtype inside the loss. Under ZeRO-3 it is a full copy on every rank (not yet
+partitioned like the student).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, load_config
+
+__all__ = ["load_teacher", "init_student_from_teacher", "MATCH_KEYS"]
+
+#: Model fields that must agree between teacher and student for the student to start from the teacher's weights.
+MATCH_KEYS = ("arch", "size", "width", "depth", "heads", "patch_size", "mlp_ratio", "in_channels", "resolution",
+              "num_classes", "norm", "unet_channels", "channel_mult", "num_res_blocks", "attn_resolutions",
+              "head_channels", "adaptive_double_norm")
+
+
+def _teacher_config(scd: Any) -> tuple[Config, str]:
+    if not scd.teacher:
+        raise ConfigError("method.scd.teacher: method scd needs the exported teacher weights "
+                          "(a method=trigflow run's <run>/export/<ema>.safetensors)")
+    if not os.path.isfile(scd.teacher):
+        raise FileNotFoundError(f"method.scd.teacher: teacher weights not found: {scd.teacher}")
+    path = scd.teacher_config or os.path.join(os.path.dirname(os.path.abspath(scd.teacher)), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"method.scd.teacher_config: the teacher's config.json not found: {path}")
+    return load_config(path), path
+
+
+def load_teacher(scd: Any, student: Config, device: torch.device | str = "cpu") -> nn.Module:
+    """The frozen teacher for ``student`` (a ``Config`` with method scd); see the module docstring."""
+    from safetensors.torch import load_file
+
+    from .models import build_model
+
+    tcfg, path = _teacher_config(scd)
+    if tcfg.method.name != "trigflow":
+        raise ConfigError(f"{path}: method.name is {tcfg.method.name!r}; an sCD teacher is a method=trigflow run")
+    for key in MATCH_KEYS:
+        a, b = getattr(tcfg.model, key, None), getattr(student.model, key, None)
+        if a != b:
+            raise ConfigError(f"{path}: model.{key} = {a!r} but the student's model.{key} = {b!r}: the teacher "
+                              f"must have the student's architecture")
+    if tcfg.method.sigma_data != student.method.sigma_data:
+        raise ConfigError(f"{path}: method.sigma_data = {tcfg.method.sigma_data} but the student's is "
+                          f"{student.method.sigma_data}")
+    teacher = build_model(tcfg.model, tcfg.method)
+    state = load_file(scd.teacher, device="cpu")
+    expected = set(teacher.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ConfigError(f"{scd.teacher}: weights do not match the teacher config {path} (missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]})")
+    teacher.load_state_dict(state, strict=True)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy the teacher's weights into the student, except the adaptive-weight head (the sCD loss's own w(t),
+    zero at the start like every parameter the teacher lacks). Returns the student keys left as initialised."""
+    t_state = teacher.state_dict()
+    kept = []
+    with torch.no_grad():
+        for name, value in student.state_dict().items():
+            if name in t_state and "logvar_head" not in name and t_state[name].shape == value.shape:
+                value.copy_(t_state[name].to(value.dtype))
+            else:
+                kept.append(name)
+    return kept

@@ -1,0 +1,127 @@
+"""sCD (method scd): the tangent with the teacher's guided velocity against float64 finite differences of f⁻ along
+the teacher's probability-flow ODE; teacher loading and its errors; the student starting as the teacher."""
+import os
+
+import pytest
+import torch
+
+from lct_fast.config import ConfigError, load_config, save_config
+from lct_fast.methods import build_loss
+from lct_fast.methods.sct import sct_tangent
+from lct_fast.models import build_model
+
+SD = 0.5
+
+
+def _net(preset, seed, sets=()):
+    cfg = load_config(preset, list(sets))
+    torch.manual_seed(seed)
+    net = build_model(cfg.model, cfg.method).double()
+    for p in net.parameters():  # leave the zero init: non-trivial outputs and tangents everywhere
+        torch.nn.init.normal_(p, std=0.05)
+    return cfg, net.eval()
+
+
+def test_scd_tangent_matches_finite_differences_along_the_teacher_ode():
+    _, teacher = _net("tiny_trigflow", 1)
+    cfg, student = _net("tiny_scd", 2, ["method.scd.guidance=2.0", "method.sct.tangent_warmup=0"])
+    loss = build_loss(cfg.method, data_dim=256, total_steps=10, teacher=teacher)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) * SD
+    z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) * SD
+    t = torch.tensor([0.1, 0.8, 1.4], dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1])
+    ct, st = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    xt = ct * x0 + st * z
+
+    def teacher_v(x, tt):  # σ_d·(F_u + s·(F_c − F_u)), computed here independently of the loss
+        fc = teacher.F(x / SD, tt, labels)
+        fu = teacher.F(x / SD, tt, torch.full_like(labels, 4))
+        return SD * (fu + 2.0 * (fc - fu))
+
+    v = loss.velocity(x0, z, xt, t, labels)
+    torch.testing.assert_close(v, teacher_v(xt, t))
+    assert not torch.allclose(v, ct * z - st * x0)  # not the data velocity
+
+    def f_minus(x, tt):
+        c, s = torch.cos(tt).view(-1, 1, 1, 1), torch.sin(tt).view(-1, 1, 1, 1)
+        return c * x - s * SD * student.F(x / SD, tt, labels)
+
+    gvec, _, _, _ = sct_tangent(student, xt, t, v, labels, sigma_data=SD, r=1.0, g_norm_c=0.1)
+    h = 1e-6
+    df = (f_minus(xt + h * v, t + h) - f_minus(xt - h * v, t - h)) / (2 * h)   # d f⁻/dt along dx/dt = v_T
+    raw = ct * df
+    ref = raw / (raw.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 0.1)
+    err = (gvec - ref).abs().max() / ref.abs().max()
+    assert err < 1e-6, err
+    with pytest.raises(ValueError, match="teacher"):
+        build_loss(cfg.method, data_dim=256, total_steps=10)
+
+
+def _export_teacher(tmp_path, sets=()):
+    """A teacher 'export' as launch/export.py writes it: <dir>/ema.safetensors + config.json."""
+    from safetensors.torch import save_file
+
+    cfg, teacher = _net("tiny_trigflow", 1, sets)
+    d = tmp_path / "teacher"
+    d.mkdir(exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in teacher.state_dict().items()}, str(d / "ema.safetensors"))
+    save_config(cfg, str(d / "config.json"))
+    return str(d / "ema.safetensors"), teacher.float()
+
+
+def test_teacher_loading_and_clear_errors(tmp_path):
+    from lct_fast.distill import init_student_from_teacher, load_teacher
+
+    path, ref = _export_teacher(tmp_path)
+    student_cfg = load_config("tiny_scd", [f"method.scd.teacher={path}"])
+    teacher = load_teacher(student_cfg.method.scd, student_cfg)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 1.2]), torch.tensor([1, 2])
+    torch.testing.assert_close(teacher.F(x, t, y), ref.F(x, t, y))
+    student = build_model(student_cfg.model, student_cfg.method)
+    kept = init_student_from_teacher(student, teacher)
+    assert kept and all("logvar_head" in k for k in kept)
+    torch.testing.assert_close(student.F(x, t, y), teacher.F(x, t, y))           # the student starts as the teacher
+    assert torch.count_nonzero(student.logvar(t)) == 0                            # its own w(t) starts at zero
+
+    with pytest.raises(ConfigError, match="method.scd.teacher"):
+        load_teacher(load_config("tiny_scd").method.scd, student_cfg)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_teacher(load_config("tiny_scd", ["method.scd.teacher=/nope.safetensors"]).method.scd, student_cfg)
+    (tmp_path / "b").mkdir()
+    bad_path, _ = _export_teacher(tmp_path / "b", ["model.width=48", "model.heads=2"])
+    bad = load_config("tiny_scd", [f"method.scd.teacher={bad_path}"])
+    with pytest.raises(ConfigError, match="model.width = 48"):
+        load_teacher(bad.method.scd, bad)
+    sct_cfg = load_config("tiny_sct")
+    save_config(sct_cfg, os.path.join(os.path.dirname(path), "config.json"))    # not a trigflow run
+    with pytest.raises(ConfigError, match="method=trigflow"):
+        load_teacher(student_cfg.method.scd, student_cfg)
+
+
+def test_tiny_scd_trains_from_an_exported_teacher(tmp_path):
+    """Teacher run -> export -> sCD run on the trainer: the student starts at the teacher and trains."""
+    import numpy as np
+
+    from lct_fast.trainer import Trainer
+
+    import importlib.util
+
+    launch = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+    spec = importlib.util.spec_from_file_location("_export", os.path.join(launch, "export.py"))
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    small = ["train.global_batch=16", "train.log_interval=160", "train.sample_interval=0", "train.eval_interval=0",
+             "optim.warmup_samples=0"]
+    teacher_run = str(tmp_path / "teacher")
+    Trainer(load_config("tiny_trigflow", small + ["train.ckpt_interval=0"]), teacher_run).run(max_samples=320)
+    paths = export.export(teacher_run)
+    weights = next(p for p in paths if p.endswith("ema_0.99.safetensors"))
+    cfg = load_config("tiny_scd", small + ["train.ckpt_interval=0", f"method.scd.teacher={weights}"])
+    tr = Trainer(cfg, str(tmp_path / "student"))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.4, 1.0]), torch.tensor([0, 1])
+    torch.testing.assert_close(tr.module.F(x, t, y), tr.teacher.F(x, t, y))
+    summary = tr.run(max_samples=160)
+    assert summary["samples"] == 160 and np.isfinite(summary["final"]["loss"])
+    assert summary["final"]["g_norm_mean"] > 0
