@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO stages 0-3 against a single-process reference, for iLCT and sCT.
+"""DeepSpeed ZeRO stages 0-3 against a single-process reference, for iLCT, sCT and sCD (a frozen teacher).
 
 One launch of ``tests/dist/zero_parity.py`` on 2 CPU ranks (gloo) runs every (method, stage) case; rank 0
 writes the measured errors as JSON and the tests below assert on them:
@@ -29,7 +29,7 @@ from lct_fast.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "dist", "zero_parity.py")
-METHODS = ("ict", "sct")
+METHODS = ("ict", "sct", "scd")
 STAGES = (0, 1, 2, 3)
 STEPS = 3
 
@@ -130,8 +130,11 @@ def test_tolerances_discriminate(report: dict) -> None:
         dp = report["discriminating_power"][method]
         # rank 0's half alone (a rank dropped / not averaged): O(1) relative
         assert dp["half_vs_global"]["max_rel_err"] > 100 * tol["grad_rtol"], (method, dp["half_vs_global"])
-    # sCT without the JVP term (r = 0 instead of r = 0.5): O(1) relative
-    assert report["discriminating_power"]["sct"]["r0_vs_r"]["max_rel_err"] > 100 * tol["grad_rtol"]
+    # sCT / sCD without the JVP term (r = 0 instead of r = 0.5): O(1) relative
+    for method in ("sct", "scd"):
+        assert report["discriminating_power"][method]["r0_vs_r"]["max_rel_err"] > 100 * tol["grad_rtol"]
+    # sCD with the data velocity instead of the teacher's: the teacher enters the gradient
+    assert report["discriminating_power"]["scd"]["teacher_vs_data"]["max_rel_err"] > 100 * tol["grad_rtol"]
     for case in report["cases"]:
         if case["error"] is not None:
             continue
@@ -144,7 +147,7 @@ def test_tolerances_discriminate(report: dict) -> None:
 def test_sct_cases_have_live_tangent(report: dict) -> None:
     """sCT runs past step 0 so the tangent warm-up r > 0 and the JVP term enters the loss."""
     for case in report["cases"]:
-        if case["method"] != "sct" or case["error"] is not None:
+        if case["method"] not in ("sct", "scd") or case["error"] is not None:
             continue
         for row in case["steps"]:
             assert 0.0 < row["metrics_rank"]["r"] <= 1.0, row["metrics_rank"]

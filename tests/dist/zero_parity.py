@@ -5,7 +5,7 @@ Launched by the DeepSpeed launcher (2 ranks, CPU/gloo on a machine without GPUs)
     DS_ACCELERATOR=cpu PYTHONPATH=. deepspeed --num_gpus 2 --master_port PORT \
         tests/dist/zero_parity.py --out result.json
 
-For every method (``ict``, ``sct``) and ZeRO stage (0, 1, 2, 3) it builds a tiny DiT twice from the same
+For every method (``ict``, ``sct``, ``scd`` with a fixed frozen teacher) and ZeRO stage (0, 1, 2, 3) it builds a tiny DiT twice from the same
 seed: once wrapped in a DeepSpeed engine (each rank trains on its half of a fixed global batch, seeded
 exactly as :meth:`lct_fast.trainer.Trainer.train_step` seeds it), once as a plain module that computes
 the whole global batch in one process (rank r's half with rank r's generator). Each step compares the
@@ -88,7 +88,7 @@ PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-2 * LR
 # ----------------------------------------------------------------------------------------- set-up
 def make_config(method: str, stage: int, grad_clip: float) -> Config:
     """Tiny DiT (width 32, depth 2, heads 2, 8x8 latents), fp32, global batch 8 on 2 ranks."""
-    preset = "tiny" if method == "ict" else "tiny_sct"
+    preset = {"ict": "tiny", "sct": "tiny_sct", "scd": "tiny_scd"}[method]
     overrides = [
         "model.width=32", "model.depth=2", "model.heads=2", "model.resolution=8",
         # dropout on: the online and the stop-gradient/JVP passes must share the seeded masks on every path
@@ -102,6 +102,8 @@ def make_config(method: str, stage: int, grad_clip: float) -> Config:
         "optim.warmup_samples=0", f"optim.lr={LR}",
         # both torch optimizers of lct_fast.optim are exercised: AdamW for ict, RAdam (the paper's) for sct
         f"optim.name={'adamw' if method == 'ict' else 'radam'}",
+        # scd: the teacher is built by make_teacher (fixed weights), not loaded; guidance on
+        *(["method.scd.guidance=1.5"] if method == "scd" else []),
         "optim.weight_decay=0.01",
         f"deepspeed.zero_optimization.stage={stage}",
     ]
@@ -126,6 +128,24 @@ def make_module(cfg: Config) -> torch.nn.Module:
         for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return module
+
+
+def make_teacher(cfg: Config):
+    """sCD's frozen teacher, the same on every rank and path: a method=trigflow network of the student's
+    architecture with fixed random weights (a full copy per rank, as the trainer holds it)."""
+    if cfg.method.name != "scd":
+        return None
+    import dataclasses
+
+    tmethod = dataclasses.replace(cfg.method, name="trigflow")
+    torch.manual_seed(99)
+    teacher = build_model(cfg.model, tmethod)
+    g = torch.Generator().manual_seed(77)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            p.requires_grad_(False)
+    return teacher.eval()
 
 
 def make_batch(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +262,8 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
     wrapped, optimizer = build_engine(cfg)
     engine = wrapped.engine
     try:
-        ds_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
+        teacher = make_teacher(cfg)
+        ds_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, teacher=teacher)
         ds_ema = EMA(engine.module.named_parameters(), decays=cfg.train.ema.decays,
                      power_stds=cfg.train.ema.power_stds)
         if stage == 3:
@@ -254,7 +275,7 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
 
         ref = make_module(cfg)
         ref_opt = reference_optimizer(ref.parameters(), cfg)
-        ref_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
+        ref_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, teacher=teacher)
         ref_ema = EMA(ref.named_parameters(), decays=cfg.train.ema.decays, power_stds=cfg.train.ema.power_stds)
 
         target = wrapped.target_net
@@ -346,9 +367,11 @@ def discriminating_power(method: str, grad_clip: float, k: int) -> dict:
     per_rank = GLOBAL_BATCH // WORLD
     halves = [(x[r * per_rank:(r + 1) * per_rank], labels[r * per_rank:(r + 1) * per_rank]) for r in range(WORLD)]
 
-    def grads(step_for_loss: int, ranks: list[int]) -> dict[str, torch.Tensor]:
+    def grads(step_for_loss: int, ranks: list[int], method_cfg=None) -> dict[str, torch.Tensor]:
         net = make_module(cfg)
-        loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps)
+        mcfg = method_cfg or cfg.method
+        loss_fn = build_loss(mcfg, data_dim=data_dim, total_steps=cfg.train.total_steps,
+                             teacher=make_teacher(cfg) if mcfg.name == "scd" else None)
         total = torch.zeros(())
         for r in ranks:
             gr = torch.Generator().manual_seed(step_seed(cfg.train.seed, r, k * GLOBAL_BATCH))
@@ -358,16 +381,22 @@ def discriminating_power(method: str, grad_clip: float, k: int) -> dict:
 
     full = grads(k, list(range(WORLD)))
     out = {"half_vs_global": compare_tensors(grads(k, [0]), full, GRAD_RTOL, GRAD_ATOL)}
-    if method == "sct":
+    if method in ("sct", "scd"):
         # step 0 has r = 0 (warm-up) but also draws the same noise (the seed does not depend on `step`)
         out["r0_vs_r"] = compare_tensors(grads(0, list(range(WORLD))), full, GRAD_RTOL, GRAD_ATOL)
+    if method == "scd":
+        # the data velocity (sCT) in place of the teacher's: the teacher must matter
+        import dataclasses
+
+        sct = dataclasses.replace(cfg.method, name="sct")
+        out["teacher_vs_data"] = compare_tensors(grads(k, list(range(WORLD)), sct), full, GRAD_RTOL, GRAD_ATOL)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file written by rank 0")
-    ap.add_argument("--methods", default="ict,sct")
+    ap.add_argument("--methods", default="ict,sct,scd")
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per case")
     ap.add_argument("--grad-clip", type=float, default=0.5)
@@ -391,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                               "cases": [], "discriminating_power": {}}
     methods = [s for s in args.methods.split(",") if s]
     stages = [int(s) for s in args.stages.split(",") if s]
-    k0 = {"ict": 5, "sct": 100}  # sct: tangent warm-up H = 200 -> r = 0.5, the JVP term is live
+    k0 = {"ict": 5, "sct": 100, "scd": 100}  # sct/scd: tangent warm-up H = 200 -> r = 0.5, the JVP term is live
 
     runs = [(method, stage) for method in methods for stage in stages]
 
