@@ -125,3 +125,17 @@ def test_tiny_scd_trains_from_an_exported_teacher(tmp_path):
     summary = tr.run(max_samples=160)
     assert summary["samples"] == 160 and np.isfinite(summary["final"]["loss"])
     assert summary["final"]["g_norm_mean"] > 0
+
+
+@pytest.mark.parametrize("size, dropout", [("s", 0.0), ("b", 0.0), ("l", 0.1), ("xl", 0.1), ("xxl", 0.1)])
+def test_large_scd_presets_follow_table_4(size, dropout):
+    """The DiT S…XXL sCD presets: the base preset's architecture and parameter count, Table 4's sCD iterations
+    (200k at batch 2048) and dropout, the sCT settings, method scd."""
+    from lct_fast.models import count_parameters
+
+    base, scd = load_config(size), load_config(f"{size}_scd")
+    assert scd.method.name == "scd" and scd.model.dropout == dropout
+    assert scd.train.total_samples == 200_000 * 2048 == 200_000 * scd.train.global_batch
+    assert (scd.method.sct.p_mean, scd.method.sct.p_std, scd.method.sct.g_norm_c) == (-0.8, 1.6, 0.1)
+    assert count_parameters(scd.model) == count_parameters(base.model)
+    assert scd.optim.lr == base.optim.lr and 1.0 < scd.method.scd.guidance <= 2.0
