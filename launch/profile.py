@@ -127,16 +127,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
-def _profile(args: argparse.Namespace, overrides: list) -> int:
+def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
     import torch
-
-    from lct_fast.config import load_config
     from lct_fast.distributed import init_distributed
     from lct_fast.throughput import (ProfileOptions, device_name, expected_state_bytes, format_table,
                                      is_oom_error, kernel_backends, profile_trainer, summarise)
     from lct_fast.trainer import Trainer
 
-    cfg = load_config(args.config, overrides)
     opts = ProfileOptions(steps=args.steps, warmup=args.warmup, trace=args.trace, trace_steps=args.trace_steps,
                           peak_tflops=args.peak_tflops, count_flops=args.count_flops)
     dist = init_distributed()
@@ -190,8 +187,8 @@ def main(argv=None) -> int:
         from lct_fast.throughput import profile_overrides
 
         overrides = profile_overrides(args.config, args.overrides, synthetic_data=args.synthetic_data)
-        load_config(args.config, overrides)  # fail on a bad key before any process group starts
-        return _profile(args, overrides)
+        cfg = load_config(args.config, overrides)  # a bad key fails here, before any process group starts
+        return _profile(args, cfg, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

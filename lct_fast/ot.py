@@ -119,8 +119,8 @@ def transport_cost(x0: torch.Tensor, z: torch.Tensor, perm: torch.Tensor | None 
 
 def pairing_cost_ratio(x0: torch.Tensor, z: torch.Tensor, z_paired: torch.Tensor) -> torch.Tensor:
     """Σ‖x0 − z_paired‖² / Σ‖x0 − z‖²: what a coupling saved against the pairing as drawn (detached 0-dim
-    fp32; < 1 when the coupling shortens the paths). The one definition the per-batch and global couplers and
-    :func:`couple` (``return_cost``) report."""
+    fp32; < 1 when the coupling shortens the paths). What the per-batch and global couplers report;
+    :func:`couple` (``return_cost``) gets the same ratio from the two mean costs it computes anyway."""
     x = _flatten(x0.detach(), "x0").float()
     base = (x - _flatten(z.detach(), "z").float()).square().sum()
     cost = (x - _flatten(z_paired.detach(), "z").float()).square().sum()
@@ -229,6 +229,6 @@ def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, backend:
             return perm
         cost = transport_cost(x0.detach(), z.detach(), perm)
         ident = transport_cost(x0.detach(), z.detach())
-        ratio = pairing_cost_ratio(x0, z, z[perm.to(z.device)])
+        ratio = cost / ident.clamp_min(torch.finfo(torch.float32).tiny)  # = pairing_cost_ratio, from the means
     return CouplingResult(perm=perm, cost=cost, identity_cost=ident, ratio=ratio, method=method,
                           backend=used_backend)

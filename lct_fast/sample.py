@@ -344,14 +344,15 @@ def trigflow_ode(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor]
     if guided and null_label is None:
         raise ValueError("sample: cfg_scale != 1 needs null_label (the model's null class id)")
 
+    from lct_fast.models.precond import classifier_free_guidance
+
+    def F(x_in: torch.Tensor, tt: torch.Tensor, lab: Optional[torch.Tensor]) -> torch.Tensor:
+        return net.F(x_in, tt, lab).to(x_in.dtype)
+
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        if not guided:
-            return sd * net.F(x / sd, tt, labels).to(x.dtype)
-        null = torch.full_like(labels, int(null_label))
-        both = net.F(torch.cat([x, x]) / sd, torch.cat([tt, tt]), torch.cat([labels, null])).to(x.dtype)
-        cond, uncond = both.chunk(2)
-        return sd * (uncond + cfg_scale * (cond - uncond))
+        return sd * classifier_free_guidance(F, x / sd, tt, labels, cfg_scale if guided else 1.0,
+                                             null_label if guided else 0)
 
     def denoised(x: torch.Tensor, t: float) -> torch.Tensor:  # x̂0 = cos t·x − sin t·σ_d·F
         return math.cos(t) * x - math.sin(t) * velocity(x, t)
@@ -385,12 +386,9 @@ class _Guided(nn.Module):
         self.net, self.scale, self.null_label = net, float(scale), int(null_label)
 
     def forward(self, x, t, labels=None):
-        if labels is None:
-            return self.net(x, t, labels)
-        null = torch.full_like(labels, self.null_label)
-        both = self.net(torch.cat([x, x]), t, torch.cat([labels, null]))
-        cond, uncond = both.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        from lct_fast.models.precond import classifier_free_guidance
+
+        return classifier_free_guidance(self.net, x, t, labels, self.scale, self.null_label)
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -294,6 +294,12 @@ def _stats(values: Sequence[float]) -> Dict[str, float]:
     return {"median": statistics.median(v), "p10": q[0], "p90": q[-1], "mean": statistics.fmean(v)}
 
 
+def _rank_row(rank: Dict[str, Any], steps: List[Dict[str, float]], samples: float) -> Dict[str, Any]:
+    st = _stats([x["step"] for x in steps])
+    return {"rank": rank["rank"], **{f"step_ms_{k}": v * 1e3 for k, v in st.items()},
+            "samples_per_s": samples / st["median"], "memory": rank.get("memory", {})}
+
+
 def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, Any]], opts: ProfileOptions,
               *, device: str, command: str = "") -> Dict[str, Any]:
     """The profile record (``profile.json``) from every rank's :func:`profile_trainer` output."""
@@ -322,9 +328,7 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         "global_batch": gb, "steps": n, "warmup": opts.warmup,
         "step_ms": {k: v * 1e3 for k, v in agg.items()},
         "samples_per_s": gb / agg["median"],
-        "per_rank": [{"rank": r["rank"], **{f"step_ms_{k}": v * 1e3 for k, v in _stats([x["step"] for x in s]).items()},
-                      "samples_per_s": per_rank_samples / _stats([x["step"] for x in s])["median"],
-                      "memory": r.get("memory", {})} for r, s in zip(ranks, steps)],
+        "per_rank": [_rank_row(r, s, per_rank_samples) for r, s in zip(ranks, steps)],
         "phases_ms": phases,
         "phase_sum_ms": sum(p["rank0_ms"] for p in phases.values()),
         "log_line_ms": 1e3 * max(r.get("log_line_s", 0.0) for r in ranks),

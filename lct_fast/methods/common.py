@@ -11,7 +11,7 @@ from torch import nn
 
 __all__ = [
     "randn_like_gen", "draw_seed", "unwrap", "null_class", "drop_labels", "couple_noise", "Coupler",
-    "identity_coupler", "config_coupler", "as_float",
+    "identity_coupler", "config_coupler", "as_float", "adaptive_weighting",
 ]
 
 _SEED_HIGH = 2 ** 62
@@ -107,6 +107,18 @@ def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = 
                          f"expected ({z.shape[0]},)")
     zp = z[perm]
     return zp, pairing_cost_ratio(x0, z, zp)
+
+
+def adaptive_weighting(online: nn.Module, t: torch.Tensor, d: torch.Tensor, enabled: bool, who: str
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, w): e^{−w(t)}·d + w(t) with the learned w = ``online.logvar(t)`` (EDM2/sCM), or (d, 0) when off.
+    ``who`` names the switch in the error when the network has no adaptive-weight head."""
+    if not enabled:
+        return d, torch.zeros_like(d)
+    if not hasattr(online, "logvar"):
+        raise AttributeError(f"{type(online).__name__}: {who} needs net.logvar(t) (set model.adaptive_weight=true)")
+    w = online.logvar(t).to(d.dtype).reshape(d.shape[0])
+    return torch.exp(-w) * d + w, w
 
 
 def prepare_batch(loss_name: str, x0: torch.Tensor, data_dim: int) -> Tuple[torch.Tensor, Tuple[int, ...]]:

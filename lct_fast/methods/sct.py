@@ -43,7 +43,7 @@ from torch import nn
 
 from ..profiling import phase
 from . import schedules
-from .common import (Coupler, config_coupler, draw_seed, drop_labels, identity_coupler, null_class, prepare_batch,
+from .common import (Coupler, adaptive_weighting, config_coupler, draw_seed, drop_labels, identity_coupler, null_class, prepare_batch,
                      randn_like_gen, unwrap)
 
 __all__ = ["SCTLoss", "sct_tangent", "derivative_split"]
@@ -201,14 +201,13 @@ class SCTLoss:
             bshape = (x0.shape[0],) + (1,) * (x0.ndim - 1)
             return torch.cos(t).view(bshape) * z - torch.sin(t).view(bshape) * x0
         sd, teacher = self.sigma_data, self.teacher
+        from ..models.precond import classifier_free_guidance
+
+        null = null_label
+        if null is None and labels is not None and self.guidance != 1.0:
+            null = null_class(teacher)
         with torch.no_grad(), _jvp_precision(teacher, x_t.device, self.jvp_dtype):
-            if self.guidance == 1.0 or labels is None:
-                f = teacher.F(x_t / sd, t, labels)
-            else:
-                null = torch.full_like(labels, int(null_label if null_label is not None else null_class(teacher)))
-                both = teacher.F(torch.cat([x_t, x_t]) / sd, torch.cat([t, t]), torch.cat([labels, null]))
-                cond, uncond = both.chunk(2)
-                f = uncond + self.guidance * (cond - uncond)
+            f = classifier_free_guidance(teacher.F, x_t / sd, t, labels, self.guidance, null)
         return (sd * f).to(x_t.dtype)
 
     def diagnostics(self, target_net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *,
@@ -276,15 +275,7 @@ class SCTLoss:
             # Prior weight λ(t) = 1/(σ_d tan t) on the squared term only (EDM2 / sCM: e^{−w}·λ·d + w): the
             # learned w then absorbs λ instead of having its own +w term rescaled.
             d = d / (sd * torch.tan(t))
-        if self.adaptive_weight:
-            if not hasattr(online, "logvar"):
-                raise AttributeError(f"{type(online).__name__}: sct.adaptive_weight needs net.logvar(t) "
-                                     "(set model.adaptive_weight=true)")
-            w = online.logvar(t).to(x0.dtype).reshape(batch)
-            loss = torch.exp(-w) * d + w
-        else:
-            w = torch.zeros_like(m)
-            loss = d
+        loss, w = adaptive_weighting(online, t, d, self.adaptive_weight, "sct.adaptive_weight")
 
         with torch.no_grad():
             self.metrics = {

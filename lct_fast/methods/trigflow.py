@@ -20,8 +20,8 @@ from torch import nn
 
 from ..profiling import phase
 from . import schedules
-from .common import Coupler, config_coupler, draw_seed, drop_labels, identity_coupler, null_class, prepare_batch, \
-    randn_like_gen, unwrap
+from .common import (Coupler, adaptive_weighting, config_coupler, draw_seed, drop_labels, identity_coupler,
+                     null_class, prepare_batch, randn_like_gen, unwrap)
 
 __all__ = ["TrigFlowLoss"]
 
@@ -86,15 +86,7 @@ class TrigFlowLoss:
         with phase("online_forward"):
             f = online.F(x_t / sd, t, labels, dropout_seed=dropout_seed).to(x0.dtype)
         m = (sd * f - v).flatten(1).square().mean(dim=1)                  # ‖σ_d·F − v‖²/D
-        if self.adaptive_weight:
-            if not hasattr(online, "logvar"):
-                raise AttributeError(f"{type(online).__name__}: trigflow.adaptive_weight needs net.logvar(t) "
-                                     "(set model.adaptive_weight=true)")
-            w = online.logvar(t).to(x0.dtype).reshape(batch)
-            loss = torch.exp(-w) * m + w
-        else:
-            w = torch.zeros_like(m)
-            loss = m
+        loss, w = adaptive_weighting(online, t, m, self.adaptive_weight, "trigflow.adaptive_weight")
         with torch.no_grad():
             self.metrics = {
                 "loss": loss.detach().mean().float(),

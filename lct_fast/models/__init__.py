@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .dit import DIT_PRESETS, DiT, resolve_dit_dims
 from .layers import NsLN, NsLN2d, SeededDropout, make_norm2d, sinusoidal_embedding
-from .precond import TrigFlowPrecond, VEPrecond
+from .precond import TrigFlowPrecond, VEPrecond, classifier_free_guidance
 from .unet import UNet
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "UNet",
     "VEPrecond",
     "build_backbone",
+    "classifier_free_guidance",
     "build_model",
     "count_parameters",
     "make_norm2d",

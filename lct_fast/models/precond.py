@@ -116,3 +116,17 @@ class TrigFlowPrecond(nn.Module):
         """w_φ(t): the backbone's head at c_noise = time_scale·t, [B] float32."""
         tt = torch.as_tensor(t, dtype=torch.float32, device=_device_of(self.backbone))
         return self.backbone.logvar(self.time_scale * tt.reshape(-1))
+
+
+def classifier_free_guidance(fn, x: torch.Tensor, t, labels: Optional[torch.Tensor], scale: float,
+                             null_label: int) -> torch.Tensor:
+    """``fn(x, t, labels)`` guided: out_u + s·(out_c − out_u), out_u at ``null_label``, both halves in one call
+    (``t`` a scalar or one value per sample). Without labels or at s = 1, ``fn(x, t, labels)``. The same form
+    serves the consistency function f, F and the velocity σ_d·F: all are affine in the network output."""
+    if labels is None or scale == 1.0:
+        return fn(x, t, labels)
+    null = torch.full_like(labels, int(null_label))
+    t2 = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+    cond, uncond = fn(torch.cat([x, x]), t2, torch.cat([labels, null])).chunk(2)
+    return uncond + scale * (cond - uncond)
+
