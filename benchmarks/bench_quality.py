@@ -88,6 +88,16 @@ class Row:
     about: str = ""
     seeds: tuple = (0,)
     """Training seeds (mean ± std over them); ``--seeds`` overrides it for every row."""
+    steps: tuple = (1, 2)
+    """Sampling steps evaluated (a consistency model: 1 and 2; a diffusion row: ODE solver steps)."""
+    teacher: str = ""
+    """sCD rows: the row whose export is the teacher (trained first, at the same seed, and cached like any row);
+    its training time is reported beside the student's as ``teacher_s``."""
+    teacher_ema: str = "ema_0.999"
+    """The teacher row's exported EMA the student distils."""
+    sample_sets: tuple = ((),)
+    """Sampler settings evaluated (each a tuple of KEY=VALUE applied to the run's config, e.g. a guidance scale);
+    ``--sample-set`` adds to every one of them."""
 
 
 ROWS: dict[str, Row] = {
@@ -95,6 +105,14 @@ ROWS: dict[str, Row] = {
     "sct": Row("tiny_sct", [], "sCT, the tiny_sct preset (DiT)", seeds=(0, 1, 2)),
     "sct_ot": Row("tiny_sct", ["method.ot.method=exact"], "sCT + minibatch OT coupling"),
     "sct_cauchy": Row("tiny_sct", ["method.sct.distance=cauchy"], "sCT + Cauchy distance"),
+    # Teacher -> distillation (sCM §4): a TrigFlow diffusion teacher sampled with its ODE solver at many steps
+    # (the ceiling), and sCD students at the sCT rows' student budget, 1 and 2 steps.
+    "trigflow": Row("tiny_trigflow", [], "TrigFlow diffusion teacher (Heun ODE)", seeds=(0, 1, 2), steps=(8, 32),
+                    sample_sets=((), ("method.trigflow.guidance=1.5",))),
+    "scd": Row("tiny_scd", [], "sCD from the trigflow row's teacher", seeds=(0, 1, 2), teacher="trigflow",
+               sample_sets=((), ("method.scd.guidance=1.5",), ("method.scd.guidance=2.0",))),
+    "scd_fixed": Row("tiny_scd", ["model.guidance_embed=false", "method.scd.guidance_conditioned=false"],
+                     "sCD, fixed teacher guidance 1 (no guidance input)", teacher="trigflow"),
     **{f"ict_ladder_{rung}": Row(f"ablation/{rung}", TINY_UNET + CPU_RECIPE, f"Table 2a rung {rung} (tiny UNet)")
        for rung in ("a_ilct", "b_cauchy", "c_diff", "d_ot", "e_scaled_c", "f_nsln")},
 }
@@ -276,6 +294,22 @@ def untrained_latents(preset: str, data_path: str, n: int, seed: int, stats) -> 
     return lat.numpy(), res.labels.numpy()
 
 
+def sampling_nfe(preset: str, steps: int, sample_set: str = "") -> int:
+    """Network evaluations per sample: one per step for a consistency model; the TrigFlow Heun solver takes two
+    per step but for its first (from t = π/2) and last (to t = 0) steps, DDIM one; classifier-free guidance
+    doubles them (conditional + null-class halves)."""
+    from lct_fast.config import load_config
+
+    method = load_config(preset, sample_set.split()).method
+    nfe = steps
+    if method.name == "trigflow":
+        if method.trigflow.solver == "heun":
+            nfe = max(2 * steps - 2, steps)
+        if method.trigflow.guidance != 1.0:
+            nfe *= 2
+    return nfe
+
+
 def aggregate_seeds(per_seed: list[dict]) -> dict:
     """Mean over training seeds of each metric; its ``_std`` is the spread over seeds when there are several
     (training noise, usually the larger part), else the spread over evaluation subsets."""
@@ -382,6 +416,12 @@ def main(argv=None) -> int:
     def run_row(name: str, seed: int) -> tuple[dict, list, str]:
         """Train (or reuse) one row at one training seed and score its EMAs at 1 and 2 steps."""
         extra = [] if seed == 0 else [f"train.seed={seed}"]
+        teacher_s = None
+        if ROWS[name].teacher:  # the teacher row first (trained or cached): its export is this row's teacher
+            t_trained, _, t_cache = run_row(ROWS[name].teacher, seed)
+            weights = os.path.join(t_cache, "run", "export", f"{ROWS[name].teacher_ema}.safetensors")
+            extra.append(f"method.scd.teacher={weights}")
+            teacher_s = t_trained["train_s"]
         row = dataclasses.replace(ROWS[name], overrides=ROWS[name].overrides + args.overrides + extra)
         overrides, key = row_config(name, row, data_path, budget, log_interval)
         cache = os.path.join(CACHE, "rows", f"{name}-{key}")
@@ -399,39 +439,50 @@ def main(argv=None) -> int:
             seconds = train_row(row, overrides, run_dir)
             trained = {"row": name, "preset": row.preset, "overrides": overrides, "train_s": seconds,
                        "budget": budget, "metrics": _read_metrics(run_dir)}
+            if teacher_s is not None:
+                trained["teacher_s"] = teacher_s
             _atomic_json(trained_path, trained)  # written last: a crash leaves no half-trained row "done"
         export = os.path.join(run_dir, "export")
         emas = sorted(f[:-12] for f in os.listdir(export) if f.endswith(".safetensors"))
         evals = []
         for ema in [e for e in emas if args.emas is None or e in args.emas]:
-            for steps in (1, 2):
-                score_path = os.path.join(cache, f"scores-{eval_key}-{ema}-{steps}.json")
-                if os.path.exists(score_path) and not args.force:
-                    with open(score_path) as f:
-                        evals.append(json.load(f))
-                    continue
-                lat, labs = sample_row(export, ema, steps, n_eval, args.seed, stats, args.sample_overrides)
-                imgs = ev.decode(lat)
-                np.save(os.path.join(cache, f"sheet-{eval_key}-{ema}-{steps}.npy"), imgs[:64], allow_pickle=False)
-                evals.append({"ema": ema, "steps": steps, "scores": ev.score(imgs, labs)})
-                _atomic_json(score_path, evals[-1])
+            for steps in row.steps:
+                for sample_set in row.sample_sets:
+                    tag = " ".join(sample_set)
+                    stem = f"{eval_key}-{ema}-{steps}" + (
+                        "-" + hashlib.sha256(tag.encode()).hexdigest()[:8] if tag else "")
+                    score_path = os.path.join(cache, f"scores-{stem}.json")
+                    if os.path.exists(score_path) and not args.force:
+                        with open(score_path) as f:
+                            evals.append(json.load(f))
+                        continue
+                    lat, labs = sample_row(export, ema, steps, n_eval, args.seed, stats,
+                                           tuple(args.sample_overrides) + tuple(sample_set))
+                    imgs = ev.decode(lat)
+                    np.save(os.path.join(cache, f"sheet-{stem}.npy"), imgs[:64], allow_pickle=False)
+                    evals.append({"ema": ema, "steps": steps, "sample": tag, "scores": ev.score(imgs, labs)})
+                    _atomic_json(score_path, evals[-1])
         return trained, evals, cache
 
     for name in [w for w in wanted if w in ROWS]:
         runs = [run_row(name, seed) for seed in (args.seeds or ROWS[name].seeds)]
         curves[name] = runs[0][0]["metrics"]
-        for ema, steps in [(e["ema"], e["steps"]) for e in runs[0][1]]:
-            per_seed = [next(e["scores"] for e in evals if (e["ema"], e["steps"]) == (ema, steps))
-                        for _, evals, _ in runs]
-            add(name, "train", steps, ema, aggregate_seeds(per_seed),
-                {"seeds": len(runs), "train_s": round(float(np.mean([t["train_s"] for t, _, _ in runs])), 1),
-                 "budget": budget})
+        for ema, steps, tag in [(e["ema"], e["steps"], e.get("sample", "")) for e in runs[0][1]]:
+            per_seed = [next(e["scores"] for e in evals if (e["ema"], e["steps"], e.get("sample", "")) ==
+                             (ema, steps, tag)) for _, evals, _ in runs]
+            extra = {"sample": tag, "seeds": len(runs), "nfe": sampling_nfe(runs[0][0]["preset"], steps, tag),
+                     "train_s": round(float(np.mean([t["train_s"] for t, _, _ in runs])), 1), "budget": budget}
+            if "teacher_s" in runs[0][0]:
+                extra["teacher_s"] = round(float(np.mean([t["teacher_s"] for t, _, _ in runs])), 1)
+            add(name, "train", steps, ema, aggregate_seeds(per_seed), extra)
         trained, evals, cache = runs[0]
         if evals:
-            best = min((e for e in evals if e["steps"] == 1), key=lambda e: e["scores"]["fd"])
-            sheet = os.path.join(cache, f"sheet-{eval_key}-{best['ema']}-1.npy")
+            fewest = min(ROWS[name].steps)
+            best = min((e for e in evals if e["steps"] == fewest and not e.get("sample")),
+                       key=lambda e: e["scores"]["fd"])
+            sheet = os.path.join(cache, f"sheet-{eval_key}-{best['ema']}-{fewest}.npy")
             if os.path.exists(sheet):
-                sheets[f"{name} 1-step {best['ema']}"] = np.load(sheet, allow_pickle=False)
+                sheets[f"{name} {fewest}-step {best['ema']}"] = np.load(sheet, allow_pickle=False)
 
     write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_eval, time.perf_counter() - t_all)
     return 0
@@ -479,7 +530,7 @@ def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_ev
             if k in r:
                 out[k] = round(r[k], 4)
                 out[k + "_std"] = round(r[k + "_std"], 4)
-        for k in ("seeds", "train_s", "budget"):
+        for k in ("sample", "seeds", "nfe", "train_s", "teacher_s", "budget"):
             if k in r:
                 out[k] = r[k]
         rows.append(out)

@@ -54,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at n)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (noise and labels)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per generation / feature batch")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off; needs "
-                                                               "a class-conditional model with label dropout)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off; needs a "
+                   "class-conditional model with label dropout; default: method.trigflow.guidance for a diffusion "
+                   "model, else 1)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale asked of a guidance-conditioned "
+                   "sCD student (default: method.scd.guidance)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -117,14 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n = args.n or 2000
             data = args.ref or resolve_data_path(cfg)
             evaluator = LatentEvaluator(data, n=n, normalize=cfg.data.normalize, seed=args.seed)
-        if args.cfg_scale != 1.0 and (m.num_classes <= 0 or cfg.method.label_dropout <= 0):
+        if args.cfg_scale not in (None, 1.0) and (m.num_classes <= 0 or cfg.method.label_dropout <= 0):
             raise ValueError(f"--cfg-scale {args.cfg_scale}: the model is not trained for guidance (num_classes="
                              f"{m.num_classes}, method.label_dropout={cfg.method.label_dropout})")
     except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"lct_fast.evaluate: error: {e}", file=sys.stderr)
         return 2
     spec = EvalSpec(n=n, steps=tuple(args.steps), seed=args.seed, batch_size=args.batch_size,
-                    cfg_scale=args.cfg_scale)
+                    cfg_scale=args.cfg_scale, guidance=args.guidance)
     num_classes = m.num_classes
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -138,7 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = {"checkpoint": os.path.abspath(args.checkpoint), "ema": os.path.splitext(
                       os.path.basename(args.checkpoint))[0], "config_name": cfg.name, "method": cfg.method.name,
                   "mode": evaluator.mode, "headline": evaluator.headline, "n": n, "seed": args.seed,
-                  "steps": list(args.steps), "cfg_scale": args.cfg_scale, "world_size": world,
+                  "steps": list(args.steps), "cfg_scale": args.cfg_scale,
+                  "guidance": args.guidance, "world_size": world,
                   "metrics": {str(k): v for k, v in out["steps"].items()}, "evaluator": evaluator.info,
                   "git_revision": git_revision(), "torch": torch.__version__, "device": device,
                   "timings": timings, "grids": out["grids"],

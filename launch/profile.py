@@ -157,7 +157,9 @@ def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
         info = {"params": trainer.num_params, "micro_batch": trainer.micro_batch, "grad_accum": trainer.grad_accum,
                 "expected_state_bytes": expected_state_bytes(
                     trainer.num_params, stage=stage, world=dist.world_size, bf16_weights=bf16_w,
-                    num_emas=len(trainer.ema.names)),
+                    num_emas=len(trainer.ema.names),
+                    teacher_params=0 if trainer.teacher is None else sum(
+                        int(getattr(p, "ds_numel", p.numel())) for p in trainer.teacher.parameters())),
                 "backends": kernel_backends(cfg, dist.device), "overrides": overrides,
                 "log_interval": cfg.train.log_interval}
         argv = [a for a in sys.argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]

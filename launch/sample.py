@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (noise and labels)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass")
     p.add_argument("--label", type=int, default=None, help="generate this class only (default: uniform labels)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: "
+                   "method.trigflow.guidance for a diffusion model, else 1 = off)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale asked of a guidance-conditioned "
+                   "sCD student (default: method.scd.guidance)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: also write grid.png")
     p.add_argument("--stats", default=None, help="dataset folder or stats.json (default: data.path of the config)")
@@ -91,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     m = cfg.model
     res = generate(net, cfg.method, n=args.n, shape=(m.in_channels, m.resolution, m.resolution),
                    num_classes=m.num_classes, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                   labels=args.label)
+                   labels=args.label, cfg_scale=args.cfg_scale, guidance=args.guidance)
     os.makedirs(args.out, exist_ok=True)
     written = [save_latents(os.path.join(args.out, "latents.npy"), res.latents)]
     if res.labels is not None:

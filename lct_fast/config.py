@@ -97,6 +97,9 @@ class ModelConfig:
     """Adaptive double normalization (sCM sec. 4.1): every conditioned norm computes
     norm(x) * pnorm(1 + scale(emb)) + pnorm(shift(emb)), pnorm = unit RMS over the feature dim, bounding the
     conditioning's scale. On in the continuous-time presets (Tables 3-4: every size)."""
+    guidance_embed: bool = False
+    """A classifier-free-guidance-scale input (an MLP on the embedding of s - 1, added to the conditioning, its
+    output layer zero at init): the guidance-conditioned sCD student (method.scd.guidance_conditioned)."""
     checkpointing: bool = False
     """Activation checkpointing per block (only in grad-enabled passes, never in the JVP pass)."""
     ops_backend: str = "auto"
@@ -251,9 +254,13 @@ class TrigFlowConfig:
     """Probability-flow ODE solver for sampling: heun (2nd order, EDM's correction) | ddim (1st order)."""
     spacing: str = "uniform"
     """Sampling times: uniform in t | edm (EDM's rho-spaced sigma grid mapped to t = arctan(sigma / sigma_d))."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale of the ODE sampler's velocity (1 = none); launch/sample.py --cfg-scale
+    overrides it."""
 
     def __post_init__(self) -> None:
         _positive("method.trigflow.p_std", self.p_std)
+        _positive("method.trigflow.guidance", self.guidance)
         _choice("method.trigflow.solver", self.solver, ["heun", "ddim"])
         _choice("method.trigflow.spacing", self.spacing, ["uniform", "edm"])
 
@@ -268,13 +275,27 @@ class SCDConfig:
     teacher_config: str = ""
     """The teacher run's resolved config.json; empty = config.json beside the teacher file."""
     guidance: float = 1.0
-    """Classifier-free guidance scale of the teacher's velocity, fixed for the run (1 = no guidance);
-    F = F_u + s * (F_c - F_u), F_u at the null class."""
+    """Classifier-free guidance scale s of the teacher's velocity F = F_u + s * (F_c - F_u), F_u at the null class
+    (1 = no guidance). Fixed for the run, or, with ``guidance_conditioned``, the scale the student is sampled at
+    (launch/sample.py --guidance overrides it)."""
+    guidance_conditioned: bool = False
+    """The guidance-conditioned student (sCM §4, Table 4's sCD rows, one network for every scale): s is drawn per
+    sample, uniform in [guidance_min, guidance_max], guides the teacher and is the student's input (needs
+    model.guidance_embed)."""
+    guidance_min: float = 1.0
+    """Smallest training guidance scale of the conditioned student."""
+    guidance_max: float = 2.0
+    """Largest training guidance scale of the conditioned student (the sCM tables sample at up to 2.0)."""
     init_from_teacher: bool = True
-    """Start the student from the teacher's weights (the paper does); the adaptive-weight head starts at zero."""
+    """Start the student from the teacher's weights (the paper does); the adaptive-weight head and the guidance
+    embedding, which the teacher lacks, start at zero, so the student starts equal to the teacher."""
 
     def __post_init__(self) -> None:
         _positive("method.scd.guidance", self.guidance)
+        _positive("method.scd.guidance_min", self.guidance_min)
+        if self.guidance_max < self.guidance_min:
+            raise ConfigError(f"method.scd.guidance_max: {self.guidance_max} is below method.scd.guidance_min "
+                              f"{self.guidance_min}")
 
 
 @dataclass
@@ -573,6 +594,16 @@ class Config:
                 and not self.model.adaptive_weight):
             raise ConfigError("model.adaptive_weight: method.trigflow.adaptive_weight=true needs "
                               "model.adaptive_weight=true")
+        conditioned = self.method.name == "scd" and self.method.scd.guidance_conditioned
+        if conditioned and not self.model.guidance_embed:
+            raise ConfigError("model.guidance_embed: method.scd.guidance_conditioned=true needs "
+                              "model.guidance_embed=true (the student's guidance-scale input)")
+        if self.model.guidance_embed and not conditioned:
+            raise ConfigError("model.guidance_embed: only the guidance-conditioned sCD student takes a guidance "
+                              "scale (method.name=scd with method.scd.guidance_conditioned=true)")
+        if conditioned and self.model.num_classes == 0:
+            raise ConfigError("method.scd.guidance_conditioned: guidance needs a class-conditional model "
+                              "(model.num_classes > 0)")
         if self.model.num_classes == 0 and self.method.label_dropout > 0:
             raise ConfigError("method.label_dropout: label dropout needs model.num_classes > 0")
 

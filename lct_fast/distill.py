@@ -6,8 +6,12 @@ default the one ``launch/export.py`` copies beside the weights), requires ``meth
 student's architecture (arch, size/width/depth/heads or UNet channels, patch, channels, resolution, classes),
 builds the teacher and loads its safetensors weights strictly. Every mismatch is an error naming the file and the
 key, before any training step. The teacher is frozen (``requires_grad=False``, ``eval()``) and has no optimizer
-state; it runs in the student's JVP dtype inside the loss. Under ZeRO-3 it is a full copy on every rank (not yet
-partitioned like the student).
+state; it runs in the student's JVP dtype inside the loss. The trainer hands it to :func:`lct_fast.parallel.wrap`
+as the frozen module, which partitions it like the student under ZeRO-3.
+
+``init_student_from_teacher`` copies every weight the two share; what the student has and the teacher lacks (the
+adaptive-weight head w(t), the guidance-scale embedding of a guidance-conditioned student) keeps its zero output
+layer, so the student starts equal to the teacher at every guidance scale.
 """
 from __future__ import annotations
 
@@ -71,7 +75,8 @@ def load_teacher(scd: Any, student: Config, device: torch.device | str = "cpu") 
 
 def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Copy the teacher's weights into the student, except the adaptive-weight head (the sCD loss's own w(t),
-    zero at the start like every parameter the teacher lacks). Returns the student keys left as initialised."""
+    zero at the start like the guidance embedding and every other parameter the teacher lacks). Returns the
+    student keys left as initialised."""
     t_state = teacher.state_dict()
     kept = []
     with torch.no_grad():

@@ -37,7 +37,10 @@ class EvalSpec:
     steps: Sequence[int] = (1, 2)
     seed: int = 0
     batch_size: int = 64
-    cfg_scale: float = 1.0
+    cfg_scale: Optional[float] = None
+    """Classifier-free guidance scale (None: the config's, see :func:`lct_fast.sample.generate`)."""
+    guidance: Optional[float] = None
+    """Guidance scale asked of a guidance-conditioned sCD student (None: method.scd.guidance)."""
     grid: int = 64
     """Samples shown in each step count's grid PNG (rank 0's first ones = the first of the draw)."""
 
@@ -261,7 +264,8 @@ def evaluate_model(net: torch.nn.Module, method_cfg, model_cfg, spec: EvalSpec, 
         t0 = time.perf_counter()
         res = generate(
             net, method_cfg, n=spec.n, shape=shape, num_classes=num_classes, steps=int(steps), seed=spec.seed,
-            batch_size=spec.batch_size, device=device, start=lo, count=hi - lo, cfg_scale=spec.cfg_scale)
+            batch_size=spec.batch_size, device=device, start=lo, count=hi - lo, cfg_scale=spec.cfg_scale,
+            guidance=spec.guidance)
         t1 = time.perf_counter()
         rows = gather_rows(evaluator.prepare(res.latents, sigma_data))
         t2 = time.perf_counter()

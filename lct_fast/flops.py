@@ -75,6 +75,8 @@ def _dit_parts(model_cfg: Any) -> tuple[float, float]:
     per_token += 2 * c * p * p * w + 2 * w * p * p * c                    # patch embedding, output layer
     per_sample = depth * 2 * w * 6 * w + 2 * w * 2 * w                    # adaLN of each block, final adaLN
     per_sample += 2 * (FREQ_DIM * w + w * w)                              # time embedding MLP
+    if getattr(model_cfg, "guidance_embed", False):
+        per_sample += 2 * (FREQ_DIM * w + w * w)                          # guidance-scale MLP (sCD student)
     if getattr(model_cfg, "adaptive_weight", False):
         per_sample += 2 * FREQ_DIM                                        # w_φ head
     linear = tokens * per_token + per_sample

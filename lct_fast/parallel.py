@@ -8,12 +8,17 @@ Model and loss code know nothing about parallelism. :func:`wrap` builds the engi
   an engine/DDP wrapper). Under ZeRO-3 its parameters are still gathered by DeepSpeed's per-submodule
   forward hooks, so the JVP sees full weights; its no-grad calls bypass ZeRO-3's backward-hook Functions,
   which have no forward-AD rule (:func:`zero3_backward_hooks_off`);
+* ``frozen``: a frozen module run beside it (the sCD teacher), in the same :class:`TargetNet` view. Under ZeRO-3
+  it is partitioned like the student, by an optimizer-less DeepSpeed engine (ZeRO-3's parameter offload:
+  the same per-submodule gather/release hooks, no gradients or optimizer state), so each rank holds 1/N of
+  it; below ZeRO-3 every rank holds a copy;
 * ``before_micro_step()``: marks a micro-step boundary for ZeRO-3's parameter prefetcher (see :func:`wrap`);
 * ``gathered_state_dict()``: the full weights (a collective under ZeRO-3).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -87,12 +92,14 @@ class Wrapped:
     engine: Any
     target_net: TargetNet
     zero_stage: int
-    _coordinator: Optional[Any] = None
+    frozen: Optional[TargetNet] = None
+    _coordinators: tuple = ()
+    _frozen_engine: Optional[Any] = None
 
     def before_micro_step(self) -> None:
-        """Call before each micro-step's forward passes (ZeRO-3: restarts the prefetcher's recorded order)."""
-        if self._coordinator is not None:
-            self._coordinator.reset_step()
+        """Call before each micro-step's forward passes (ZeRO-3: restarts the prefetchers' recorded order)."""
+        for coordinator in self._coordinators:
+            coordinator.reset_step()
 
     def gathered_state_dict(self, *, everywhere: bool, is_main: bool) -> dict:
         """Full fp32 weights on CPU: on every rank with ``everywhere``, else on the main rank ({} elsewhere).
@@ -108,10 +115,27 @@ class Wrapped:
         return {}
 
 
+def _frozen_ds_config(ds_config: dict) -> dict:
+    """The student's DeepSpeed config for an optimizer-less frozen module: the same ZeRO stage and partitioning
+    settings and batch keys; no optimizer, scheduler or mixed-precision cast (the module keeps its dtype)."""
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+            "zero_optimization", "steps_per_print", "wall_clock_breakdown")
+    out = {k: copy.deepcopy(v) for k, v in ds_config.items() if k in keep}
+    out["bf16"], out["fp16"] = {"enabled": False}, {"enabled": False}
+    return out
+
+
+def _zero3_hooks(offload: Any) -> Any:
+    """Remove ZeRO-3's root-module step marker (see :func:`wrap`); return the parameter coordinator."""
+    offload.fwd_pre_hook.remove()
+    return offload.get_param_coordinator()
+
+
 def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
-         lr_scheduler: Optional[Callable[..., Any]] = None) -> Wrapped:
+         lr_scheduler: Optional[Callable[..., Any]] = None, frozen: Optional[torch.nn.Module] = None) -> Wrapped:
     """``deepspeed.initialize`` of ``module``/``optimizer`` with ``ds_config`` (from ``Config.deepspeed_config``),
-    plus the stop-gradient view and, under ZeRO-3, our own step boundary for the prefetcher.
+    plus the stop-gradient view and, under ZeRO-3, our own step boundary for the prefetcher. ``frozen``: a
+    module without trainable parameters to run beside it (see the module docstring).
 
     ZeRO-3 prefetches parameters by replaying the module order it recorded over one fwd+bwd; it marks a new
     fwd+bwd on every forward of the root module. Our micro-step runs the root module 0 (sCT: JVP + online pass
@@ -122,10 +146,19 @@ def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: d
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=ds_config)
     stage = engine.zero_optimization_stage()
-    coordinator = None
+    coordinators = []
     if stage == 3:
-        offload = engine.optimizer.parameter_offload
-        offload.fwd_pre_hook.remove()
-        coordinator = offload.get_param_coordinator()
+        coordinators.append(_zero3_hooks(engine.optimizer.parameter_offload))
+    frozen_view, frozen_engine = None, None
+    if frozen is not None:
+        if any(p.requires_grad for p in frozen.parameters()):
+            raise ValueError("parallel.wrap: the frozen module has parameters with requires_grad=True")
+        if stage == 3:
+            # No optimizer: DeepSpeed gives the module ZeRO-3's parameter offload alone (partitioned parameters
+            # and the gather/release hooks), the same machinery as the student's.
+            frozen_engine, _, _, _ = deepspeed.initialize(model=frozen, config=_frozen_ds_config(ds_config))
+            coordinators.append(_zero3_hooks(frozen_engine.optimizer))
+            frozen = frozen_engine.module
+        frozen_view = TargetNet(frozen, zero3=stage == 3)
     return Wrapped(engine=engine, target_net=TargetNet(engine.module, zero3=stage == 3), zero_stage=stage,
-                   _coordinator=coordinator)
+                   frozen=frozen_view, _coordinators=tuple(coordinators), _frozen_engine=frozen_engine)

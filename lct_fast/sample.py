@@ -237,7 +237,7 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
              labels: Union[None, int, Sequence[int], torch.Tensor] = None,
              sigmas: Optional[Sequence[float]] = None, ts: Optional[Sequence[float]] = None,
              device: Optional[Union[str, torch.device]] = None, start: int = 0, count: Optional[int] = None,
-             cfg_scale: float = 1.0) -> SampleResult:
+             cfg_scale: Optional[float] = None, guidance: Optional[float] = None) -> SampleResult:
     """Generate ``n`` latents of ``shape`` (C, H, W) in batches with the sampler of ``method_cfg.name``.
 
     ``method_cfg``: a ``MethodConfig`` (reads name, sigma_data, ict.sigma_min/sigma_max/sigma_mid/rho,
@@ -249,18 +249,30 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
     ``start`` / ``count``: return only samples ``start … start+count−1`` of the ``n``-sample draw (one rank's
     share in distributed evaluation): they equal those rows of the whole draw. ``cfg_scale`` s ≠ 1:
     classifier-free guidance of every step's prediction, f_u + s·(f_c − f_u) with f_u the null-class
-    prediction (needs a class-conditional model trained with label dropout).
+    prediction (needs a class-conditional model trained with label dropout); None = the config's
+    ``trigflow.guidance`` for a diffusion model, 1 otherwise. ``guidance``: the scale a guidance-conditioned
+    sCD student (``scd.guidance_conditioned``) is asked for, one network evaluation per step; None =
+    ``scd.guidance``.
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"sample: n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     count = n - start if count is None else count
     if start < 0 or count < 0 or start + count > n:
         raise ValueError(f"sample: need 0 <= start and start + count <= n, got start={start}, count={count}, n={n}")
+    name = getattr(method_cfg, "name", None)
+    if cfg_scale is None:
+        cfg_scale = float(method_cfg.trigflow.guidance) if name == "trigflow" else 1.0
+    scd = getattr(method_cfg, "scd", None)
+    conditioned = name == "scd" and bool(getattr(scd, "guidance_conditioned", False))
+    if guidance is not None and not conditioned:
+        raise ValueError(f"sample: guidance={guidance} is for a guidance-conditioned sCD student "
+                         "(method.scd.guidance_conditioned=true); use cfg_scale for classifier-free guidance")
+    if conditioned:
+        net = _Conditioned(net, float(scd.guidance if guidance is None else guidance))
     if cfg_scale != 1.0:
         if num_classes <= 0:
             raise ValueError(f"sample: cfg_scale={cfg_scale} needs a class-conditional model (num_classes > 0)")
         net = _Guided(net, cfg_scale, num_classes)
-    name = getattr(method_cfg, "name", None)
     sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
     if name == "ict":
         icfg = method_cfg.ict
@@ -376,6 +388,17 @@ def trigflow_ode(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor]
 def _inner(net: nn.Module) -> nn.Module:
     """The network under the CFG wrapper (the ODE sampler guides F itself)."""
     return net.net if isinstance(net, _Guided) else net
+
+
+class _Conditioned(nn.Module):
+    """A guidance-conditioned student asked for one guidance scale at every call."""
+
+    def __init__(self, net: nn.Module, scale: float):
+        super().__init__()
+        self.net, self.scale = net, float(scale)
+
+    def forward(self, x, t, labels=None):
+        return self.net(x, t, labels, guidance=self.scale)
 
 
 class _Guided(nn.Module):

@@ -111,9 +111,10 @@ def profile_overrides(cfg_path: str, user: Sequence[str], synthetic_data: bool =
 
 # ------------------------------------------------------------------------------------------- memory
 def expected_state_bytes(num_params: int, *, stage: int, world: int, bf16_weights: bool, num_emas: int,
-                         optimizer_states: int = 2) -> Dict[str, float]:
+                         optimizer_states: int = 2, teacher_params: int = 0) -> Dict[str, float]:
     """Bytes per rank of the training state ZeRO partitions: weights, gradients, optimizer (+ fp32 master
-    weights when the weights are bf16), and our fp32 EMAs (which live on the partitions under ZeRO-3).
+    weights when the weights are bf16), and our fp32 EMAs (which live on the partitions under ZeRO-3); for sCD
+    also the frozen fp32 teacher (weights only, partitioned under ZeRO-3 like the student's).
 
     Stage 1 partitions the optimizer state, 2 also the gradients, 3 also the weights (ZeRO paper, Fig. 1)."""
     w = 2 if bf16_weights else 4
@@ -122,6 +123,8 @@ def expected_state_bytes(num_params: int, *, stage: int, world: int, bf16_weight
            "gradients": num_params * w * part(stage >= 2),
            "optimizer": num_params * (4 * optimizer_states + (4 if bf16_weights else 0)) * part(stage >= 1),
            "ema": num_params * 4 * num_emas * part(stage >= 3)}
+    if teacher_params:
+        out["teacher"] = teacher_params * 4 * part(stage >= 3)
     out["total"] = sum(out.values())
     return out
 
@@ -460,7 +463,8 @@ def format_table(rec: Dict[str, Any]) -> str:
     got = ", ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {_fmt_bytes(b)}" for k, b in mem.items())
     L.append(f"memory (rank 0): {got}; ZeRO-{rec['zero_stage']} state expected per rank {_fmt_bytes(exp['total'])} "
              f"(weights {_fmt_bytes(exp['weights'])}, gradients {_fmt_bytes(exp['gradients'])}, optimizer "
-             f"{_fmt_bytes(exp['optimizer'])}, EMA {_fmt_bytes(exp['ema'])})")
+             f"{_fmt_bytes(exp['optimizer'])}, EMA {_fmt_bytes(exp['ema'])}"
+             + (f", frozen teacher {_fmt_bytes(exp['teacher'])}" if "teacher" in exp else "") + ")")
     L.append("kernels: " + "; ".join(f"{k} {v}" for k, v in rec["backends"].items()))
     return "\n".join(L)
 

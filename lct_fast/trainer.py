@@ -222,23 +222,26 @@ class Trainer:
 
             coupler = functools.partial(couple_noise_global, method=ot.method, backend=ot.backend,
                                         eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters)
-        self.teacher = None
+        teacher = None
         if cfg.method.name == "scd":
-            # The frozen teacher, checked against the student before anything trains; the student starts from it.
+            # The frozen teacher, checked against the student before anything trains; the student starts from it
+            # (both still whole here: wrap partitions them under ZeRO-3).
             from .distill import init_student_from_teacher, load_teacher
 
-            self.teacher = load_teacher(cfg.method.scd, cfg, d.device)
+            teacher = load_teacher(cfg.method.scd, cfg, d.device)
             if cfg.method.scd.init_from_teacher:
-                init_student_from_teacher(self.module, self.teacher)
-        self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, coupler=coupler,
-                                  teacher=self.teacher)
+                init_student_from_teacher(self.module, teacher)
 
         optimizer = build_optimizer(self.module.parameters(), cfg.optim, d.device)
         scheduler = build_scheduler(optimizer, cfg.optim, global_batch=cfg.train.global_batch,
                                     total_samples=cfg.train.total_samples)
         self.optimizer = optimizer
-        self.parallel = wrap(self.module, optimizer, cfg.deepspeed_config(d.world_size), lr_scheduler=scheduler)
+        self.parallel = wrap(self.module, optimizer, cfg.deepspeed_config(d.world_size), lr_scheduler=scheduler,
+                             frozen=teacher)
         self.engine, self.target_net = self.parallel.engine, self.parallel.target_net
+        self.teacher = self.parallel.frozen  # None unless sCD; under ZeRO-3 partitioned like the student
+        self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, coupler=coupler,
+                                  teacher=self.teacher)
         self.ema = EMA(self.engine.module.named_parameters(), decays=cfg.train.ema.decays,
                        power_stds=cfg.train.ema.power_stds)
 

@@ -38,3 +38,30 @@ def test_quick_benchmark_ranks_baselines(tmp_path):
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quality.py"), "--quick", "--rows",
                             "sct", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "trained run cached" in again.stdout, again.stdout[-2000:]
+
+
+def test_quick_distillation_rows(tmp_path):
+    """The teacher -> student rows: the sCD row trains (or reuses) its trigflow teacher row first and distils
+    its export; the table gives each evaluation's sampler setting, network evaluations and the teacher's cost."""
+    env = dict(os.environ, LCT_FAST_CACHE=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quality.py"), "--quick", "--rows",
+                          "trigflow", "scd", "--seeds", "0", "--emas", "ema_0.99", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (csv_path,) = glob.glob(str(out / "quality-*.csv"))
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    teacher = {(r["steps"], r["sample"]): r for r in rows if r["row"] == "trigflow"}
+    # Heun: 2 evaluations per step but the first and the last; guidance doubles them
+    assert {k: int(r["nfe"]) for k, r in teacher.items()} == {
+        ("8", ""): 14, ("32", ""): 62, ("8", "method.trigflow.guidance=1.5"): 28,
+        ("32", "method.trigflow.guidance=1.5"): 124}
+    student = [r for r in rows if r["row"] == "scd"]
+    assert {(r["steps"], r["sample"]) for r in student} == {
+        (s, g) for s in ("1", "2") for g in ("", "method.scd.guidance=1.5", "method.scd.guidance=2.0")}
+    assert all(int(r["nfe"]) == int(r["steps"]) and float(r["teacher_s"]) > 0 for r in student)
+    teacher_s = float(next(iter(teacher.values()))["train_s"])
+    assert all(float(r["teacher_s"]) == teacher_s for r in student)  # the trigflow row is the teacher
+    # the guidance input is live: the scales give different samples, hence different scores
+    assert len({r["fd"] for r in student if r["steps"] == "1"}) == 3

@@ -20,6 +20,7 @@ SHAPES = {
                          "model.patch_size=2", "model.mlp_ratio=3.0", "model.in_channels=3",
                          "data.synthetic.channels=3", "data.synthetic.resolution=12"]),
     "patch1": ("tiny", ["model.patch_size=1", "model.width=48", "model.heads=4"]),
+    "guided": ("tiny_scd", ["model.width=48", "model.heads=4"]),   # + the guidance-scale MLP
 }
 
 

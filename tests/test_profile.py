@@ -322,6 +322,39 @@ def test_zero3_counts_the_same_flops_as_zero0(two_rank_runs):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-9) for k in a)
 
 
+def test_scd_profile_reports_the_teacher_phase_on_zero3(tmp_path):
+    """sCD on 2 gloo ranks, ZeRO-3: the step's phases include the teacher's forward, whose FLOPs are those of two
+    forwards (classifier-free guidance at s = 1.5 runs the conditional and the null-class halves), beside the
+    JVP, online forward and backward; the state model counts the teacher's weights, halved by ZeRO-3."""
+    from safetensors.torch import save_file
+
+    from lct_fast.config import save_config
+    from lct_fast.models import build_model
+
+    tcfg = load_config("tiny_trigflow", ["model.width=32"])
+    teacher = build_model(tcfg.model, tcfg.method)
+    (tmp_path / "teacher").mkdir()
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher" / "ema.safetensors"))
+    save_config(tcfg, str(tmp_path / "teacher" / "config.json"))
+    out = tmp_path / "prof"
+    profile("--config", "configs/tiny_scd.json", "--steps", "2", "--warmup", "1", "--out", str(out),
+            *sets(SMALL + [f"method.scd.teacher={tmp_path / 'teacher' / 'ema.safetensors'}",
+                           "method.scd.guidance=1.5", "deepspeed.zero_optimization.stage=3",
+                           "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]), ranks=2)
+    with open(out / "profile.json") as f:
+        rec = json.load(f)
+    assert rec["status"] == "ok" and rec["zero_stage"] == 3
+    for p in ("teacher_forward", "jvp", "online_forward", "backward", "optimizer"):
+        assert rec["phases_ms"][p]["rank0_ms"] > 0, p
+    assert rec["phase_sum_ms"] == pytest.approx(rec["rank0_step_mean_ms"], rel=1e-6)
+    fl = rec["flops"]
+    per = fl["per_sample_by_phase"]
+    assert per["teacher_forward"] == pytest.approx(2 * fl["forward_per_sample"], rel=0.02)
+    assert per["jvp"] == pytest.approx(fl["jvp_per_sample_closed_form"], rel=0.05)
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    assert rec["expected_state_bytes"]["teacher"] == pytest.approx(n_teacher * 4 / 2)
+
+
 def test_single_process_trace_and_peak(tmp_path):
     proc = profile("--config", "configs/tiny_sct.json", "--steps", "2", "--warmup", "1", "--trace", "--trace-steps",
                    "1", "--peak-tflops", "1.5", "--out", str(tmp_path), *sets(SMALL))

@@ -98,6 +98,11 @@ def _assert_parity(case: dict, tol: dict) -> None:
         # The tiny model must really be split (persistence threshold 0), else ZeRO-3 was not tested.
         assert case["zero3_partitioned"], f"{where}: parameters were not partitioned"
         assert case["zero3_local_numel"] < 0.6 * case["zero3_full_numel"], where
+        if case["method"] == "scd":
+            # the frozen teacher too: each rank holds about half of it, and none of it trains
+            assert case["teacher_zero3_partitioned"], f"{where}: teacher parameters were not partitioned"
+            assert case["teacher_zero3_local_numel"] < 0.6 * case["teacher_zero3_full_numel"], where
+            assert not case["teacher_trainable"], where
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -22,6 +22,11 @@ The tangent needs no backward pass: one forward-mode JVP of the stop-gradient ne
 ``torch.no_grad()`` at inputs (x_t/σ_d, t) with tangents (cos t·sin t·dx_t/dt, cos t·sin t·σ_d), which
 returns F⁻ and J together (the rearrangement keeps fp16/bf16 in range).
 
+Distillation (sCD, sCM §4): dx_t/dt is the frozen teacher's velocity σ_d·F_T(x_t/σ_d, t), guided
+F_u + s·(F_c − F_u), in place of the data velocity; the rest is this code. A guidance-conditioned student draws
+s per sample (``guidance_range``) and takes it as an input of both of its passes: like the label, a condition
+with no tangent, so one network serves every scale at sampling time.
+
 Options beyond the paper (iLCT ideas on sCT): minibatch OT coupling of x0 and z (``cfg.ot``), and a
 Cauchy distance on the per-sample mean m = ‖F_θ − F⁻ − g‖²/D:
     d = 2c²·ln(1 + m/(2c²)),
@@ -77,7 +82,8 @@ def _jvp_precision(net: nn.Module, device: torch.device, jvp_dtype: str):
 
 def sct_tangent(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor,
                 labels: Optional[torch.Tensor], *, sigma_data: float, r: float, g_norm_c: float,
-                dropout_seed: Optional[int] = None, jvp_dtype: str = "fp32"
+                dropout_seed: Optional[int] = None, jvp_dtype: str = "fp32",
+                guidance: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sCT target pieces from one JVP of the stop-gradient network.
 
@@ -85,6 +91,7 @@ def sct_tangent(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_d
         target_net: module exposing ``F(x_in, t, labels, *, dropout_seed)`` (TrigFlowPrecond), unwrapped.
         x_t, t, dxt_dt: noisy latents [B,...], times [B], velocity dx_t/dt [B,...].
         r: tangent warm-up factor; g_norm_c: c of g/(‖g‖ + c).
+        guidance: [B] guidance scales of a guidance-conditioned network (a condition: no tangent), or None.
 
     Returns:
         (g normalised, F⁻, J = cos t·sin t·σ_d·dF⁻/dt, ‖g‖ before normalisation [B]), all detached,
@@ -104,7 +111,8 @@ def sct_tangent(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_d
     with torch.no_grad(), _jvp_precision(net, x_t.device, jvp_dtype), fwAD.dual_level():
         x_in = fwAD.make_dual(x_t / sd, cs.view(bshape) * dxt_dt)
         t_in = fwAD.make_dual(t, cs * sd)
-        f_minus, jac = fwAD.unpack_dual(net.F(x_in, t_in, labels, dropout_seed=dropout_seed))
+        kw = {} if guidance is None else {"guidance": guidance}
+        f_minus, jac = fwAD.unpack_dual(net.F(x_in, t_in, labels, dropout_seed=dropout_seed, **kw))
         if jac is None:  # output independent of (x, t): a zero tangent
             jac = torch.zeros_like(f_minus)
     f_minus = f_minus.to(x_t.dtype)
@@ -150,7 +158,8 @@ class SCTLoss:
     def __init__(self, *, data_dim: int, total_steps: int, sigma_data: float, label_dropout: float, p_mean: float,
                  p_std: float, tangent_warmup: int, g_norm_c: float, prior_weight: bool, adaptive_weight: bool,
                  jvp_dtype: str, distance: str, cauchy_c: float = 0.0, coupler: Optional[Coupler] = None,
-                 teacher: Optional[nn.Module] = None, guidance: float = 1.0) -> None:
+                 teacher: Optional[nn.Module] = None, guidance: float = 1.0,
+                 guidance_range: Optional[Tuple[float, float]] = None) -> None:
         if data_dim < 1:
             raise ValueError(f"SCTLoss: data_dim must be >= 1, got {data_dim}")
         self.data_dim = int(data_dim)
@@ -172,8 +181,17 @@ class SCTLoss:
         # (x0, z) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
         # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
         self.coupler = coupler or identity_coupler
-        # sCD: the frozen teacher whose (guided) velocity replaces the data velocity in the tangent
+        # sCD: the frozen teacher whose (guided) velocity replaces the data velocity in the tangent; with
+        # ``guidance_range`` (lo, hi) the scale is drawn per sample and is also the student's input.
         self.teacher, self.guidance = teacher, float(guidance)
+        if guidance_range is not None:
+            if teacher is None:
+                raise ValueError("SCTLoss: guidance_range is for distillation (needs a teacher)")
+            lo, hi = float(guidance_range[0]), float(guidance_range[1])
+            if not 0 < lo <= hi:
+                raise ValueError(f"SCTLoss: guidance_range must satisfy 0 < lo <= hi, got {guidance_range}")
+            guidance_range = (lo, hi)
+        self.guidance_range = guidance_range
         self.metrics: Dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -191,23 +209,28 @@ class SCTLoss:
                    jvp_dtype=s.jvp_dtype, distance=s.distance, cauchy_c=s.cauchy_c,
                    coupler=coupler if coupler is not None else config_coupler(cfg.ot),
                    teacher=teacher if cfg.name == "scd" else None,
-                   guidance=cfg.scd.guidance if cfg.name == "scd" else 1.0)
+                   guidance=cfg.scd.guidance if cfg.name == "scd" else 1.0,
+                   guidance_range=((cfg.scd.guidance_min, cfg.scd.guidance_max)
+                                   if cfg.name == "scd" and cfg.scd.guidance_conditioned else None))
 
     def velocity(self, x0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 labels: Optional[torch.Tensor], null_label: Optional[int] = None) -> torch.Tensor:
+                 labels: Optional[torch.Tensor], null_label: Optional[int] = None,
+                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
         """dx_t/dt of the tangent: the data velocity cos t·z − sin t·x0 (sCT), or the teacher's probability-flow
-        velocity σ_d·F_T(x_t/σ_d, t), guided F_u + s·(F_c − F_u) (sCD; no grad, in the JVP dtype)."""
+        velocity σ_d·F_T(x_t/σ_d, t), guided F_u + s·(F_c − F_u) (sCD; no grad, in the JVP dtype) with s the
+        fixed scale or the per-sample ``guidance`` [B]."""
         if self.teacher is None:
             bshape = (x0.shape[0],) + (1,) * (x0.ndim - 1)
             return torch.cos(t).view(bshape) * z - torch.sin(t).view(bshape) * x0
         sd, teacher = self.sigma_data, self.teacher
         from ..models.precond import classifier_free_guidance
 
+        scale = self.guidance if guidance is None else guidance
         null = null_label
-        if null is None and labels is not None and self.guidance != 1.0:
+        if null is None and labels is not None and (guidance is not None or self.guidance != 1.0):
             null = null_class(teacher)
         with torch.no_grad(), _jvp_precision(teacher, x_t.device, self.jvp_dtype):
-            f = classifier_free_guidance(teacher.F, x_t / sd, t, labels, self.guidance, null)
+            f = classifier_free_guidance(teacher.F, x_t / sd, t, labels, scale, null)
         return (sd * f).to(x_t.dtype)
 
     def diagnostics(self, target_net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *,
@@ -253,17 +276,23 @@ class SCTLoss:
 
         ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
         x_t = ct * x0 + st * z
+        s_cfg = None                                           # per-sample guidance of a conditioned student
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            u = torch.rand(batch, generator=generator, device=generator.device).to(dev)
+            s_cfg = (lo + (hi - lo) * u).to(x0.dtype)
         with phase("teacher_forward") if self.teacher is not None else contextlib.nullcontext():
-            v = self.velocity(x0, z, x_t, t, labels)           # dx_t/dt: data (sCT) or teacher (sCD)
+            v = self.velocity(x0, z, x_t, t, labels, guidance=s_cfg)  # dx_t/dt: data (sCT) or teacher (sCD)
         r = self.warmup(step)
         with phase("jvp"):
             g, f_minus, jac, g_norm = sct_tangent(target_net, x_t, t, v, labels, sigma_data=sd, r=r,
                                                   g_norm_c=self.g_norm_c, dropout_seed=dropout_seed,
-                                                  jvp_dtype=self.jvp_dtype)
+                                                  jvp_dtype=self.jvp_dtype, guidance=s_cfg)
 
         online = unwrap(net)
         with phase("online_forward"):
-            f_theta = online.F(x_t / sd, t, labels, dropout_seed=dropout_seed).to(x0.dtype)
+            kw = {} if s_cfg is None else {"guidance": s_cfg}
+            f_theta = online.F(x_t / sd, t, labels, dropout_seed=dropout_seed, **kw).to(x0.dtype)
         # F⁻ = F_{sg θ} at the same inputs and dropout mask, so its value is the online pass's own value; taking
         # it from f_theta.detach() keeps the residual's value exactly −g even when the JVP pass ran in another
         # precision or kernel (fp32 JVP vs bf16 online, flash-JVP vs SDPA). The gradient is unchanged:

@@ -63,6 +63,7 @@ def build_backbone(model_cfg: Any) -> nn.Module:
         adaptive_double_norm=bool(_get(model_cfg, "adaptive_double_norm", False)),
         checkpointing=bool(_get(model_cfg, "checkpointing", False)),
         ops_backend=str(_get(model_cfg, "ops_backend", "auto")),
+        guidance_embed=bool(_get(model_cfg, "guidance_embed", False)),
     )
     if arch == "dit":
         dims = resolve_dit_dims(str(_get(model_cfg, "size", "S")), int(_get(model_cfg, "width", 0)),

@@ -198,6 +198,33 @@ class LogVarHead(nn.Module):
             return F.linear(emb, self.weight.to(emb.dtype), self.bias.to(emb.dtype)).reshape(-1)
 
 
+class GuidanceEmbed(nn.Module):
+    """Embedding of a classifier-free-guidance scale s for a guidance-conditioned student (sCM §4, sCD with the
+    scale as an input): an MLP on the positional embedding of s − 1, added to the conditioning vector.
+
+    The output layer starts at zero, so a student initialised from its teacher (which has no such input) is
+    exactly the teacher at every s; the gradient still reaches the output layer (its input is non-zero).
+    ``scale`` None means s = 1 (no guidance)."""
+
+    def __init__(self, freq_dim: int, width: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(Linear(freq_dim, width), nn.SiLU(), Linear(width, width))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, scale: Optional[torch.Tensor], batch: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+        s = torch.ones(batch, device=device) if scale is None else broadcast_batch(
+            torch.as_tensor(scale, device=device), batch, "guidance")
+        return self.mlp(sinusoidal_embedding(s - 1.0, self.freq_dim).to(dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout with explicit seeds
 # ---------------------------------------------------------------------------------------------

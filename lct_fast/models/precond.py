@@ -97,19 +97,21 @@ class TrigFlowPrecond(nn.Module):
         self.time_scale = float(time_scale)
 
     def F(self, x_in: torch.Tensor, t: Scalar, labels: Optional[torch.Tensor] = None, *,
-          dropout_seed: Optional[int] = None) -> torch.Tensor:
+          dropout_seed: Optional[int] = None, guidance: Optional[Scalar] = None) -> torch.Tensor:
         """Raw network F_θ(x_in, t) = backbone(x_in, time_scale·t) in (≥)fp32; sCT takes its JVP
-        with respect to (x_in, t)."""
+        with respect to (x_in, t). ``guidance``: the CFG scale of a guidance-conditioned backbone (a
+        condition like the label, so it carries no tangent)."""
         dt = _coef_dtype(x_in)
         t = _as_batch(t, x_in, "t")
-        return self.backbone(x_in.to(dt), self.time_scale * t, labels, dropout_seed=dropout_seed).to(dt)
+        kw = {} if guidance is None else {"guidance": _as_batch(guidance, x_in, "guidance")}
+        return self.backbone(x_in.to(dt), self.time_scale * t, labels, dropout_seed=dropout_seed, **kw).to(dt)
 
     def forward(self, x_t: torch.Tensor, t: Scalar, labels: Optional[torch.Tensor] = None, *,
-                dropout_seed: Optional[int] = None) -> torch.Tensor:
+                dropout_seed: Optional[int] = None, guidance: Optional[Scalar] = None) -> torch.Tensor:
         dt = _coef_dtype(x_t)
         x_t = x_t.to(dt)
         t = _as_batch(t, x_t, "t")
-        out = self.F(x_t / self.sigma_data, t, labels, dropout_seed=dropout_seed)
+        out = self.F(x_t / self.sigma_data, t, labels, dropout_seed=dropout_seed, guidance=guidance)
         return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_data * out
 
     def logvar(self, t: Scalar) -> torch.Tensor:
@@ -118,15 +120,19 @@ class TrigFlowPrecond(nn.Module):
         return self.backbone.logvar(self.time_scale * tt.reshape(-1))
 
 
-def classifier_free_guidance(fn, x: torch.Tensor, t, labels: Optional[torch.Tensor], scale: float,
-                             null_label: int) -> torch.Tensor:
+def classifier_free_guidance(fn, x: torch.Tensor, t, labels: Optional[torch.Tensor],
+                             scale: Union[float, torch.Tensor], null_label: int) -> torch.Tensor:
     """``fn(x, t, labels)`` guided: out_u + s·(out_c − out_u), out_u at ``null_label``, both halves in one call
-    (``t`` a scalar or one value per sample). Without labels or at s = 1, ``fn(x, t, labels)``. The same form
-    serves the consistency function f, F and the velocity σ_d·F: all are affine in the network output."""
-    if labels is None or scale == 1.0:
+    (``t`` a scalar or one value per sample; ``scale`` a float or one value per sample). Without labels or at a
+    float s = 1, ``fn(x, t, labels)``. The same form serves the consistency function f, F and the velocity σ_d·F:
+    all are affine in the network output."""
+    per_sample = isinstance(scale, torch.Tensor)
+    if labels is None or (not per_sample and scale == 1.0):
         return fn(x, t, labels)
     null = torch.full_like(labels, int(null_label))
     t2 = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
     cond, uncond = fn(torch.cat([x, x]), t2, torch.cat([labels, null])).chunk(2)
+    if per_sample:
+        scale = scale.to(cond.dtype).view((-1,) + (1,) * (cond.dim() - 1))
     return uncond + scale * (cond - uncond)
 

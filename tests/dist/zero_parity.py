@@ -132,7 +132,8 @@ def make_module(cfg: Config) -> torch.nn.Module:
 
 def make_teacher(cfg: Config):
     """sCD's frozen teacher, the same on every rank and path: a method=trigflow network of the student's
-    architecture with fixed random weights (a full copy per rank, as the trainer holds it)."""
+    architecture with fixed random weights (the DeepSpeed path hands it to wrap, which partitions it under ZeRO-3
+    as the trainer's is; the reference keeps a whole copy)."""
     if cfg.method.name != "scd":
         return None
     import dataclasses
@@ -213,12 +214,12 @@ def build_engine(cfg: Config):
     """The trainer's construction: module, lct_fast.optim optimizer, Config.deepspeed_config unchanged, wrapped
     by lct_fast.parallel.wrap (engine, the target_net view Trainer.train_step passes -- under ZeRO-3 its
     no-grad/JVP pass bypasses DeepSpeed's backward-hook autograd.Functions, which have no jvp -- and the
-    per-micro-step hook)."""
+    per-micro-step hook); for sCD the teacher goes in as wrap's frozen module (partitioned under ZeRO-3)."""
     from lct_fast.parallel import wrap
 
     module = make_module(cfg)
     optimizer = build_optimizer(module.parameters(), cfg.optim, torch.device("cpu"))
-    return wrap(module, optimizer, cfg.deepspeed_config(WORLD)), optimizer
+    return wrap(module, optimizer, cfg.deepspeed_config(WORLD), frozen=make_teacher(cfg)), optimizer
 
 
 def destroy_engine(engine) -> None:
@@ -262,8 +263,8 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
     wrapped, optimizer = build_engine(cfg)
     engine = wrapped.engine
     try:
-        teacher = make_teacher(cfg)
-        ds_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, teacher=teacher)
+        ds_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps,
+                             teacher=wrapped.frozen)
         ds_ema = EMA(engine.module.named_parameters(), decays=cfg.train.ema.decays,
                      power_stds=cfg.train.ema.power_stds)
         if stage == 3:
@@ -272,10 +273,18 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
             result["zero3_partitioned"] = all(p.ds_tensor.numel() < p.ds_numel for p in ps if p.ds_numel > 1)
             result["zero3_local_numel"] = int(sum(p.ds_tensor.numel() for p in ps))
             result["zero3_full_numel"] = int(sum(p.ds_numel for p in ps))
+            if wrapped.frozen is not None:  # the teacher: partitioned like the student, nothing trainable
+                tp = list(wrapped.frozen.parameters())
+                result["teacher_zero3_partitioned"] = all(p.ds_tensor.numel() < p.ds_numel for p in tp
+                                                          if p.ds_numel > 1)
+                result["teacher_zero3_local_numel"] = int(sum(p.ds_tensor.numel() for p in tp))
+                result["teacher_zero3_full_numel"] = int(sum(p.ds_numel for p in tp))
+                result["teacher_trainable"] = any(p.requires_grad for p in tp)
 
         ref = make_module(cfg)
         ref_opt = reference_optimizer(ref.parameters(), cfg)
-        ref_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, teacher=teacher)
+        ref_loss = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps,
+                              teacher=make_teacher(cfg))  # a plain, whole copy
         ref_ema = EMA(ref.named_parameters(), decays=cfg.train.ema.decays, power_stds=cfg.train.ema.power_stds)
 
         target = wrapped.target_net
