@@ -2,24 +2,28 @@
 """Real-data quality benchmark: both methods against held-out real data, a Gaussian fit and untrained weights.
 
 Data nobody here wrote, no download: 32x32 RGB patches of the eight colour photographs that ship inside
-scikit-image, train and test cut from spatially disjoint regions, one class per photograph
-(:mod:`lct_fast.quality.patches`). They go through the user's path end to end:
+scikit-image, train, validation and test cut from spatially disjoint regions, one class per photograph
+(:mod:`lct_fast.quality.patches`). Every choice is made on ``--split val`` (the default), which also writes
+``<name>-selection.json``: per row and step count, the EMA with the lowest validation FD. ``--split test
+--selection FILE`` scores only those choices, once, on the test split: the committed table. They go through the user's path end to end:
 
     patches -> launch/encode.py's encoder (the committed tiny AutoencoderKL, f = 4)   -> 4x8x8 latent shards
             -> launch/train.py (a row's preset + overrides, class-conditional)        -> launch/export.py EMAs
             -> 1- and 2-step samples (lct_fast.sample) -> VAE decode -> metrics vs the held-out test patches
 
 Metrics (:mod:`lct_fast.quality.metrics`), mean ± std over disjoint evaluation subsets of the generated samples:
-sliced Wasserstein distance on pixels (POT) and k-NN precision/recall against an equally large disjoint test
-subset, Fréchet and kernel distances against the whole test set (8192 patches: the reference statistics are
-then as good as they get, and the spread is that of the generated subsets), all in the feature space of a
+sliced Wasserstein distance on pixels (POT) and k-NN precision/recall against an equally large disjoint real
+subset, Fréchet and kernel distances against the reference half of the split (4096 patches), all in the
+feature space of a
 small classifier fitted on real patches (never on the latents, where a Gaussian fit is optimal by
 construction), and the classifier's accuracy on the requested class. k-NN precision alone is fooled by a
 collapsed output (an untrained network scores P = 1, R = 0): read it beside recall.
 
-Baselines in the same table: ``real`` (training patches: the floor), ``vae`` (training latents decoded: the
-floor of any latent model), ``gaussian`` (mean + full covariance of the training latents, decoded: the bar to
-beat), ``gaussian_class`` (one such Gaussian per class) and each method's untrained network.
+Baselines in the same table: ``heldout`` (the split's other half, in subsets of the generated size, against the
+reference half: the metric's resolution — the distance between two real sets at this n, with its spread),
+``real`` (training patches), ``vae`` (training latents decoded: the floor of any latent model), ``gaussian``
+(mean + full covariance of the training latents, decoded), ``gaussian_class`` (one such Gaussian per class: the
+fair bar on this class-conditional data) and each method's untrained network.
 
     python benchmarks/bench_quality.py                     # every row (cached by config + code hash)
     python benchmarks/bench_quality.py --rows sct ict_ladder_f_nsln --force
@@ -27,7 +31,7 @@ beat), ``gaussian_class`` (one such Gaussian per class) and each method's untrai
 
 Writes ``benchmarks/results/quality-<machine>-<date>.md`` + ``.csv``, a sample sheet and training curves
 (``quality-...-samples.png`` / ``-curves.png``). A trained row is cached in ``~/.cache/lct_fast/quality/rows/
-<row>-<hash of its resolved config and the training code>/`` (``trained.json`` written last, atomically), its
+<row>-<hash of its resolved config and the code a training run executes (``CODE``)>/`` (``trained.json`` written last, atomically), its
 scores beside it keyed by the evaluation code and settings: a change re-trains only the rows it touches, and
 a change of the evaluation re-scores without re-training.
 """
@@ -61,12 +65,43 @@ from lct_fast.quality.patches import PHOTOS, PatchSpec, ensure_patches  # noqa: 
 
 CACHE = os.path.join(default_cache_root(), "quality")
 NUM_CLASSES = len(PHOTOS)
+STARS = "hubble_deep_field.jpg"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A benchmark data set: its patch set (full and ``--quick``) and how many classes the rows condition on."""
+
+    spec: PatchSpec
+    quick: PatchSpec
+    num_classes: int
+    rows: tuple
+    """The rows run by default on this data set."""
+    about: str
+
+
+DATASETS = {
+    "photos": DataSet(PatchSpec(), PatchSpec(train_per_class=512, test_per_class=128, val_per_class=128),
+                      len(PHOTOS), (), "class-conditional: 8 classes = the 8 photographs, uniform labels"),
+    # The paper's premise on real images: the star field is heavy-tailed through the committed VAE (kurtosis
+    # 8.5-14.6, 0.8-1.5 % beyond 4 std, standardised extremes -10.9 ... 8.8), like SD-VAE latents in Fig. 1;
+    # unconditional, as the paper's ladder runs.
+    "stars": DataSet(PatchSpec(photos=(STARS,), train_per_class=16384, val_per_class=4096, test_per_class=4096),
+                     PatchSpec(photos=(STARS,), train_per_class=1024, val_per_class=256, test_per_class=256),
+                     0, tuple(f"ict_ladder_{r}" for r in ("a_ilct", "b_cauchy", "d_ot", "f_nsln")),
+                     "unconditional: patches of the star-field photograph (hubble_deep_field) alone"),
+}
 DEFAULT_BUDGET = 200_000
 """Training samples per row (``--samples`` overrides it)."""
 
 # Every training row is class-conditional (one class per photograph) and runs the same budget.
-COMMON = [f"model.num_classes={NUM_CLASSES}", "model.in_channels=4", "model.resolution=8",
-          "train.ckpt_interval=0", "train.sample_interval=0", "data.num_workers=0"]
+# In-training evaluation is off: the benchmark scores the rows itself.
+def common(num_classes: int = NUM_CLASSES) -> list:
+    return [f"model.num_classes={num_classes}", "model.in_channels=4", "model.resolution=8",
+            "train.ckpt_interval=0", "train.sample_interval=0", "train.eval_interval=0", "data.num_workers=0"]
+
+
+COMMON = common()
 # The paper's Table 2a ladder on a tiny ADM UNet (the ablation presets' 151M UNet does not fit a CPU budget;
 # the NsLN rung needs the UNet's norm choice): 32 channels, levels 8 -> 4, attention at 4.
 TINY_UNET = ["model.unet_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
@@ -101,9 +136,14 @@ class Row:
 
 
 ROWS: dict[str, Row] = {
-    "ict": Row("tiny", [], "iLCT, the tiny preset (DiT)", seeds=(0, 1, 2)),
+    "ict": Row("tiny", [], "iLCT, the tiny preset (DiT, within-class OT)", seeds=(0, 1, 2)),
+    "ict_no_ot": Row("tiny", ["method.ot.method=none"], "iLCT without OT", seeds=(0, 1, 2)),
+    "ict_ot_across": Row("tiny", ["method.ot.per_class=false"], "iLCT with OT across classes (the old coupling)"),
+    "ict_c_sum": Row("tiny", ["method.ict.c_norm=sum"], "iLCT, c on the summed norm (SPEC §2 reading a)",
+                     seeds=(0, 1, 2)),
     "sct": Row("tiny_sct", [], "sCT, the tiny_sct preset (DiT)", seeds=(0, 1, 2)),
-    "sct_ot": Row("tiny_sct", ["method.ot.method=exact"], "sCT + minibatch OT coupling"),
+    "sct_ot": Row("tiny_sct", ["method.ot.method=exact"], "sCT + minibatch OT coupling (within class)",
+                  seeds=(0, 1, 2)),
     "sct_cauchy": Row("tiny_sct", ["method.sct.distance=cauchy"], "sCT + Cauchy distance"),
     # Teacher -> distillation (sCM §4): a TrigFlow diffusion teacher sampled with its ODE solver at many steps
     # (the ceiling), and sCD students at the sCT rows' student budget, 1 and 2 steps.
@@ -113,18 +153,21 @@ ROWS: dict[str, Row] = {
                sample_sets=((), ("method.scd.guidance=1.5",), ("method.scd.guidance=2.0",))),
     "scd_fixed": Row("tiny_scd", ["model.guidance_embed=false", "method.scd.guidance_conditioned=false"],
                      "sCD, fixed teacher guidance 1 (no guidance input)", teacher="trigflow"),
-    **{f"ict_ladder_{rung}": Row(f"ablation/{rung}", TINY_UNET + CPU_RECIPE, f"Table 2a rung {rung} (tiny UNet)")
+    # The compared rungs (a, b, d, f) carry 3 seeds; c and e are one seed each (the table says so).
+    **{f"ict_ladder_{rung}": Row(f"ablation/{rung}", TINY_UNET + CPU_RECIPE, f"Table 2a rung {rung} (tiny UNet)",
+                                 seeds=(0, 1, 2) if rung in ("a_ilct", "b_cauchy", "d_ot", "f_nsln") else (0,))
        for rung in ("a_ilct", "b_cauchy", "c_diff", "d_ot", "e_scaled_c", "f_nsln")},
 }
-BASELINES = ("real", "vae", "gaussian", "gaussian_class", "untrained_ict", "untrained_sct")
+BASELINES = ("heldout", "real", "vae", "gaussian", "gaussian_class", "untrained_ict", "untrained_sct")
 # ... and whose change invalidates cached scores (a trained run is re-evaluated, not re-trained).
 # (The VAE is part of the shards' path, hence of every row's config hash; the feature net is hashed here.)
 EVAL_CODE = ["lct_fast/quality", "benchmarks/bench_quality.py", "benchmarks/assets/patch_features.safetensors",
              "launch/sample.py"]
-# Source whose change invalidates a cached row (the row's own config is hashed too): the whole package but the
-# evaluation, and the launchers the row runs.
-CODE = ["lct_fast", "launch"]
-CODE_EXCLUDE = ("lct_fast/quality",)
+# Source whose change invalidates a cached row (the row's own config is hashed too): what a training run and its
+# export execute — the package but the evaluation, reporting and profiling tools, and the two launchers it runs.
+CODE = ["lct_fast", "launch/train.py", "launch/export.py"]
+CODE_EXCLUDE = ("lct_fast/quality", "lct_fast/evaluate.py", "lct_fast/report.py", "lct_fast/throughput.py",
+                "lct_fast/flops.py")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -136,7 +179,10 @@ def _file_digest(paths: list[str], exclude: tuple = ()) -> str:
         files = [full] if os.path.isfile(full) else sorted(
             os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py"))
         for f in files:
-            if any(os.path.relpath(f, ROOT).startswith(e + os.sep) for e in exclude):
+            rel_f = os.path.relpath(f, ROOT)
+            if any(rel_f == e or rel_f.startswith(e + os.sep) for e in exclude):
+                continue
+            if not os.path.exists(f):
                 continue
             h.update(os.path.relpath(f, ROOT).encode())
             with open(f, "rb") as fh:
@@ -182,20 +228,32 @@ def read_latents(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------- evaluation
 class Evaluator:
-    """Decodes latents with the VAE and scores images against the held-out test patches."""
+    """Decodes latents with the VAE and scores images against one held-out split (``val`` or ``test``): its
+    first half is the reference, its second half (:meth:`heldout`) the real set that gives the resolution."""
 
-    def __init__(self, patches: dict[str, np.ndarray], n_eval: int, subsets: int, seed: int = 0):
+    def __init__(self, patches: dict[str, np.ndarray], n_eval: int, subsets: int, seed: int = 0,
+                 split: str = "val"):
         from diffusers import AutoencoderKL
 
         self.vae = AutoencoderKL.from_pretrained(VAE_DIR, local_files_only=True).eval()
         self.net = load_feature_net(FEATURES)
-        self.test = patches["test_images"]
+        images, labels = patches[f"{split}_images"], patches[f"{split}_labels"]
+        half = len(images) // 2
+        if half < n_eval:
+            raise ValueError(f"--n-eval {n_eval}: the {split} split has {len(images)} patches, {half} per half; "
+                             f"the held-out half must hold n-eval of them")
+        self.test, self.other, self.other_labels = images[:half], images[half:], labels[half:]
         feats, _ = extract_features(self.net, self.test)
         # Feature space = the classifier's penultimate layer standardised by the real test features (a fixed
         # affine map): FD is then in units of the real features' spread, and KID's cubic kernel stays O(1).
         self.f_mean, self.f_std = feats.mean(0), feats.std(0) + 1e-8
         self.test_feats = (feats - self.f_mean) / self.f_std
         self.n_eval, self.subsets, self.seed = n_eval, subsets, seed
+
+    def heldout(self) -> tuple[np.ndarray, np.ndarray]:
+        """n_eval real patches of the split's other half: scored like a model, they give the metric's floor and
+        spread at this n (no real set scores better)."""
+        return self.other[:self.n_eval], self.other_labels[:self.n_eval]
 
     def decode(self, latents_vae: np.ndarray) -> np.ndarray:
         from lct_fast.sample import decode_latents
@@ -230,11 +288,12 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------- training rows
-def row_config(name: str, row: Row, data_path: str, budget: int, log_interval: int) -> tuple[list, str]:
+def row_config(name: str, row: Row, data_path: str, budget: int, log_interval: int,
+               num_classes: int = NUM_CLASSES) -> tuple[list, str]:
     """Overrides of a row and the hash of its resolved config + the code it runs."""
     from lct_fast.config import config_to_dict, load_config
 
-    overrides = COMMON + row.overrides + [f"data.path={data_path}", f"train.total_samples={budget}",
+    overrides = common(num_classes) + row.overrides + [f"data.path={data_path}", f"train.total_samples={budget}",
                                           f"train.log_interval={log_interval}"]
     cfg = load_config(row.preset, overrides)
     # Evaluate the live weights too: decay 0 is the raw network.
@@ -279,12 +338,13 @@ def sample_row(export_dir: str, ema: str, steps: int, n: int, seed: int, stats,
     return lat.numpy(), res.labels.numpy()
 
 
-def untrained_latents(preset: str, data_path: str, n: int, seed: int, stats) -> tuple[np.ndarray, np.ndarray]:
+def untrained_latents(preset: str, data_path: str, n: int, seed: int, stats,
+                      num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     from lct_fast.config import load_config
     from lct_fast.models import build_model
     from lct_fast.sample import denormalize_latents, generate
 
-    cfg = load_config(preset, COMMON + [f"data.path={data_path}"])
+    cfg = load_config(preset, common(num_classes) + [f"data.path={data_path}"])
     torch.manual_seed(cfg.train.seed)
     net = build_model(cfg.model, cfg.method).eval()
     m = cfg.model
@@ -359,29 +419,49 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed (sampling noise and labels)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="training seeds of every row (mean ± std over them; default: each row's own, 0 1 2 for "
-                         "the headline rows ict and sct, 0 for the others)")
+                         "the rows a claim rests on, 0 for the others)")
+    ap.add_argument("--data", choices=list(DATASETS), default="photos",
+                    help="data set: " + "; ".join(f"{k}: {d.about}" for k, d in DATASETS.items()))
+    ap.add_argument("--split", choices=["val", "test"], default="val",
+                    help="held-out split scored: val (every choice is made here; writes <name>-selection.json) or "
+                         "test (the committed table, scored once with --selection)")
+    ap.add_argument("--selection", default=None,
+                    help="with --split test: the selection JSON a --split val run wrote; only the EMA it chose per "
+                         "row and step count is scored")
     args = ap.parse_args(argv)
+    selection = None
+    if args.selection:
+        with open(args.selection) as f:
+            selection = json.load(f)["choices"]
+    elif args.split == "test":
+        print("bench_quality: --split test without --selection scores every EMA on test; the committed table takes "
+              "the validation split's choices (--selection)", file=sys.stderr)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     budget = args.samples or (3200 if args.quick else DEFAULT_BUDGET)
     n_eval = args.n_eval or (256 if args.quick else 2048)
     log_interval = max(budget // 20, 32)
-    wanted = list(ROWS) + list(BASELINES) if not args.rows else args.rows
+    ds = DATASETS[args.data]
+    default_rows = list(ds.rows) or [r for r in ROWS]
+    wanted = default_rows + list(BASELINES) if not args.rows else args.rows
+    if ds.num_classes == 0:
+        wanted = [w for w in wanted if w != "gaussian_class"]  # one class: the per-class fit is the fit
     unknown = [r for r in wanted if r not in ROWS and r not in BASELINES]
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; rows: {list(ROWS)}, baselines: {list(BASELINES)}")
 
     t_all = time.perf_counter()
-    spec = PatchSpec(train_per_class=512, test_per_class=128) if args.quick else PatchSpec()
+    spec = ds.quick if args.quick else ds.spec
+    n_classes = ds.num_classes
     patches = load_patches(spec)
     data_path = ensure_shards(spec, patches)
     from lct_fast.data.stats import load_stats
 
     stats = load_stats(data_path)
-    ev = Evaluator(patches, n_eval, args.subsets, args.seed)
+    ev = Evaluator(patches, n_eval, args.subsets, args.seed, split=args.split)
     train_lat, train_lab = read_latents(data_path)
     from lct_fast.sample import sample_labels
 
-    eval_labels = sample_labels(n_eval, NUM_CLASSES, args.seed).numpy()
+    eval_labels = sample_labels(n_eval, max(n_classes, 1), args.seed).numpy()
     table, curves, sheets = [], {}, {"real test patches": patches["test_images"][:64]}
 
     def add(name: str, kind: str, steps, ema: str, res: dict, extra: Optional[dict] = None) -> None:
@@ -392,7 +472,9 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     for name in [w for w in wanted if w in BASELINES]:
-        if name == "real":
+        if name == "heldout":
+            imgs, labs = ev.heldout()
+        elif name == "real":
             idx = rng.choice(len(patches["train_images"]), n_eval, replace=False)
             imgs, labs = patches["train_images"][idx], patches["train_labels"][idx]
         elif name == "vae":
@@ -406,13 +488,21 @@ def main(argv=None) -> int:
                 labs = None  # an unconditional fit cannot be asked for a class
         else:
             lat, labs = untrained_latents("tiny" if name == "untrained_ict" else "tiny_sct", data_path, n_eval,
-                                          args.seed, stats)
+                                          args.seed, stats, num_classes=n_classes)
             imgs = ev.decode(lat)
-        add(name, "baseline", "-", "-", ev.score(imgs, labs))
+        add(name, "baseline", "-", "-", ev.score(imgs, labs if n_classes else None))
         sheets[name] = imgs[:64]
 
     eval_key = hashlib.sha256(json.dumps({"code": _file_digest(EVAL_CODE), "n": n_eval, "subsets": args.subsets,
-                                          "seed": args.seed, "sample": args.sample_overrides}).encode()).hexdigest()[:12]
+                                          "seed": args.seed, "sample": args.sample_overrides, "split": args.split,
+                                          "patches": spec.key()}).encode()).hexdigest()[:12]
+
+    def chosen(name: str, ema: str, steps: int, tag: str) -> bool:
+        """With --selection: is this the EMA validation chose for (row, steps, sampler setting)?"""
+        if selection is None:
+            return True
+        return selection.get(f"{name}|{steps}|{tag}") == ema
+
     def run_row(name: str, seed: int) -> tuple[dict, list, str]:
         """Train (or reuse) one row at one training seed and score its EMAs at 1 and 2 steps."""
         extra = [] if seed == 0 else [f"train.seed={seed}"]
@@ -423,7 +513,7 @@ def main(argv=None) -> int:
             extra.append(f"method.scd.teacher={weights}")
             teacher_s = t_trained["train_s"]
         row = dataclasses.replace(ROWS[name], overrides=ROWS[name].overrides + args.overrides + extra)
-        overrides, key = row_config(name, row, data_path, budget, log_interval)
+        overrides, key = row_config(name, row, data_path, budget, log_interval, num_classes=n_classes)
         cache = os.path.join(CACHE, "rows", f"{name}-{key}")
         run_dir, trained_path = os.path.join(cache, "run"), os.path.join(cache, "trained.json")
         if os.path.exists(trained_path) and not args.force:
@@ -449,6 +539,8 @@ def main(argv=None) -> int:
             for steps in row.steps:
                 for sample_set in row.sample_sets:
                     tag = " ".join(sample_set)
+                    if not chosen(name, ema, steps, tag):
+                        continue
                     stem = f"{eval_key}-{ema}-{steps}" + (
                         "-" + hashlib.sha256(tag.encode()).hexdigest()[:8] if tag else "")
                     score_path = os.path.join(cache, f"scores-{stem}.json")
@@ -460,7 +552,8 @@ def main(argv=None) -> int:
                                            tuple(args.sample_overrides) + tuple(sample_set))
                     imgs = ev.decode(lat)
                     np.save(os.path.join(cache, f"sheet-{stem}.npy"), imgs[:64], allow_pickle=False)
-                    evals.append({"ema": ema, "steps": steps, "sample": tag, "scores": ev.score(imgs, labs)})
+                    evals.append({"ema": ema, "steps": steps, "sample": tag,
+                                  "scores": ev.score(imgs, labs if n_classes else None)})
                     _atomic_json(score_path, evals[-1])
         return trained, evals, cache
 
@@ -484,8 +577,29 @@ def main(argv=None) -> int:
             if os.path.exists(sheet):
                 sheets[f"{name} {fewest}-step {best['ema']}"] = np.load(sheet, allow_pickle=False)
 
+    if args.split == "val":
+        write_selection(args, table)
     write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_eval, time.perf_counter() - t_all)
     return 0
+
+
+def write_selection(args, table: list[dict]) -> str:
+    """Per trained row, step count and sampler setting: the EMA with the lowest validation FD (mean over seeds).
+    ``--split test --selection`` scores only these."""
+    best: dict[str, tuple] = {}
+    for r in table:
+        if r["kind"] != "train":
+            continue
+        key = f"{r['row']}|{r['steps']}|{r.get('sample', '')}"
+        if key not in best or r["fd"] < best[key][1]:
+            best[key] = (r["ema"], r["fd"])
+    path = os.path.join(args.out, f"{args.name}-selection.json")
+    os.makedirs(args.out, exist_ok=True)
+    _atomic_json(path, {"split": "val", "command": " ".join(["python", "benchmarks/bench_quality.py", *sys.argv[1:]]),
+                        "choices": {k: v[0] for k, v in sorted(best.items())},
+                        "val_fd": {k: round(v[1], 4) for k, v in sorted(best.items())}})
+    print(path)
+    return path
 
 
 def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_eval, seconds) -> None:
@@ -505,20 +619,30 @@ def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_ev
     tail_rows("all", train_lat)
     # Pooled over 8 photographs the class means form a light-tailed mixture; the impulsive outliers the paper
     # means live within an image (stars on a black sky) and in local differences, which is what a TD sees.
-    kurt = [(c, np.mean([t["excess_kurtosis"] for t in qm.tail_stats(train_lat[train_lab == c])]))
-            for c in range(NUM_CLASSES)]
-    worst = max(kurt, key=lambda ck: ck[1])[0]
-    tail_rows(f"class {worst} ({PHOTOS[worst].split('.')[0]})", train_lat[train_lab == worst])
+    ds = DATASETS[args.data]
+    if ds.num_classes > 1:
+        kurt = [(c, np.mean([t["excess_kurtosis"] for t in qm.tail_stats(train_lat[train_lab == c])]))
+                for c in range(ds.num_classes)]
+        worst = max(kurt, key=lambda ck: ck[1])[0]
+        tail_rows(f"class {worst} ({ds.spec.photos[worst].split('.')[0]})", train_lat[train_lab == worst])
     tail_rows("vertical differences", train_lat[:, :, 1:] - train_lat[:, :, :-1])
     import importlib.metadata as md
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("pot", "diffusers", "scikit-image", "numpy"))
     command = " ".join(["python", "benchmarks/bench_quality.py", *sys.argv[1:]])
-    notes = (f"Command: `{command}` ({versions}).\n\n"
+    floor = next((r for r in table if r["row"] == "heldout"), None)
+    resolution = (f"Resolution: two disjoint real {args.split} sets at this n score FD {floor['fd']:.2f} ± "
+                  f"{floor['fd_std']:.2f} (the `heldout` row); an FD within that of it is indistinguishable from "
+                  "real data, and two rows whose FDs differ by less than their seed spreads plus that spread are "
+                  "unresolved.\n\n") if floor else ""
+    notes = (f"Command: `{command}` ({versions}).\n\nData: **{args.data}** ({ds.about}).\n\n"
+             f"Split scored: **{args.split}**" + (" (EMA per row and step count chosen on validation: "
+                                                  f"`{args.selection}`)" if args.selection else "") + ".\n\n"
+             + resolution +
              f"Budget {budget:,} training samples per row, {n_eval} generated samples per evaluation in "
              f"{args.subsets} subsets; a value is the mean over the row's training seeds (`seeds`) and its "
-             f"`_std` the spread over those seeds, or over the evaluation subsets for one seed. Every row is "
-             f"class-conditional ({NUM_CLASSES} classes = photographs, uniform labels). FD/KID/precision/recall "
+             f"`_std` the spread over those seeds, or over the evaluation subsets for one seed. "
+             f"FD/KID/precision/recall "
              f"are in the standardised penultimate features of the patch classifier, SWD on pixels in [0, 1]. "
              f"Run time {seconds / 60:.1f} min.\n\n"
              "Training latents (tiny VAE, standardised per channel; the latent CT paper's Fig. 1 reports SD-VAE "

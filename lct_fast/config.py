@@ -152,13 +152,19 @@ class ICTConfig:
     distance: str = "cauchy"
     """Robust distance: l2 | pseudo_huber (eq. 7) | cauchy (eq. 6) | geman_mcclure (eq. 8)."""
     reduction: str = "mean"
-    """Per-sample reduction of the squared difference over the D latent dims: mean | sum. The adaptive c
-    (eq. 11) is fitted for the mean: with sum it is scaled by sqrt(D), which gives the same Cauchy /
-    Geman-McClure loss and sqrt(D) x the pseudo-Huber one. The fixed c0 = c0_coeff * sqrt(D) is used as is."""
+    """Per-sample reduction of the squared difference over the D latent dims: mean | sum. c is converted to it
+    (see c_norm), so both train the same loss (identical Cauchy / Geman-McClure, sqrt(D) x pseudo-Huber)."""
     c_mode: str = "adaptive"
     """Robustness scale c: fixed (c0 = c0_coeff * sqrt(D), iCT) | adaptive (eq. 11)."""
+    c_norm: str = "mean"
+    """The norm on which c0 and eq. 11 define c (SPEC §2): sum (reading a: iCT's summed squared norm; eq. 11 is
+    c at the paper's D = c_ref_dim and scales by sqrt(D / c_ref_dim)) | mean (reading b: both applied to the
+    per-dimension mean, a c sqrt(D) x larger than iCT's). With reduction=mean, reading a gives c0 = c0_coeff and
+    eq. 11 / 64; reading b gives c0 = c0_coeff * sqrt(D) and eq. 11 as is."""
+    c_ref_dim: int = 4096
+    """Reading a: the data dimension at which eq. 11 was fitted (the paper's 4x32x32 latents)."""
     c0_coeff: float = 0.00054
-    """Fixed c: c0 = c0_coeff * sqrt(D)."""
+    """Fixed c: c0 = c0_coeff * sqrt(D) on the c_norm norm."""
     c_a: float = -1.18
     """Adaptive c (eq. 11): c = exp(c_a * ln(N(k) - 1) + c_b). Authors' code used -1.15."""
     c_b: float = -0.72
@@ -191,6 +197,8 @@ class ICTConfig:
         _choice("method.ict.distance", self.distance, ["l2", "pseudo_huber", "cauchy", "geman_mcclure"])
         _choice("method.ict.reduction", self.reduction, ["mean", "sum"])
         _choice("method.ict.c_mode", self.c_mode, ["fixed", "adaptive"])
+        _choice("method.ict.c_norm", self.c_norm, ["sum", "mean"])
+        _positive("method.ict.c_ref_dim", self.c_ref_dim)
         _positive("method.ict.c0_coeff", self.c0_coeff)
         _unit("method.ict.diffusion_r", self.diffusion_r, closed=True)
         _positive("method.ict.diffusion_weight", self.diffusion_weight, allow_zero=True)
@@ -311,6 +319,10 @@ class OTConfig:
     """Sinkhorn iteration budget (about 3/4 of it anneals eps from 1.0 down to sinkhorn_eps)."""
     global_coupling: bool = False
     """Couple over the whole global batch (all-gather) instead of per rank."""
+    per_class: bool = True
+    """With labels, pair noise with latents only within the label the network sees (a dropped label = the null
+    class, its own group). Across classes the paired noise carries the class (SPEC §2); false restores the
+    cross-class coupling of the unconditional paper runs, for ablations only. No effect without labels."""
 
     def __post_init__(self) -> None:
         _choice("method.ot.method", self.method, ["none", "exact", "sinkhorn"])

@@ -110,7 +110,7 @@ class LatentEvaluator:
         # sigma_data = 1: unit variance per channel, the space every latent figure is quoted in.
         self.normalizer = LatentNormalizer(self.stats, normalize, sigma_data=1.0)
         x = self.normalizer.normalize(torch.as_tensor(lat)).numpy()
-        self.reference = LatentReference(x, n, seed=seed)
+        self.reference = LatentReference(x, n, seed=seed, labels=labels if self.stats.num_classes else None)
         self.info = {"mode": "latent", "data": os.path.abspath(data_path), "count": int(len(x)),
                      "n": n, "normalize": normalize, "data_errors": errors.summary()}
         self.n = n

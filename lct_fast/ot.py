@@ -5,6 +5,15 @@ the total squared distance sum_i ||x0_i - z_perm[i]||^2 is (near) minimal (Poola
 one entry point other code calls is :func:`couple`, which returns ``perm`` such that ``z[perm]`` is the
 noise paired with ``x0``.
 
+Labels. The paper's OT runs are unconditional. On class-conditional data, pairs that cross a class let the
+paired noise carry the class (a linear probe reads the class of x0 from its paired noise far above chance);
+the network then learns to take the class from the noise, which sampling with fresh noise contradicts. With
+``labels`` (the labels the network sees: a dropped label is the null class, so those samples form their own
+group) :func:`couple` only permutes noise among samples of one label. Groups have unequal sizes: the exact
+solvers loop over them; Sinkhorn solves all groups of one size as one batched problem (one solve per distinct
+size, no padding, so the ε scale of each problem is its own; padding with prohibitive costs would set the
+mean reduced cost, hence ε, by the padding instead).
+
 Methods
 -------
 ``none``       identity permutation (no coupling).
@@ -47,6 +56,7 @@ __all__ = [
     "transport_cost",
     "pairing_cost_ratio",
     "couple",
+    "group_members",
     "exact_assignment",
     "sinkhorn_log",
     "sinkhorn_assignment",
@@ -184,13 +194,35 @@ def exact_assignment(cost, solver: str = "pot"):
 
 
 # ------------------------------------------------------------------------------------------ couple
-def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, backend: str = "auto",
-           eps: float = 0.05, iters: int = 100, groups: int = 1, refine_rounds: int = 8,
+def group_members(labels: torch.Tensor, groups: int = 1) -> list[torch.Tensor]:
+    """Indices (LongTensor on CPU) of each group of samples that may be paired with each other: one group per
+    (consecutive chunk of ``groups``, label). Only groups of 2 or more samples are returned (a singleton keeps
+    its own noise)."""
+    lab = labels.detach().reshape(-1).to("cpu", torch.long)
+    n = lab.numel() // groups
+    key = torch.arange(lab.numel()).div(n, rounding_mode="floor") * (int(lab.max()) - int(lab.min()) + 1) + (
+        lab - lab.min())
+    order = torch.argsort(key, stable=True)
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    return [m for m in torch.split(order, counts.tolist()) if m.numel() > 1]
+
+
+def _check_labels(labels: torch.Tensor, B: int) -> None:
+    if labels.shape != (B,):
+        raise ValueError(f"ot: labels must have shape ({B},) (one per sample), got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"ot: labels must be integer class ids, got dtype {labels.dtype}")
+
+
+def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, labels: torch.Tensor | None = None,
+           backend: str = "auto", eps: float = 0.05, iters: int = 100, groups: int = 1, refine_rounds: int = 8,
            return_cost: bool = False) -> torch.Tensor | CouplingResult:
     """Pair noise with latents: returns ``perm`` (LongTensor [B], on x0's device) so that ``z[perm]`` is the
     noise paired with ``x0`` (minibatch OT, paper sec. 4.4).
 
-    ``method``: none | exact (POT emd) | hungarian or exact_scipy (scipy) | sinkhorn. ``backend``: Sinkhorn inner loop
+    ``method``: none | exact (POT emd) | hungarian or exact_scipy (scipy) | sinkhorn. ``labels``: [B] integer
+    labels as the network sees them (the null class included); given, noise is only permuted within each label
+    (see the module docstring), and ``perm[i]`` has the label of ``i``. ``backend``: Sinkhorn inner loop
     (auto | reference | triton | cuda). ``eps``: final Sinkhorn ε relative to the mean reduced cost;
     ``iters``: Sinkhorn iteration budget (incl. ε-scaling). ``groups``: split the batch into that many equal
     consecutive chunks and couple within each (the Sinkhorn path solves them as one batched problem).
@@ -203,6 +235,8 @@ def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, backend:
     B = x0.shape[0]
     if groups < 1 or B % groups:
         raise ValueError(f"ot: groups={groups} must be >= 1 and divide the batch size {B}")
+    if labels is not None:
+        _check_labels(labels, B)
     n = B // groups
     dev = x0.device
     used_backend = "none"
@@ -210,6 +244,9 @@ def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, backend:
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):
         if method == "none" or n <= 1:
             perm = torch.arange(B, device=dev)
+        elif labels is not None:
+            perm, used_backend = _couple_within(x0, z, group_members(labels, groups), method, backend=backend,
+                                                eps=eps, iters=iters, refine_rounds=refine_rounds)
         elif method in ("exact", "hungarian", "exact_scipy"):
             x = x0.reshape(groups, n, -1).detach().to("cpu", torch.float64)
             y = z.reshape(groups, n, -1).detach().to("cpu", torch.float64)
@@ -232,3 +269,28 @@ def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, backend:
         ratio = cost / ident.clamp_min(torch.finfo(torch.float32).tiny)  # = pairing_cost_ratio, from the means
     return CouplingResult(perm=perm, cost=cost, identity_cost=ident, ratio=ratio, method=method,
                           backend=used_backend)
+
+
+def _couple_within(x0: torch.Tensor, z: torch.Tensor, members: list[torch.Tensor], method: str, *, backend: str,
+                   eps: float, iters: int, refine_rounds: int) -> tuple[torch.Tensor, str]:
+    """The optimal pairing inside each group of ``members`` (global indices); samples in no group keep their
+    noise. Exact solvers: one solve per group; Sinkhorn: one batched solve per distinct group size."""
+    B, dev = x0.shape[0], x0.device
+    perm = torch.arange(B)
+    x_flat, z_flat = x0.detach().reshape(B, -1), z.detach().reshape(B, -1)
+    if method in ("exact", "hungarian", "exact_scipy"):
+        solver = "pot" if method == "exact" else "scipy"
+        x64, z64 = x_flat.to("cpu", torch.float64), z_flat.to("cpu", torch.float64)
+        for m in members:
+            C = _batched_cost(x64[m].unsqueeze(0), z64[m].unsqueeze(0))[0].numpy()
+            perm[m] = m[torch.from_numpy(exact_assignment(C, solver))]
+        return perm.to(dev), solver
+    used_backend, _ = get_sinkhorn_backend(backend, dev)
+    sizes = sorted({int(m.numel()) for m in members})
+    for size in sizes:
+        idx = torch.stack([m for m in members if m.numel() == size])          # [P, size], CPU
+        idx_dev = idx.to(dev)
+        local = sinkhorn_assignment(_batched_cost(x_flat[idx_dev].float(), z_flat[idx_dev].float()), eps=eps,
+                                    iters=iters, backend=used_backend, refine_rounds=refine_rounds).cpu()
+        perm[idx.reshape(-1)] = torch.gather(idx, 1, local).reshape(-1)
+    return perm.to(dev), used_backend

@@ -123,7 +123,7 @@ def write_report(run_dir: str, out: Optional[str] = None) -> str:
         if len(x):
             ax.plot(x, y, "o-", label=f"{h}", color=f"C{i}")
     last = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
-    for base, style in (("gaussian", "--"), ("real", ":")):
+    for base, style in (("gaussian", "--"), ("gaussian_class", "-."), ("real", ":")):
         v = next((last[k] for k in last if k.endswith(f"/{base}_{metric}")), None)
         if v is not None:
             ax.axhline(v, ls=style, color="k", label=f"{base} ({v:.3g})")

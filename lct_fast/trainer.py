@@ -221,7 +221,7 @@ class Trainer:
             from .ot_global import couple_noise_global
 
             coupler = functools.partial(couple_noise_global, method=ot.method, backend=ot.backend,
-                                        eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters)
+                                        eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters, per_class=ot.per_class)
         teacher = None
         if cfg.method.name == "scd":
             # The frozen teacher, checked against the student before anything trains; the student starts from it
@@ -338,10 +338,15 @@ class Trainer:
         head = self.evaluator.headline
         v = row.get(f"eval/{k}step/{head}")
         if self.evaluator.mode == "latent":
-            g, r = row.get(f"eval/{k}step/gaussian_{head}"), row.get(f"eval/{k}step/real_{head}")
+            # On class-conditional data the bar is the per-class Gaussian fit: the model is told the class.
+            r = row.get(f"eval/{k}step/real_{head}")
+            g = row.get(f"eval/{k}step/gaussian_class_{head}")
+            bar = "per-class Gaussian fit"
+            if g is None:
+                g, bar = row.get(f"eval/{k}step/gaussian_{head}"), "Gaussian fit"
             verdict = "better than" if v < g else "worse than"
-            return (f"quality ({self.eval_ema}, {ev.n} samples, {k} step): marginal W1 {v:.4f} vs Gaussian fit "
-                    f"{g:.4f} (second real set {r:.4f}; lower is better): {verdict} the Gaussian fit")
+            return (f"quality ({self.eval_ema}, {ev.n} samples, {k} step): marginal W1 {v:.4f} vs {bar} "
+                    f"{g:.4f} (second real set {r:.4f}; lower is better): {verdict} the {bar}")
         return f"quality ({self.eval_ema}, {ev.n} samples, {k} step): FID {v:.3f}"
 
     # ----------------------------------------------------------------------------------- checkpoints

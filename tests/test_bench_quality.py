@@ -4,6 +4,7 @@ rank the baselines the way they must (a metric that cannot tell real patches fro
 from an untrained network, would be useless)."""
 import csv
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ def test_quick_benchmark_ranks_baselines(tmp_path):
     env = dict(os.environ, LCT_FAST_CACHE=str(tmp_path / "cache"), PYTHONPATH=ROOT)
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quality.py"), "--quick", "--rows",
-                          "real", "gaussian", "untrained_sct", "sct", "--out", str(out)],
+                          "heldout", "real", "gaussian", "untrained_sct", "sct", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (csv_path,) = glob.glob(str(out / "quality-*.csv"))
@@ -23,6 +24,7 @@ def test_quick_benchmark_ranks_baselines(tmp_path):
         rows = list(csv.DictReader(f))
     fd = {r["row"]: float(r["fd"]) for r in rows if r["kind"] == "baseline"}
     assert fd["real"] < fd["gaussian"] < fd["untrained_sct"], fd
+    assert fd["heldout"] < fd["gaussian"], fd                # the resolution row: real vs real on the split
     swd = {r["row"]: float(r["swd"]) for r in rows if r["kind"] == "baseline"}
     # Random 1-D projections of 3072 pixels are near-Gaussian (CLT): pixel SWD separates a Gaussian fit from
     # real patches only weakly (2048 samples: 0.037 vs 0.056), and not at all at --quick's 256 (0.084 vs
@@ -33,11 +35,23 @@ def test_quick_benchmark_ranks_baselines(tmp_path):
     for stem in ("-samples.png", "-curves.png"):
         assert os.path.getsize(csv_path.replace(".csv", stem)) > 1000
     md = open(csv_path.replace(".csv", ".md")).read()
-    assert "excess kurtosis" in md and "| sct |" in md
-    # A second run re-uses the trained row (cached by config + code hash) instead of training again.
+    assert "excess kurtosis" in md and "| sct |" in md and "Split scored: **val**" in md and "Resolution:" in md
+    # The validation run chose one EMA per (row, steps): the lowest validation FD.
+    sel = json.load(open(out / "quality-selection.json"))
+    for steps in ("1", "2"):
+        best = min((r for r in trained if r["steps"] == steps), key=lambda r: float(r["fd"]))
+        assert sel["choices"][f"sct|{steps}|"] == best["ema"]
+    # The test split scores only those choices, re-using the trained row (cached by config + code hash).
+    test_out = tmp_path / "test"
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quality.py"), "--quick", "--rows",
-                            "sct", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+                            "sct", "--split", "test", "--selection", str(out / "quality-selection.json"), "--out",
+                            str(test_out)], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "trained run cached" in again.stdout, again.stdout[-2000:]
+    (test_csv,) = glob.glob(str(test_out / "quality-*.csv"))
+    with open(test_csv) as f:
+        scored = [r for r in csv.DictReader(f) if r["row"] == "sct"]
+    assert sorted((r["steps"], r["ema"]) for r in scored) == sorted(
+        (steps, sel["choices"][f"sct|{steps}|"]) for steps in ("1", "2"))
 
 
 def test_quick_distillation_rows(tmp_path):

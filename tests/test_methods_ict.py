@@ -142,19 +142,36 @@ def test_default_diffusion_term_is_edm_weighted_mean_over_selected_times_five():
     assert bool(((on - off)[~sel] == 0).all())
 
 
-def test_reduction_sum_rescales_adaptive_c():
-    # Eq. 11's c is fitted for the per-dim mean: with reduction=sum it is ×√D, so Cauchy losses agree exactly.
-    x0 = data(32)
-    kw = dict(distance="cauchy", diffusion_weight=0.0)
-    mean_fn = ICTLoss.from_config(make(reduction="mean", **kw), data_dim=D, total_steps=1000)
-    sum_fn = ICTLoss.from_config(make(reduction="sum", **kw), data_dim=D, total_steps=1000)
-    assert sum_fn.c_at(21) == pytest.approx(mean_fn.c_at(21) * math.sqrt(D), rel=1e-12)
-    a = mean_fn(tiny_ve(), x0, None, step=0, generator=gen(3))
-    b = sum_fn(tiny_ve(), x0, None, step=0, generator=gen(3))
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    # the fixed c0 = 0.00054·√D keeps its definition for either reduction
-    assert ICTLoss.from_config(make(reduction="sum", c_mode="fixed"), data_dim=D, total_steps=9).c_at(11) == pytest.approx(
-        0.00054 * math.sqrt(D))
+@pytest.mark.parametrize("c_mode", ["fixed", "adaptive"])
+@pytest.mark.parametrize("c_norm", ["sum", "mean"])
+@pytest.mark.parametrize("distance, power", [("cauchy", 0.0), ("pseudo_huber", 0.5)])
+def test_mean_and_sum_reductions_train_the_same_loss(c_mode, c_norm, distance, power):
+    """c is defined on one norm (c_norm) and converted to the reduction: √(Σ + c²) − c = √D·(√(m + (c/√D)²) − c/√D)
+    and ln(1 + Σ/2c²) = ln(1 + m/2(c/√D)²), so the sum-reduced loss is D^power × the mean-reduced one, gradients
+    included (Cauchy: identical)."""
+    models = pytest.importorskip("lct_fast.models")
+    from lct_fast.config import ModelConfig
+    mcfg = ModelConfig(arch="dit", size="custom", width=32, depth=1, heads=2, patch_size=2, in_channels=4,
+                       resolution=8, num_classes=0)
+    x0 = data(16)
+    out = {}
+    for reduction in ("mean", "sum"):
+        cfg = make(reduction=reduction, distance=distance, c_mode=c_mode, c_norm=c_norm, diffusion_weight=0.0)
+        torch.manual_seed(0)
+        net = models.build_model(mcfg, cfg).double()
+        with torch.no_grad():  # a non-trivial output (adaLN-zero starts at F = 0)
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        fn = ICTLoss.from_config(cfg, data_dim=D, total_steps=1000)
+        loss = fn(net, x0.double(), None, step=400, generator=gen(3))
+        loss.mean().backward()
+        out[reduction] = (fn.c_at(fn.num_levels(400)), loss.detach(),
+                          torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    (c_m, l_m, g_m), (c_s, l_s, g_s) = out["mean"], out["sum"]
+    assert c_s == pytest.approx(c_m * math.sqrt(D), rel=1e-12)
+    k = D ** power
+    torch.testing.assert_close(l_s, k * l_m, rtol=1e-9, atol=0)
+    torch.testing.assert_close(g_s, k * g_m, rtol=1e-7, atol=1e-12 * float(g_s.abs().max()))
 
 
 @pytest.mark.parametrize("r, p_mean", [(0.0, -1.1), (0.05, -1.1), (0.25, 4.0)])
@@ -288,7 +305,7 @@ def test_coupler_is_injectable():
     loss = ICTLoss.from_config(make(), data_dim=D, total_steps=10)
     seen = []
 
-    def reverse(x0, z):
+    def reverse(x0, z, labels=None):
         seen.append(z.shape)
         return z.flip(0), torch.tensor(0.5)
 

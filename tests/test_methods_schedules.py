@@ -97,6 +97,27 @@ def test_fixed_c0():
     assert S.robust_c("fixed", n=641, data_dim=256) == pytest.approx(0.00054 * 16)
     with pytest.raises(ValueError, match="c_mode"):
         S.robust_c("bogus", n=11, data_dim=4)
+    with pytest.raises(ValueError, match="c_norm"):
+        S.robust_c("fixed", n=11, data_dim=4, c_norm="max")
+
+
+@pytest.mark.parametrize("D", [256, 1024, 4096, 16384])
+def test_each_reading_starts_at_its_stated_c0(D):
+    """SPEC §2's two readings, for any D, on the per-dimension mean and on the sum (c_sum = √D·c_mean).
+    (a) c_norm=sum: iCT's c0 = 0.00054·√D on the summed norm, i.e. 0.00054 on the mean; eq. 11 is the summed-norm
+    c at D = 4096, so on the mean it is eq. 11 / 64 whatever D (0.03216 / 64 = 0.000503 at N = 11).
+    (b) c_norm=mean: 0.00054·√D and eq. 11 applied to the mean as they are."""
+    rd = math.sqrt(D)
+    eq11 = 10 ** (-1.18 * math.log10(10)) * math.exp(-0.72)     # N = 11
+    want = {("sum", "fixed"): 0.00054, ("sum", "adaptive"): eq11 / 64,
+            ("mean", "fixed"): 0.00054 * rd, ("mean", "adaptive"): eq11}
+    for (c_norm, mode), c_mean in want.items():
+        assert S.robust_c(mode, n=11, data_dim=D, reduction="mean", c_norm=c_norm) == pytest.approx(c_mean, rel=1e-12)
+        assert S.robust_c(mode, n=11, data_dim=D, reduction="sum", c_norm=c_norm) == pytest.approx(c_mean * rd,
+                                                                                                 rel=1e-12)
+    # At the paper's D the two readings of eq. 11 differ by exactly √D on the same reduction.
+    assert S.robust_c("adaptive", n=11, data_dim=4096, c_norm="mean") == pytest.approx(
+        64 * S.robust_c("adaptive", n=11, data_dim=4096, c_norm="sum"), rel=1e-12)
 
 
 def test_diffusion_cutoff():

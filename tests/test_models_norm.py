@@ -85,3 +85,61 @@ def test_unet_norm_choices_match_formulas(kind):
     torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
     unet = build_backbone(_cfg(norm=kind))
     assert unet(torch.randn(2, 4, 8, 8), torch.zeros(2)).shape == (2, 4, 8, 8)
+
+
+def _dit(norm):
+    torch.manual_seed(0)
+    return build_backbone(_cfg(arch="dit", size="custom", width=16, depth=2, heads=2, norm=norm))
+
+
+def test_dit_norm_arms_are_table_2d():
+    """Table 2d in a DiT: the affine of each norm sits before adaLN's modulation, (x̂·γ + β)(1 + s) + sh; the LN arm
+    learns γ and β, the NsLN arm only β (γ = 1). After the modulation β would merely repeat the shift."""
+    for norm, params in (("nsln", ["bias"]), ("layernorm", ["weight", "bias"])):
+        norms = [m for m in _dit(norm).modules() if isinstance(m, NsLN)]
+        assert len(norms) == 5                                       # 2 per block + the final layer
+        for m in norms:
+            assert [n for n, _ in m.named_parameters()] == params
+    x = torch.randn(3, 7, 16, dtype=torch.float64) * 3
+    sh, sc = torch.randn(3, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    xhat = _standardize(x, (-1,), 1e-6)
+    for weight in (False, True):
+        m = NsLN(16, eps=1e-6, weight=weight).double()
+        with torch.no_grad():
+            m.bias.copy_(torch.linspace(-1, 1, 16))
+            if weight:
+                m.weight.copy_(torch.linspace(0.5, 2, 16))
+        gamma = m.weight if weight else 1.0
+        want = (xhat * gamma + m.bias) * (1 + sc[:, None]) + sh[:, None]
+        torch.testing.assert_close(m(x, sh, sc), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m(x), xhat * gamma + m.bias, rtol=1e-12, atol=1e-12)
+        # β is not a second shift: with a per-sample scale it cannot be moved past the modulation
+        assert (m(x, sh, sc) - (xhat * gamma * (1 + sc[:, None]) + sh[:, None] + m.bias)).abs().max() > 0.1
+        # gradients reach γ and β through the folded modulation
+        m.zero_grad()
+        m(x, sh, sc).square().sum().backward()
+        torch.testing.assert_close(m.bias.grad, (2 * want * (1 + sc[:, None])).sum((0, 1)), rtol=1e-10, atol=1e-10)
+        if weight:
+            torch.testing.assert_close(m.weight.grad, (2 * want * (1 + sc[:, None]) * xhat).sum((0, 1)),
+                                       rtol=1e-10, atol=1e-10)
+
+
+def test_dit_norm_arms_differ_once_trained():
+    """Same init, same input: the arms agree at init (γ = 1, β = 0) and part as soon as γ moves."""
+    a, b = _dit("nsln"), _dit("layernorm")
+    b.load_state_dict(a.state_dict(), strict=False)
+    with torch.no_grad():
+        for mod in (a, b):
+            for p in mod.parameters():  # leave adaLN-zero: make the blocks do something
+                p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+        for m in b.modules():
+            if isinstance(m, NsLN):
+                m.weight.fill_(1.0)
+    b.load_state_dict({k: v for k, v in a.state_dict().items()}, strict=False)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 1.2])
+    torch.testing.assert_close(a(x, t), b(x, t), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for m in b.modules():
+            if isinstance(m, NsLN):
+                m.weight.mul_(1.5)
+    assert (a(x, t) - b(x, t)).abs().max() > 1e-3

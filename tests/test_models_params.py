@@ -27,9 +27,9 @@ def _linear(i, o):
 
 
 def dit_closed_form(W, D, p, C, nc, mlp_ratio=4.0, adaptive=False, nsln=True, freq=256):
-    """Per-block count of the DiT described in the issue (patchify, t/y embedding, adaLN-zero blocks)."""
+    """Per-block count of the DiT (patchify, t/y embedding, adaLN-zero blocks)."""
     hid = int(W * mlp_ratio)
-    norm = W if nsln else 0  # NsLN: bias only
+    norm = W if nsln else 2 * W  # NsLN: bias only; the affine LayerNorm arm: scale and bias
     block = 2 * norm + _linear(W, 6 * W) + _linear(W, 3 * W) + _linear(W, W) + _linear(W, hid) + _linear(hid, W)
     stem = (C * p * p * W + W) + _linear(freq, W) + _linear(W, W) + ((nc + 1) * W if nc else 0)
     final = norm + _linear(W, 2 * W) + _linear(W, p * p * C)
@@ -45,7 +45,7 @@ def test_dit_preset_counts_exact(size):
     print(f"DiT-{size}/2: {dit_closed_form(W, D, 2, 4, 0):,}")
 
 
-def test_dit_layernorm_variant_has_no_norm_params():
+def test_dit_layernorm_variant_learns_scale_and_bias():
     W, D, _ = DIT_PRESETS["S"]
     assert count_parameters(_cfg(norm="layernorm")) == dit_closed_form(W, D, 2, 4, 0, nsln=False)
 

@@ -97,3 +97,33 @@ def test_single_process_is_plain_couple():
         gather_batch(x, z[:-1])
     with pytest.raises(ValueError, match="solve_on"):
         couple_global(x, z, method="exact", solve_on="everyone")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", METHODS)
+def test_global_coupling_within_labels_is_the_per_class_solution(two_rank_result, method):
+    """With labels, the global problem pairs only within a label (the null class its own group), anywhere in the
+    global batch: for exact OT exactly the per-class solution of the gathered batch, each class at POT's optimum."""
+    res = sorted(two_rank_result, key=lambda r: r["rank"])
+    parts = [rank_batch(r, with_labels=True) for r in range(WORLD)]
+    x_all = torch.cat([p[0] for p in parts]).flatten(1)
+    z_all = torch.cat([p[1] for p in parts]).flatten(1)
+    lab = torch.cat([p[2] for p in parts])
+    perm = torch.as_tensor(np.concatenate([r[f"{method}/global_labels"] for r in res]))
+    assert sorted(perm.tolist()) == list(range(WORLD * BATCH))
+    assert torch.equal(lab[perm], lab)
+    assert (perm // BATCH != torch.arange(WORLD * BATCH) // BATCH).any()   # noise does cross ranks
+    if method == "exact":
+        assert torch.equal(perm, O.couple(x_all, z_all, "exact", labels=lab))
+    for c in lab.unique().tolist():
+        idx = (lab == c).nonzero().flatten().numpy()
+        xs, zs = x_all.numpy()[idx], z_all.numpy()[idx]
+        M = ot_pot.dist(xs.astype(np.float64), zs.astype(np.float64), metric="sqeuclidean")
+        w = np.full(len(idx), 1.0 / len(idx))
+        best = float(ot_pot.emd2(w, w, M, numItermax=1_000_000)) * len(idx)
+        got = _pair_cost(xs, z_all.numpy()[perm.numpy()[idx]])
+        assert best * (1 - 1e-6) <= got <= best * (1 + 1e-6 if method == "exact" else 1.01)
+    for r in res:
+        rows = slice(r["rank"] * BATCH, (r["rank"] + 1) * BATCH)
+        np.testing.assert_array_equal(np.asarray(r[f"{method}/paired_noise_labels"], dtype=np.float32),
+                                      z_all.numpy()[perm.numpy()[rows]])

@@ -70,11 +70,13 @@ def drop_labels(labels: Optional[torch.Tensor], p: float, null_id: int,
     return torch.where(u < p, torch.full_like(labels, null_id), labels)
 
 
-#: A noise coupler: (x0, z) -> (z paired with x0, cost ratio vs the pairing as drawn, 0-dim fp32).
-Coupler = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+#: A noise coupler: (x0, z, labels) -> (z paired with x0, cost ratio vs the pairing as drawn, 0-dim fp32).
+#: ``labels`` are those the network sees (dropped ones = the null class) or None (unconditional).
+Coupler = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def identity_coupler(x0: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def identity_coupler(x0: torch.Tensor, z: torch.Tensor, labels: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """No coupling: z as drawn, ratio 1."""
     return z, torch.ones((), device=x0.device)
 
@@ -84,15 +86,19 @@ def config_coupler(ot_cfg: Any) -> Coupler:
     if ot_cfg.method == "none":
         return identity_coupler
     return functools.partial(couple_noise, method=str(ot_cfg.method), backend=str(ot_cfg.backend),
-                             eps=float(ot_cfg.sinkhorn_eps), iters=int(ot_cfg.sinkhorn_iters))
+                             eps=float(ot_cfg.sinkhorn_eps), iters=int(ot_cfg.sinkhorn_iters),
+                             per_class=bool(getattr(ot_cfg, "per_class", True)))
 
 
-def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = "auto", *,
-                 eps: float = 0.05, iters: int = 100) -> Tuple[torch.Tensor, torch.Tensor]:
+def couple_noise(x0: torch.Tensor, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *, method: str,
+                 backend: str = "auto", eps: float = 0.05, iters: int = 100, per_class: bool = True
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Minibatch OT coupling (paper §4.4): returns (z[perm], cost ratio vs the identity pairing).
 
-    ``method == "none"`` returns z unchanged and ratio 1; ``eps``/``iters`` are the Sinkhorn settings. The coupling itself is
-    :func:`lct_fast.ot.couple` (imported lazily: the OT module is optional for methods without OT).
+    With ``labels`` and ``per_class`` the noise is only permuted among samples of one label (SPEC §2: across
+    classes the paired noise would carry the class). ``method == "none"`` returns z unchanged and ratio 1;
+    ``eps``/``iters`` are the Sinkhorn settings. The coupling itself is :func:`lct_fast.ot.couple` (imported
+    lazily: the OT module is optional for methods without OT).
     """
     one = torch.ones((), device=x0.device)
     if method == "none":
@@ -100,7 +106,8 @@ def couple_noise(x0: torch.Tensor, z: torch.Tensor, method: str, backend: str = 
     from lct_fast.ot import couple, pairing_cost_ratio  # lazy: keeps the methods importable without POT
 
     with torch.no_grad():
-        perm = couple(x0.detach(), z.detach(), method=method, backend=backend, eps=eps, iters=iters)
+        perm = couple(x0.detach(), z.detach(), method=method, backend=backend, eps=eps, iters=iters,
+                      labels=labels if per_class else None)
     perm = perm.to(device=z.device, dtype=torch.long)
     if perm.shape != (z.shape[0],):
         raise ValueError(f"lct_fast.ot.couple returned a permutation of shape {tuple(perm.shape)}, "

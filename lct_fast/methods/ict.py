@@ -30,17 +30,20 @@ class ICTLoss:
 
     Switches (explicit arguments; :meth:`from_config` reads them from ``MethodConfig.ict``): ``distance``
     (l2 | pseudo_huber | cauchy | geman_mcclure), ``c_mode`` (fixed c0 = c0_coeff·√D | adaptive eq. 11 with
-    c_a, c_b), ``diffusion_weight`` / ``diffusion_r`` (0 disables eq. 9), and the noise ``coupler`` (§4.4).
+    c_a, c_b) on the ``c_norm`` norm (sum | mean: SPEC §2's two readings), converted to ``reduction``;
+    ``diffusion_weight`` / ``diffusion_r`` (0 disables eq. 9), and the noise ``coupler`` (§4.4).
 
     Args:
         data_dim: D = C·H·W of one latent.
         total_steps: K, the number of optimizer iterations of the run (curriculum length).
-        coupler: ``(x0, z) -> (z paired with x0, cost ratio)``; None keeps the drawn pairing.
+        coupler: ``(x0, z, labels) -> (z paired with x0, cost ratio)`` with the labels the network sees; None
+            keeps the drawn pairing.
     """
 
     def __init__(self, *, data_dim: int, total_steps: int, sigma_data: float, label_dropout: float,
                  sigma_min: float, sigma_max: float, rho: float, s0: int, s1: int, p_mean: float, p_std: float,
                  distance: str, reduction: str, c_mode: str, c0_coeff: float, c_a: float, c_b: float,
+                 c_norm: str = "mean", c_ref_dim: int = schedules.EQ11_REF_DIM,
                  diffusion_r: float, diffusion_weight: float, diffusion_sigma_weight: str,
                  diffusion_average: str = "selected", coupler: Optional[Coupler] = None) -> None:
         if data_dim < 1:
@@ -57,10 +60,11 @@ class ICTLoss:
         self.distance, self.reduction = str(distance), str(reduction)
         self.c_mode, self.c0_coeff = str(c_mode), float(c0_coeff)
         self.c_a, self.c_b = float(c_a), float(c_b)
+        self.c_norm, self.c_ref_dim = str(c_norm), int(c_ref_dim)
         self.diffusion_r, self.diffusion_weight = float(diffusion_r), float(diffusion_weight)
         self.diffusion_sigma_weight = str(diffusion_sigma_weight)
         self.diffusion_average = str(diffusion_average)
-        # (x0, z) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
+        # (x0, z, labels) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
         # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
         self.coupler = coupler or identity_coupler
         # Fail at construction, not at step 1, on a bad switch value.
@@ -85,6 +89,7 @@ class ICTLoss:
                    label_dropout=cfg.label_dropout, sigma_min=ict.sigma_min, sigma_max=ict.sigma_max, rho=ict.rho,
                    s0=ict.s0, s1=ict.s1, p_mean=ict.p_mean, p_std=ict.p_std, distance=ict.distance,
                    reduction=ict.reduction, c_mode=ict.c_mode, c0_coeff=ict.c0_coeff, c_a=ict.c_a, c_b=ict.c_b,
+                   c_norm=ict.c_norm, c_ref_dim=ict.c_ref_dim,
                    diffusion_r=ict.diffusion_r, diffusion_weight=ict.diffusion_weight,
                    diffusion_sigma_weight=ict.diffusion_sigma_weight,
                    diffusion_average=getattr(ict, "diffusion_average", "selected"),
@@ -98,7 +103,8 @@ class ICTLoss:
     def c_at(self, n: int) -> float:
         """Robustness scale c for N(k) = n (fixed c0 or eq. 11)."""
         return schedules.robust_c(self.c_mode, n=n, data_dim=self.data_dim, c0_coeff=self.c0_coeff,
-                                  a=self.c_a, b=self.c_b, reduction=self.reduction)
+                                  a=self.c_a, b=self.c_b, reduction=self.reduction, c_norm=self.c_norm,
+                                  ref_dim=self.c_ref_dim)
 
     def _grid(self, n: int):
         """(σ grid float64 on CPU, pair probabilities float64) for N = n, cached per n."""
@@ -143,7 +149,7 @@ class ICTLoss:
 
         # §4.4: couple before noising; the same (permuted) z serves both levels.
         with phase("ot"):
-            z, ot_ratio = self.coupler(x0, z)
+            z, ot_ratio = self.coupler(x0, z, labels)
 
         sig_lo64, sig_hi64 = sig_grid[j], sig_grid[j + 1]
         lam = (1.0 / (sig_hi64 - sig_lo64)).to(device=dev, dtype=x0.dtype)        # λ(σ_i), float64 difference

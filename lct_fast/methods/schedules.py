@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "karras_sigmas", "curriculum_period", "curriculum_N", "pair_probs", "fixed_c", "adaptive_c",
-    "robust_c", "diffusion_cutoff", "sample_pair_indices", "sct_time_from_tau", "sample_sct_times",
+    "robust_c", "C_NORMS", "EQ11_REF_DIM", "diffusion_cutoff", "sample_pair_indices", "sct_time_from_tau", "sample_sct_times",
     "tangent_warmup",
 ]
 
@@ -90,26 +90,44 @@ def adaptive_c(n: int, a: float = -1.18, b: float = -0.72) -> float:
     return math.exp(a * math.log(n - 1) + b)
 
 
-def robust_c(mode: str, *, n: int, data_dim: int, c0_coeff: float = 0.00054, a: float = -1.18,
-             b: float = -0.72, reduction: str = "mean") -> float:
-    """The scale c used by the robust distance at curriculum size N = n: ``fixed`` or ``adaptive``.
+C_NORMS = ("sum", "mean")
+EQ11_REF_DIM = 4 * 32 * 32
+"""The data dimension of the paper's latents (CelebA-HQ 256 through SD-VAE: 4x32x32), where eq. 11 was fitted."""
 
-    c is applied to the per-sample reduced squared difference m (SPEC §2). ``fixed``: iCT's
-    c0 = 0.00054·√D, as is for either reduction (with ``reduction="sum"`` exactly iCT's pixel-space
-    definition). ``adaptive``: eq. 11 was fitted with the authors' per-dimension mean (its fit starts at
-    ≈ c0 for D = 4096: 0.032 vs 0.035); for ``reduction="sum"`` (m_sum = D·m_mean) it is scaled by √D, so
-    that m/(2c²) — hence the Cauchy and Geman–McClure losses — is the same as with the mean.
+
+def robust_c(mode: str, *, n: int, data_dim: int, c0_coeff: float = 0.00054, a: float = -1.18,
+             b: float = -0.72, reduction: str = "mean", c_norm: str = "mean",
+             ref_dim: int = EQ11_REF_DIM) -> float:
+    """The scale c used by the robust distance on the per-sample ``reduction`` of the squared difference, at
+    curriculum size N = n: ``fixed`` (iCT's c0 = c0_coeff·√D) or ``adaptive`` (eq. 11).
+
+    ``c_norm`` is the norm on which those formulas define c (SPEC §2; the authors' training code is not public,
+    and eq. 11 at N = 11 gives 0.032 ≈ 0.00054·√4096 = 0.035, which fits both readings):
+
+    * ``sum`` — reading (a): iCT's definition, c on the squared norm summed over the D dims; eq. 11 is that c at
+      the paper's D = ``ref_dim`` and scales like c0, by √(D/ref_dim), at other D;
+    * ``mean`` — reading (b): both formulas applied to the per-dimension mean, a c √D× larger than iCT's for
+      the same loss.
+
+    The result is then converted to ``reduction``: √(Σ + c²) − c = √D·(√(m + (c/√D)²) − c/√D) with m = Σ/D,
+    and ln(1 + Σ/(2c²)) = ln(1 + m/(2(c/√D)²)), so a c on the sum is c/√D on the mean. ``mean`` and ``sum``
+    then train the same loss (identical Cauchy / Geman–McClure, √D× for pseudo-Huber, D× for L2).
     """
+    if reduction not in C_NORMS:
+        raise ValueError(f"robust_c: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if c_norm not in C_NORMS:
+        raise ValueError(f"robust_c: c_norm must be 'sum' or 'mean', got {c_norm!r}")
     if mode == "fixed":
-        return fixed_c(data_dim, c0_coeff)
-    if mode == "adaptive":
+        c = fixed_c(data_dim, c0_coeff)
+    elif mode == "adaptive":
         c = adaptive_c(n, a, b)
-        if reduction == "sum":
-            return c * math.sqrt(data_dim)
-        if reduction != "mean":
-            raise ValueError(f"robust_c: reduction must be 'mean' or 'sum', got {reduction!r}")
+        if c_norm == "sum":
+            c *= math.sqrt(data_dim / ref_dim)
+    else:
+        raise ValueError(f"robust_c: c_mode must be 'fixed' or 'adaptive', got {mode!r}")
+    if c_norm == reduction:
         return c
-    raise ValueError(f"robust_c: c_mode must be 'fixed' or 'adaptive', got {mode!r}")
+    return c / math.sqrt(data_dim) if c_norm == "sum" else c * math.sqrt(data_dim)
 
 
 def diffusion_cutoff(n: int, r: float) -> int:

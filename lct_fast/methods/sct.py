@@ -152,7 +152,8 @@ class SCTLoss:
     Args:
         data_dim: D = C·H·W of one latent.
         total_steps: K (unused by the schedule; kept for the common loss interface).
-        coupler: ``(x0, z) -> (z paired with x0, cost ratio)``; None keeps the drawn pairing.
+        coupler: ``(x0, z, labels) -> (z paired with x0, cost ratio)`` with the labels the network sees; None
+            keeps the drawn pairing.
     """
 
     def __init__(self, *, data_dim: int, total_steps: int, sigma_data: float, label_dropout: float, p_mean: float,
@@ -178,7 +179,7 @@ class SCTLoss:
         if self.jvp_dtype not in _JVP_DTYPES:
             raise ValueError(f"SCTLoss: sct.jvp_dtype must be one of {sorted(_JVP_DTYPES)}, got {self.jvp_dtype!r}")
         self.cauchy_c = float(cauchy_c) if cauchy_c > 0 else schedules.fixed_c(self.data_dim)
-        # (x0, z) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
+        # (x0, z, labels) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
         # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
         self.coupler = coupler or identity_coupler
         # sCD: the frozen teacher whose (guided) velocity replaces the data velocity in the tangent; with
@@ -272,7 +273,7 @@ class SCTLoss:
         if self.label_dropout > 0 and labels is not None:
             labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
         with phase("ot"):
-            z, ot_ratio = self.coupler(x0, z)
+            z, ot_ratio = self.coupler(x0, z, labels)
 
         ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
         x_t = ct * x0 + st * z

@@ -35,7 +35,8 @@ class TrigFlowLoss:
         sigma_data, label_dropout: as for sCT (label dropout trains the unconditional branch for CFG).
         p_mean, p_std: the time distribution (teacher settings of the sCM tables: −0.4/1.0 at 512², −0.8/1.6 at 64²).
         adaptive_weight: learn w(t) (needs ``net.logvar``); else w = 0.
-        coupler: ``(x0, z) -> (z paired with x0, cost ratio)``; None keeps the drawn pairing.
+        coupler: ``(x0, z, labels) -> (z paired with x0, cost ratio)`` with the labels the network sees; None
+            keeps the drawn pairing.
     """
 
     def __init__(self, *, data_dim: int, total_steps: int, sigma_data: float, label_dropout: float, p_mean: float,
@@ -78,7 +79,7 @@ class TrigFlowLoss:
         if self.label_dropout > 0 and labels is not None:
             labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
         with phase("ot"):
-            z, ot_ratio = self.coupler(x0, z)
+            z, ot_ratio = self.coupler(x0, z, labels)
         ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
         x_t = ct * x0 + st * z
         v = ct * z - st * x0

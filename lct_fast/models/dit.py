@@ -44,6 +44,14 @@ FREQ_DIM = 256
 DIT_NORMS = ("nsln", "layernorm")
 
 
+def dit_norm(kind: str, width: int, eps: float, backend: str) -> NsLN:
+    """The norm in front of each adaLN modulation (Table 2d's two arms for a transformer): ``nsln`` learns a
+    bias with the scale fixed to 1 (eq. 12), ``layernorm`` learns scale and bias."""
+    if kind not in DIT_NORMS:
+        raise ValueError(f"model.norm={kind!r}: the DiT takes one of {list(DIT_NORMS)}")
+    return NsLN(width, eps, bias=True, weight=kind == "layernorm", backend=backend)
+
+
 @dataclass(frozen=True)
 class DiTDims:
     width: int
@@ -108,8 +116,10 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-zero block: x += g1·Attn(NsLN(x)(1+s1)+b1); x += g2·MLP(NsLN(x)(1+s2)+b2); with
-    ``double_norm`` the (1+s, b) pairs go through sCM's adaptive double normalization."""
+    """adaLN-zero block: x += g1·Attn(N(x)(1+s1)+b1); x += g2·MLP(N(x)(1+s2)+b2) with N the block's norm
+    (``nsln``: x̂ + β, Table 2d's NsLN; ``layernorm``: x̂·γ + β, an affine LayerNorm), its affine applied
+    before the modulation; with ``double_norm`` the (1+s, b) pairs go through sCM's adaptive double
+    normalization."""
 
     SHIFT_ROWS = (0, 3)  # chunks of ``ada``'s output that are shifts (sh1, sh2)
 
@@ -117,10 +127,9 @@ class DiTBlock(nn.Module):
                  eps: float, backend: str, double_norm: bool = False) -> None:
         super().__init__()
         self.double_norm = double_norm
-        learn_bias = norm == "nsln"
-        self.norm1 = NsLN(width, eps, bias=learn_bias, backend=backend)
+        self.norm1 = dit_norm(norm, width, eps, backend)
         self.attn = SelfAttention(width, heads, backend)
-        self.norm2 = NsLN(width, eps, bias=learn_bias, backend=backend)
+        self.norm2 = dit_norm(norm, width, eps, backend)
         self.mlp = Mlp(width, int(width * mlp_ratio), dropout)
         self.ada = Linear(width, 6 * width)
 
@@ -139,7 +148,7 @@ class FinalLayer(nn.Module):
                  double_norm: bool = False) -> None:
         super().__init__()
         self.double_norm = double_norm
-        self.norm = NsLN(width, eps, bias=norm == "nsln", backend=backend)
+        self.norm = dit_norm(norm, width, eps, backend)
         self.ada = Linear(width, 2 * width)
         self.linear = Linear(width, patch * patch * out_channels)
 

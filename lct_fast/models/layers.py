@@ -47,32 +47,51 @@ class NsLN(nn.Module):
     """Non-scaling LayerNorm over the last dim (paper eq. 12): (x − μ)/√(var + ε) + β.
 
     The LayerNorm scale is fixed to 1 and is not a parameter at all (the paper sets it to 1 and
-    disables its gradient); only the bias β is learned. ``bias=False`` gives a plain non-affine
-    LayerNorm (the standard DiT choice) through the same op.
+    disables its gradient); only the bias β is learned. ``weight=True`` adds the learned scale γ, i.e. an
+    affine LayerNorm (Table 2d's LN arm); ``bias=False`` without ``weight`` is a plain non-affine LayerNorm
+    (the standard DiT choice) through the same op.
+
+    Under adaLN the affine part comes *before* the modulation, (x̂·γ + β)·(1 + scale) + shift, as in a UNet
+    block whose norm has its own affine before the scale-shift. Added after it, β would only repeat the shift
+    (a linear map of the condition with its own bias), and the NsLN/LN arms would not differ.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, bias: bool = True, backend: str = "auto") -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, *, bias: bool = True, weight: bool = False,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.dim, self.eps, self.backend = dim, eps, backend
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """NsLN(x), or the fused adaLN form NsLN(x)·(1 + scale) + shift when shift/scale [B, N] are given.
+        """NsLN(x), or the adaLN form (x̂·γ + β)·(1 + scale) + shift when shift/scale [B, N] are given.
 
-        Every parameter use goes through a module's ``forward``: ZeRO-3 gathers a module's partitioned
-        parameters in its forward hooks, so reading ``self.bias`` from a parent's forward would see an
-        empty partition."""
+        The affine folds into the per-sample modulation, x̂·γ(1 + scale) + (shift + β(1 + scale)): [B, N] work,
+        and the fused kernel is unchanged. Every parameter use goes through a module's ``forward``: ZeRO-3
+        gathers a module's partitioned parameters in its forward hooks, so reading ``self.bias`` from a
+        parent's forward would see an empty partition."""
         if shift is None and scale is None:
-            return ops.nsln(x, self.bias, eps=self.eps, backend=self.backend)
-        return ops.nsln_modulate(x, shift, scale, self.bias, eps=self.eps, backend=self.backend)
+            if self.weight is None:
+                return ops.nsln(x, self.bias, eps=self.eps, backend=self.backend)
+            y = ops.nsln(x, None, eps=self.eps, backend=self.backend) * self.weight.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        shift = torch.zeros_like(scale) if shift is None else shift
+        scale = torch.zeros_like(shift) if scale is None else scale
+        if self.weight is None and self.bias is None:
+            return ops.nsln_modulate(x, shift, scale, None, eps=self.eps, backend=self.backend)
+        acc = torch.promote_types(scale.dtype, torch.float32)  # fold in fp32 (or fp64) whatever the autocast
+        gain = 1.0 + scale.to(acc)
+        new_scale = scale if self.weight is None else (self.weight.to(acc) * gain - 1.0).to(scale.dtype)
+        new_shift = shift if self.bias is None else (shift.to(acc) + self.bias.to(acc) * gain).to(shift.dtype)
+        return ops.nsln_modulate(x, new_shift, new_scale, None, eps=self.eps, backend=self.backend)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Fused adaLN: NsLN(x)·(1 + scale) + shift, shift/scale [B, N] (β added last, SPEC §4)."""
+        """adaLN: (x̂·γ + β)·(1 + scale) + shift, shift/scale [B, N]."""
         return self(x, shift, scale)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
+        return f"{self.dim}, eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}"
 
 
 class NsLN2d(nn.Module):

@@ -2,8 +2,10 @@
 
 Everything is measured on latents standardised per channel by the dataset statistics (unit variance), on
 equal-sized sets against a reference set R of real latents, beside two baselines every model must be read
-against: ``real`` (a second, disjoint set of real latents: the noise floor at this n) and ``gaussian`` (a
-full-covariance Gaussian fitted to that second set).
+against: ``real`` (a second, disjoint set of real latents: the noise floor at this n), ``gaussian`` (a
+full-covariance Gaussian fitted to that second set) and, on class-conditional data, ``gaussian_class`` (one such
+Gaussian per class, drawn with the reference set's labels): the fair bar there, since a class-conditional model
+is handed the class that a single Gaussian has to average over.
 
 * ``mw1`` — the marginal Wasserstein-1 distance averaged over latent coordinates (channel × position):
   sorted samples against sorted samples per coordinate. It sees the multi-modal bodies and the heavy tails
@@ -47,7 +49,8 @@ def tail_summary(x: np.ndarray) -> dict[str, float]:
 
 class LatentReference:
     """Two disjoint sets of ``n`` standardised real latents (R and R′) and a Gaussian fitted to R′, drawn
-    with ``seed`` from ``latents`` [N ≥ 2n, C, H, W] (already standardised: unit variance per channel)."""
+    with ``seed`` from ``latents`` [N ≥ 2n, C, H, W] (already standardised: unit variance per channel). With
+    ``labels`` (two or more classes, each with ≥ 2 samples in R′) also a per-class Gaussian fit of R′."""
 
     def __init__(self, latents: np.ndarray, n: int, *, seed: int = 0, labels: Optional[np.ndarray] = None):
         latents = np.asarray(latents, dtype=np.float32)
@@ -62,6 +65,13 @@ class LatentReference:
         self.real = latents[perm[n:2 * n]]
         self.labels = None if labels is None else np.asarray(labels)[perm[:n]]
         self.gaussian = GaussianFit.fit(self.real).sample(n, seed=seed + 1)
+        self.gaussian_class = None
+        if labels is not None:
+            real_labels = np.asarray(labels, dtype=np.int64)[perm[n:2 * n]]
+            counts = np.bincount(real_labels, minlength=int(self.labels.max()) + 1)
+            if len(np.unique(real_labels)) > 1 and counts.min() >= 2:
+                fit = GaussianFit.fit(self.real, real_labels)
+                self.gaussian_class = fit.sample(n, labels=self.labels, seed=seed + 2)
         self._baselines: Optional[dict] = None
 
     def score(self, x: np.ndarray, *, seed: int = 0) -> dict[str, float]:
@@ -75,14 +85,18 @@ class LatentReference:
                 **tail_summary(x)}
 
     def baselines(self) -> dict[str, dict[str, float]]:
-        """The scores of R′ (``real``) and of the Gaussian fit (``gaussian``), computed once."""
+        """The scores of R′ (``real``), of the Gaussian fit (``gaussian``) and of the per-class fit
+        (``gaussian_class``, labelled data only), computed once."""
         if self._baselines is None:
             self._baselines = {"real": self.score(self.real), "gaussian": self.score(self.gaussian)}
+            if self.gaussian_class is not None:
+                self._baselines["gaussian_class"] = self.score(self.gaussian_class)
         return self._baselines
 
 
 def latent_metrics(samples: np.ndarray, reference: LatentReference, *, seed: int = 0) -> dict[str, float]:
-    """Flat dict: the samples' scores and, prefixed ``real_`` / ``gaussian_``, the baselines'."""
+    """Flat dict: the samples' scores and, prefixed ``real_`` / ``gaussian_`` / ``gaussian_class_``, the
+    baselines'."""
     out = dict(reference.score(samples, seed=seed))
     for name, scores in reference.baselines().items():
         out.update({f"{name}_{k}": v for k, v in scores.items()})

@@ -6,10 +6,14 @@ the other view of a stereo pair and nearly duplicates ``motorcycle_left``; it is
 one class, so a class-conditional model has to produce patches that a classifier attributes to the right
 photograph.
 
-Train and test patches come from **spatially disjoint regions**: every photograph (downscaled so its longer
-side is at most ``max_side`` pixels) is tiled into ``block`` x ``block`` cells, a seeded fraction of the cells
-of each photograph is held out, and every patch is a random crop lying entirely inside one cell. No test pixel
-is ever seen in training, and test patches still cover every photograph.
+Train, validation and test patches come from **spatially disjoint regions**: every photograph (downscaled so
+its longer side is at most ``max_side`` pixels) is tiled into ``block`` x ``block`` cells, seeded fractions of
+the cells of each photograph are held out for test and for validation, and every patch is a random crop lying
+entirely inside one cell. No validation or test pixel is ever seen in training, and both still cover every
+photograph. Every choice (hyperparameters, EMA, sampler settings) is made on validation; test scores the final
+table once. The test cells are those of the first, two-way split (the same permutation prefix): the committed
+feature network, trained on that split's training cells (today's training and validation cells), never saw
+them.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["PHOTOS", "PatchSpec", "load_photo", "photo_cells", "make_patches", "ensure_patches"]
+__all__ = ["PHOTOS", "SPLITS", "PatchSpec", "load_photo", "photo_cells", "make_patches", "ensure_patches"]
 
 # (class id order) file names inside skimage/data
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
@@ -40,15 +44,24 @@ class PatchSpec:
     """Photographs are downscaled (Lanczos) so that their longer side is at most this."""
     test_fraction: float = 0.2
     """Fraction of each photograph's cells held out for the test split."""
+    val_fraction: float = 0.15
+    """Fraction of each photograph's cells held out for the validation split (0: no validation split)."""
     train_per_class: int = 4096
     """Training patches per photograph."""
     test_per_class: int = 1024
     """Test patches per photograph."""
+    val_per_class: int = 1024
+    """Validation patches per photograph."""
     seed: int = 0
     """Seed of the cell split and the crops."""
+    photos: tuple = PHOTOS
+    """The photographs, in class-id order (one class each; a single photograph is an unconditional set)."""
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if tuple(fields["photos"]) == PHOTOS:
+            del fields["photos"]  # the default set keeps the key it had before the field existed
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -77,17 +90,19 @@ def load_photo(name: str, max_side: int = 512) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def photo_cells(shape: tuple[int, int], spec: PatchSpec, rng: np.random.Generator) -> tuple[list, list]:
-    """(train cells, test cells) of a photograph of ``shape`` (H, W): lists of (top, left) corners."""
+def photo_cells(shape: tuple[int, int], spec: PatchSpec, rng: np.random.Generator) -> dict[str, list]:
+    """{"train", "val", "test"}: lists of (top, left) cell corners of a photograph of ``shape`` (H, W)."""
     h, w = shape
     cells = [(i * spec.block, j * spec.block) for i in range(h // spec.block) for j in range(w // spec.block)]
-    if len(cells) < 2:
-        raise ValueError(f"photograph of {h}x{w} has fewer than 2 cells of {spec.block} px")
-    n_test = min(len(cells) - 1, max(1, int(round(spec.test_fraction * len(cells)))))
+    n_val_min = 1 if spec.val_fraction > 0 else 0
+    if len(cells) < 2 + n_val_min:
+        raise ValueError(f"photograph of {h}x{w} has fewer than {2 + n_val_min} cells of {spec.block} px")
+    n_test = min(len(cells) - 1 - n_val_min, max(1, int(round(spec.test_fraction * len(cells)))))
+    n_val = 0 if not n_val_min else min(len(cells) - 1 - n_test, max(1, int(round(spec.val_fraction * len(cells)))))
     order = rng.permutation(len(cells))
-    test = sorted(cells[k] for k in order[:n_test])
-    train = sorted(cells[k] for k in order[n_test:])
-    return train, test
+    pick = lambda ks: sorted(cells[k] for k in ks)  # noqa: E731
+    return {"test": pick(order[:n_test]), "val": pick(order[n_test:n_test + n_val]),
+            "train": pick(order[n_test + n_val:])}
 
 
 def _crops(img: np.ndarray, cells: list, n: int, patch: int, block: int,
@@ -102,27 +117,35 @@ def _crops(img: np.ndarray, cells: list, n: int, patch: int, block: int,
     return out, corners
 
 
+SPLITS = ("train", "val", "test")
+
+
 def make_patches(spec: PatchSpec = PatchSpec()) -> dict[str, np.ndarray]:
-    """Build the patch set: ``train_images``/``test_images`` uint8 [N, P, P, 3], ``train_labels``/``test_labels``
-    and ``train_corners``/``test_corners`` (int64 [N, 2]: each crop's top-left pixel in its downscaled photo)."""
-    if not 0 < spec.test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {spec.test_fraction}")
+    """Build the patch set: ``<split>_images`` uint8 [N, P, P, 3], ``<split>_labels`` and ``<split>_corners``
+    (int64 [N, 2]: each crop's top-left pixel in its downscaled photo) for split in train / val / test (val only
+    when ``val_fraction`` > 0). Each split's crops come from a generator of its own, so one split's size never
+    moves another's crops."""
+    if not 0 < spec.test_fraction < 1 or not 0 <= spec.val_fraction < 1 or spec.test_fraction + spec.val_fraction >= 1:
+        raise ValueError(f"test_fraction ({spec.test_fraction}) and val_fraction ({spec.val_fraction}) must lie in "
+                         "[0, 1) and leave cells for training")
     if spec.patch > spec.block:
         raise ValueError(f"patch ({spec.patch}) must fit in a cell (block={spec.block})")
-    parts: dict[str, list] = {f"{split}_{what}": [] for split in ("train", "test")
-                              for what in ("images", "labels", "corners")}
-    for cls, name in enumerate(PHOTOS):
-        rng = np.random.default_rng([spec.seed, cls])
+    splits = [s for s in SPLITS if s != "val" or spec.val_fraction > 0]
+    per = {"train": spec.train_per_class, "val": spec.val_per_class, "test": spec.test_per_class}
+    parts: dict[str, list] = {f"{split}_{what}": [] for split in splits for what in ("images", "labels", "corners")}
+    for cls, name in enumerate(spec.photos):
+        seed_id = PHOTOS.index(name) if name in PHOTOS else 100 + cls  # a photo keeps its cells in any subset
         img = load_photo(name, spec.max_side)
-        train, test = photo_cells(img.shape[:2], spec, rng)
-        for split, cells, n in (("train", train, spec.train_per_class), ("test", test, spec.test_per_class)):
-            images, corners = _crops(img, cells, n, spec.patch, spec.block, rng)
+        cells = photo_cells(img.shape[:2], spec, np.random.default_rng([spec.seed, seed_id]))
+        for k, split in enumerate(splits):
+            rng = np.random.default_rng([spec.seed, seed_id, 1 + SPLITS.index(split)])
+            images, corners = _crops(img, cells[split], per[split], spec.patch, spec.block, rng)
             parts[f"{split}_images"].append(images)
             parts[f"{split}_corners"].append(corners)
-            parts[f"{split}_labels"].append(np.full(n, cls, dtype=np.int64))
+            parts[f"{split}_labels"].append(np.full(per[split], cls, dtype=np.int64))
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    for split in ("train", "test"):  # class-interleaved order, seeded
-        perm = np.random.default_rng([spec.seed, 99, split == "test"]).permutation(len(out[f"{split}_labels"]))
+    for split in splits:  # class-interleaved order, seeded
+        perm = np.random.default_rng([spec.seed, 99, SPLITS.index(split)]).permutation(len(out[f"{split}_labels"]))
         for what in ("images", "labels", "corners"):
             out[f"{split}_{what}"] = out[f"{split}_{what}"][perm]
     return out

@@ -32,14 +32,20 @@ BATCH, SHAPE = 40, (3, 8, 8)
 METHODS = ("exact", "sinkhorn")
 
 
-def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank``'s clustered latents (4 modes shared by all ranks) and standard-normal noise."""
+def rank_batch(rank: int, with_labels: bool = False):
+    """Rank ``rank``'s clustered latents (4 modes shared by all ranks) and standard-normal noise; with
+    ``with_labels`` also each sample's mode as its label, the first two dropped (null class 4)."""
     d = SHAPE[0] * SHAPE[1] * SHAPE[2]
     centres = 1.5 * torch.randn(4, d, generator=torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(100 + rank)
-    x = centres[torch.randint(4, (BATCH,), generator=g)] + 0.7 * torch.randn(BATCH, d, generator=g)
+    mode = torch.randint(4, (BATCH,), generator=g)
+    x = centres[mode] + 0.7 * torch.randn(BATCH, d, generator=g)
     z = torch.randn(BATCH, d, generator=g)
-    return x.reshape(BATCH, *SHAPE), z.reshape(BATCH, *SHAPE)
+    if not with_labels:
+        return x.reshape(BATCH, *SHAPE), z.reshape(BATCH, *SHAPE)
+    labels = mode.clone()
+    labels[:2] = 4
+    return x.reshape(BATCH, *SHAPE), z.reshape(BATCH, *SHAPE), labels
 
 
 def main() -> None:
@@ -49,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    x, z = rank_batch(rank)
+    x, z, labels = rank_batch(rank, with_labels=True)
     mine: dict = {"rank": rank, "world": world}
     for method in METHODS:
         mine[f"{method}/global_root"] = couple_global(x, z, method=method, backend="reference").tolist()
@@ -59,6 +65,10 @@ def main() -> None:
         mine[f"{method}/paired_noise"] = zp.reshape(BATCH, -1).tolist()
         mine[f"{method}/ratio"] = float(ratio)
         mine[f"{method}/local"] = couple(x, z, method, backend="reference").tolist()
+        mine[f"{method}/global_labels"] = couple_global(x, z, method=method, backend="reference",
+                                                        labels=labels).tolist()
+        zp, ratio = couple_noise_global(x, z, labels, method=method, backend="reference")
+        mine[f"{method}/paired_noise_labels"] = zp.reshape(BATCH, -1).tolist()
     try:  # unequal batch sizes must fail with a clear error, on every rank
         xb, zb = (x, z) if rank == 0 else (x[:-1], z[:-1])
         couple_global(xb, zb, method="exact", check_sizes=True)
