@@ -65,11 +65,9 @@ def main(argv=None) -> int:
             for k in (1, 2):
                 finals[k].append(evals[-1][f"eval/{k}step/mw1"])
         bar = rows[-1]["gaussian_class"]
-        m1, m2 = np.mean(finals[1]), np.mean(finals[2])
-        s1, s2 = np.std(finals[1], ddof=1) if len(args.seeds) > 1 else 0.0, \
-            np.std(finals[2], ddof=1) if len(args.seeds) > 1 else 0.0
+        spread = [f"{np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.4f}" for v in finals.values()]
         beat = sum(v < bar for v in finals[1])
-        summary.append(f"| {name} | {' '.join(overrides) or '(preset)'} | {m1:.4f} ± {s1:.4f} | {m2:.4f} ± {s2:.4f} | "
+        summary.append(f"| {name} | {' '.join(overrides) or '(preset)'} | {spread[0]} | {spread[1]} | "
                        f"{beat}/{len(finals[1])} | {bar:.4f} |")
         print(summary[-1], flush=True)
     notes = ("Command: `python benchmarks/bench_main_job.py " + " ".join(sys.argv[1:]) + "`.\n\n"

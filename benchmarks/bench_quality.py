@@ -5,7 +5,8 @@ Data nobody here wrote, no download: 32x32 RGB patches of the eight colour photo
 scikit-image, train, validation and test cut from spatially disjoint regions, one class per photograph
 (:mod:`lct_fast.quality.patches`). Every choice is made on ``--split val`` (the default), which also writes
 ``<name>-selection.json``: per row and step count, the EMA with the lowest validation FD. ``--split test
---selection FILE`` scores only those choices, once, on the test split: the committed table. They go through the user's path end to end:
+--selection FILE`` scores only those choices, once, on the test split: the committed table. They go through
+the user's path end to end:
 
     patches -> launch/encode.py's encoder (the committed tiny AutoencoderKL, f = 4)   -> 4x8x8 latent shards
             -> launch/train.py (a row's preset + overrides, class-conditional)        -> launch/export.py EMAs
@@ -31,7 +32,8 @@ fair bar on this class-conditional data) and each method's untrained network.
 
 Writes ``benchmarks/results/quality-<machine>-<date>.md`` + ``.csv``, a sample sheet and training curves
 (``quality-...-samples.png`` / ``-curves.png``). A trained row is cached in ``~/.cache/lct_fast/quality/rows/
-<row>-<hash of its resolved config and the code a training run executes (``CODE``)>/`` (``trained.json`` written last, atomically), its
+<row>-<hash of its resolved config and the code a training run executes (``CODE``)>/`` (``trained.json``
+written last, atomically), its
 scores beside it keyed by the evaluation code and settings: a change re-trains only the rows it touches, and
 a change of the evaluation re-scores without re-training.
 """
@@ -104,7 +106,6 @@ def common(num_classes: int = NUM_CLASSES) -> list:
         [] if num_classes else ["method.label_dropout=0"])  # no labels to drop on unconditional data
 
 
-COMMON = common()
 # The paper's Table 2a ladder on a tiny ADM UNet (the ablation presets' 151M UNet does not fit a CPU budget;
 # the NsLN rung needs the UNet's norm choice): 32 channels, levels 8 -> 4, attention at 4.
 TINY_UNET = ["model.unet_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
@@ -183,8 +184,6 @@ def _file_digest(paths: list[str], exclude: tuple = ()) -> str:
         for f in files:
             rel_f = os.path.relpath(f, ROOT)
             if any(rel_f == e or rel_f.startswith(e + os.sep) for e in exclude):
-                continue
-            if not os.path.exists(f):
                 continue
             h.update(os.path.relpath(f, ROOT).encode())
             with open(f, "rb") as fh:
@@ -446,7 +445,7 @@ def main(argv=None) -> int:
     n_eval = args.n_eval or (256 if args.quick else 2048)
     log_interval = max(budget // 20, 32)
     ds = DATASETS[args.data]
-    default_rows = list(ds.rows) or [r for r in ROWS]
+    default_rows = list(ds.rows) or list(ROWS)
     wanted = default_rows + list(BASELINES) if not args.rows else args.rows
     if ds.num_classes == 0:
         wanted = [w for w in wanted if w != "gaussian_class"]  # one class: the per-class fit is the fit

@@ -12,8 +12,8 @@ import torch
 
 __all__ = [
     "karras_sigmas", "curriculum_period", "curriculum_N", "pair_probs", "fixed_c", "adaptive_c",
-    "robust_c", "C_NORMS", "EQ11_REF_DIM", "diffusion_cutoff", "sample_pair_indices", "sct_time_from_tau", "sample_sct_times",
-    "tangent_warmup",
+    "robust_c", "C_NORMS", "EQ11_REF_DIM", "diffusion_cutoff", "sample_pair_indices", "sct_time_from_tau",
+    "sample_sct_times", "tangent_warmup",
 ]
 
 

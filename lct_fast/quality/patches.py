@@ -60,7 +60,7 @@ class PatchSpec:
     def key(self) -> str:
         fields = asdict(self)
         if tuple(fields["photos"]) == PHOTOS:
-            del fields["photos"]  # the default set keeps the key it had before the field existed
+            del fields["photos"]  # the eight-photo set adds nothing to the key
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -137,7 +137,7 @@ def make_patches(spec: PatchSpec = PatchSpec()) -> dict[str, np.ndarray]:
         seed_id = PHOTOS.index(name) if name in PHOTOS else 100 + cls  # a photo keeps its cells in any subset
         img = load_photo(name, spec.max_side)
         cells = photo_cells(img.shape[:2], spec, np.random.default_rng([spec.seed, seed_id]))
-        for k, split in enumerate(splits):
+        for split in splits:
             rng = np.random.default_rng([spec.seed, seed_id, 1 + SPLITS.index(split)])
             images, corners = _crops(img, cells[split], per[split], spec.patch, spec.block, rng)
             parts[f"{split}_images"].append(images)
