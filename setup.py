@@ -74,7 +74,7 @@ setup(
         # torch-fidelity: the image metrics' real code path runs in the tests (random-init Inception weights).
         # nvidia-dali-cuda130: the DALI reader's CPU pipeline runs in the tests.
         "dev": ["pytest>=7", "hypothesis", "triton", "diffusers>=0.27", "pillow", "scikit-image>=0.22",
-                "matplotlib>=3.7", "torch-fidelity>=0.3", "nvidia-dali-cuda130"],
+                "matplotlib>=3.7", "torch-fidelity>=0.3", "nvidia-dali-cuda130", "mlxtend>=0.23"],
         "eval": ["torch-fidelity>=0.3"],
         "dali": ["nvidia-dali-cuda130"],
         "encode": ["diffusers>=0.27", "safetensors>=0.4", "pillow"],

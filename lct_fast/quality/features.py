@@ -69,8 +69,9 @@ def extract_features(net: PatchFeatureNet, images: np.ndarray, batch: int = 512)
 
 def train_feature_net(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                       test_labels: np.ndarray, *, steps: int = 1500, batch: int = 128, lr: float = 2e-3,
-                      width: int = 32, seed: int = 0) -> tuple[PatchFeatureNet, float]:
-    """Train the classifier (AdamW, cosine lr); returns (net in eval mode, test accuracy)."""
+                      width: int = 32, seed: int = 0, flip: bool = True) -> tuple[PatchFeatureNet, float]:
+    """Train the classifier (AdamW, cosine lr); returns (net in eval mode, test accuracy). ``flip``: random
+    horizontal flips (textures; not for digits, whose mirror image is another shape)."""
     torch.manual_seed(seed)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     net = PatchFeatureNet(num_classes, width)
@@ -82,8 +83,9 @@ def train_feature_net(train_images: np.ndarray, train_labels: np.ndarray, test_i
         idx = torch.randint(0, len(train_images), (batch,), generator=gen)
         x = images_to_input(train_images[idx.numpy()])
         # Random flips make the features less tied to one orientation of a texture.
-        flip = torch.rand(batch, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if flip:
+            flipped = torch.rand(batch, generator=gen) < 0.5
+            x = torch.where(flipped[:, None, None, None], x.flip(3), x)
         loss = F.cross_entropy(net(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
