@@ -98,13 +98,6 @@ def make_digits(spec: DigitSpec = DigitSpec(), path: Optional[str] = None) -> di
 
 def ensure_digits(spec: DigitSpec = DigitSpec(), root: Optional[str] = None) -> str:
     """Path of the cached ``digits-<key>.npz`` (built on first use; written atomically)."""
-    from lct_fast.data.synthetic import default_cache_root
+    from lct_fast.quality.patches import cached_npz
 
-    root = root or os.path.join(default_cache_root(), "quality")
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, f"digits-{spec.key()}.npz")
-    if not os.path.exists(path):
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **make_digits(spec))
-        os.replace(tmp, path)
-    return path
+    return cached_npz(f"digits-{spec.key()}", lambda: make_digits(spec), root)

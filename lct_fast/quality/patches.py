@@ -25,7 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["PHOTOS", "SPLITS", "PatchSpec", "load_photo", "photo_cells", "make_patches", "ensure_patches"]
+__all__ = ["PHOTOS", "SPLITS", "PatchSpec", "load_photo", "photo_cells", "make_patches", "ensure_patches",
+           "cached_npz"]
 
 # (class id order) file names inside skimage/data
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
@@ -151,16 +152,21 @@ def make_patches(spec: PatchSpec = PatchSpec()) -> dict[str, np.ndarray]:
     return out
 
 
-def ensure_patches(spec: PatchSpec = PatchSpec(), root: Optional[str] = None) -> str:
-    """Path of the cached ``patches-<key>.npz`` (built on first use; written atomically)."""
+def cached_npz(name: str, build, root: Optional[str] = None) -> str:
+    """Path of ``<root>/<name>.npz`` (default root: the quality cache), written atomically from ``build()``'s
+    dict of arrays on first use."""
     from lct_fast.data.synthetic import default_cache_root
 
     root = root or os.path.join(default_cache_root(), "quality")
     os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, f"patches-{spec.key()}.npz")
+    path = os.path.join(root, f"{name}.npz")
     if not os.path.exists(path):
-        data = make_patches(spec)
         tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **data)
+        np.savez(tmp, **build())
         os.replace(tmp, path)
     return path
+
+
+def ensure_patches(spec: PatchSpec = PatchSpec(), root: Optional[str] = None) -> str:
+    """Path of the cached ``patches-<key>.npz`` (built on first use; written atomically)."""
+    return cached_npz(f"patches-{spec.key()}", lambda: make_patches(spec), root)
