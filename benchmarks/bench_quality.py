@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -351,8 +352,14 @@ def row_key(resolved: dict) -> str:
     resolved.pop("notes", None)  # prose: editing a preset's notes re-trains nothing
     for method, key in SAMPLER_KEYS:
         resolved["method"][method].pop(key, None)
-    blob = json.dumps({"cfg": resolved, "code": _file_digest(CODE, CODE_EXCLUDE)}, sort_keys=True)
+    blob = json.dumps({"cfg": resolved, "code": _code_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def _code_digest() -> str:
+    """:func:`_file_digest` of ``CODE``, parsed once per process (every row and seed asks for it)."""
+    return _file_digest(CODE, CODE_EXCLUDE)
 
 
 def row_config(name: str, row: Row, data_path: str, budget: int, log_interval: int,
