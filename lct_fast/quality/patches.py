@@ -65,6 +65,14 @@ class PatchSpec:
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    def ensure(self, cache_dir: str) -> str:
+        """The set's npz under ``cache_dir``, built on first use (:func:`ensure_patches`)."""
+        return ensure_patches(self, cache_dir)
+
+    def class_name(self, c: int) -> str:
+        """Class ``c``: the photograph's name."""
+        return self.photos[c].split(".")[0]
+
 
 def _skimage_data_dir() -> str:
     try:
