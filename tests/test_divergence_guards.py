@@ -33,9 +33,12 @@ SAMPLE_RANGE = 1.5        # 1-step sample |x| max / data |x0| max
 DIFF_GRAD_RATIO = 3000.0  # consistency vs diffusion gradient norm on the selected pairs, either way
 
 
-def test_sct_default_tiny_preset_stays_stable(tmp_path):
+# The GPU presets' half-precision plan on the same guards: the whole step under bf16 autocast with the JVP pass in
+# bf16 (the tangent itself: tests/test_jvp_bf16.py).
+@pytest.mark.parametrize("plan", [[], ["train.precision=bf16", "method.sct.jvp_dtype=bf16"]], ids=["fp32", "bf16"])
+def test_sct_default_tiny_preset_stays_stable(tmp_path, plan):
     cfg = load_config("tiny_sct", ["train.total_samples=12800", "train.log_interval=1600", "train.ckpt_interval=0",
-                                   "train.sample_interval=0"])
+                                   "train.sample_interval=0"] + plan)
     tr = Trainer(cfg, str(tmp_path / "run"))
     it = iter(tr.loader)
     data_absmax = max(float(next(it)[0].abs().max()) for _ in range(32))
