@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -34,7 +34,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.harness import RESULTS_DIR, write_results  # noqa: E402
-from benchmarks.quality_assets import VAE_DIR, VAE_KW, _to_tensor, recon_psnr, train_vae  # noqa: E402
+from benchmarks.quality_assets import VAE_DIR, VAE_KW, encode_means, recon_psnr, train_vae  # noqa: E402
 from lct_fast.quality.metrics import tail_stats  # noqa: E402
 from lct_fast.quality.patches import PatchSpec, ensure_patches  # noqa: E402
 
@@ -54,7 +54,6 @@ class Variant:
     """Patch side (pixels): the latent map is patch / 4 on a side."""
     share: float = 1.0
     """Its share of the training budget (--minutes), relative to the other trained variants."""
-    extra: dict = field(default_factory=dict)
 
 
 VARIANTS = {
@@ -76,16 +75,9 @@ def patch_set(patch: int, quick: bool) -> dict[str, np.ndarray]:
     return data
 
 
-@torch.no_grad()
-def latents(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    return torch.cat([vae.encode(_to_tensor(images[s:s + batch])).latent_dist.mean
-                      for s in range(0, len(images), batch)]).numpy()
-
-
 def steps_for(seconds: float, vae_kw: dict, train: np.ndarray, batch: int = 64) -> int:
     """Training steps that fit ``seconds``, from the time of 5 steps (after 2 warm-up steps)."""
-    probe = train_vae(train, 2, batch=batch, vae_kw=vae_kw)  # warm-up: allocator, kernels
-    del probe
+    train_vae(train, 2, batch=batch, vae_kw=vae_kw)  # warm-up: allocator, kernels
     t0 = time.perf_counter()
     train_vae(train, 5, batch=batch, vae_kw=vae_kw)
     per_step = (time.perf_counter() - t0) / 5
@@ -141,11 +133,11 @@ def main(argv=None) -> int:
             if args.save:
                 vae.save_pretrained(os.path.join(args.save, name), safe_serialization=True)
         seconds = time.perf_counter() - t0
-        z = latents(vae, data["train_images"])
+        z = encode_means(vae, data["train_images"]).numpy()
         row = summary(name, v, z, recon_psnr(vae, data["test_images"]), steps, seconds)
         print(row, flush=True)
         table.append(row)
-    table.append({k: FIG1.get(k, "") for k in table[0]} | FIG1)
+    table.append({k: FIG1.get(k, "") for k in table[0]})
     notes = ("Tail statistics of standardised latents (per channel: quartiles are the median over channels, "
              "min / max the extremes over channels, kurtosis the worst channel; 'diff' = vertical neighbour "
              "differences, what a temporal difference between nearby latents sees), over all eight photographs' "

@@ -85,9 +85,14 @@ def train_vae(train: np.ndarray, steps: int, batch: int = 64, lr: float = 1e-3, 
 
 
 @torch.no_grad()
+def encode_means(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """The posterior means of uint8 images [N, H, W, 3], encoded in batches."""
+    return torch.cat([vae.encode(_to_tensor(images[s:s + batch])).latent_dist.mean
+                      for s in range(0, len(images), batch)])
+
+
 def latent_std(vae, images: np.ndarray, batch: int = 256) -> float:
-    zs = [vae.encode(_to_tensor(images[s:s + batch])).latent_dist.mean for s in range(0, len(images), batch)]
-    return float(torch.cat(zs).std())
+    return float(encode_means(vae, images, batch).std())
 
 
 @torch.no_grad()
