@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: this Python)")
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="sweep on CPU: cap each point's address space (RLIMIT_AS) to emulate a smaller machine")
+    p.add_argument("--skip-above-gb", type=float, default=None,
+                   help="sweep: skip (do not launch) points whose predicted bytes per rank -- ZeRO state plus the "
+                        "activation model's peak -- exceed this (default: the GPU's memory on a CUDA host, no "
+                        "skipping on CPU; 0 disables)")
     p.add_argument("--point-timeout", type=float, default=None, help="sweep: seconds per point before it is "
                                                                         "recorded as timeout")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -101,6 +105,20 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error("--memory-cap-gb is for CPU sweeps: an address-space cap breaks CUDA context creation")
 
 
+def launcher_world_size(launcher: list) -> int:
+    """Ranks a sweep launcher starts: torchrun's --nproc_per_node x --nnodes (its upper bound for MIN:MAX),
+    the deepspeed launcher's --num_gpus x --num_nodes; 1 for plain Python."""
+    def value(*names: str) -> int:
+        for i, a in enumerate(launcher):
+            for n in names:
+                v = a.split("=", 1)[1] if a.startswith(n + "=") else (launcher[i + 1] if a == n and
+                                                                       i + 1 < len(launcher) else None)
+                if v is not None and v.split(":")[-1].isdigit():
+                    return int(v.split(":")[-1])
+        return 1
+    return value("--nproc_per_node", "--nproc-per-node", "--num_gpus") * value("--nnodes", "--num_nodes")
+
+
 def _write_json(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -119,8 +137,14 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.synthetic_data:
         argv += ["--synthetic-data"]
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    skip = args.skip_above_gb
+    if skip is None:
+        import torch
+
+        skip = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
     rows = run_sweep(args.config, args.sweep, args.overrides, args.out, profile_argv=argv, launcher=launcher,
-                     memory_cap_gb=args.memory_cap_gb, timeout_s=args.point_timeout,
+                     memory_cap_gb=args.memory_cap_gb, timeout_s=args.point_timeout, skip_above_gb=skip or None,
+                     world_size=launcher_world_size(launcher),
                      log=lambda m: print(m, file=sys.stderr, flush=True))
     with open(os.path.join(args.out, "sweep.md")) as f:
         print(f.read())

@@ -531,6 +531,10 @@ class TrainConfig:
     """fp32 | bf16: bf16 autocast over fp32 weights (so method.sct.jvp_dtype=fp32 really runs the JVP in
     fp32, and the EMA tracks fp32 weights). deepspeed.bf16.enabled=true instead stores bf16 weights
     (less memory; the JVP then runs in bf16)."""
+    tf32: bool = True
+    """On CUDA, let the fp32 matrix products (an fp32 run, the fp32 JVP pass, the OT cost) use TF32 tensor
+    cores: inputs rounded to a 10-bit mantissa, fp32 accumulation, 7.4x plain fp32's peak on an H100/H200.
+    PyTorch's own default is off. No effect on CPU."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (written into deepspeed.gradient_clipping; 0 disables)."""
     max_bad_steps: int = 10
@@ -783,6 +787,7 @@ def _read_preset(path: str, chain: tuple[str, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     chain += (path,)
+    raw.pop(DERIVED_KEY, None)  # a run's config.json read back: what the trainer derived is not a setting
     name = raw.pop("extends", None)
     if name is None:
         return raw
@@ -816,11 +821,20 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str) -> None:
-    """Write the fully resolved config (every field, defaults included) as JSON, atomically."""
+#: Top-level key of a run's config.json for what the trainer derived from the settings (the precision plan);
+#: informational, dropped when the file is loaded again.
+DERIVED_KEY = "derived"
+
+
+def save_config(cfg: Config, path: str, derived: dict | None = None) -> None:
+    """Write the fully resolved config (every field, defaults included) as JSON, atomically; ``derived``, when
+    given, goes under :data:`DERIVED_KEY`."""
+    out = config_to_dict(cfg)
+    if derived:
+        out[DERIVED_KEY] = derived
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config_to_dict(cfg), f, indent=2, sort_keys=False)
+        json.dump(out, f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
 

@@ -37,7 +37,9 @@ import torch
 
 from .config import Config, ConfigError, load_config
 from .flops import PEAK_TFLOPS, FlopCounter, dit_forward_flops, dit_jvp_flops, peak_tflops
-from .profiling import UNTRACKED, PhaseTimer, phase
+from .memory import SavedTensorMeter, activation_model, expected_state_bytes, predicted_bytes  # noqa: F401
+from .precision import precision_plan, tf32_allowed  # noqa: F401 (precision_plan: part of this API)
+from .profiling import UNTRACKED, PhaseTimer, current_phase, phase
 
 __all__ = ["ProfileOptions", "profile_trainer", "summarise", "format_table", "expected_state_bytes",
            "SWEEP_ALIASES", "parse_sweep", "sweep_points", "run_sweep", "classify_exit", "profile_overrides",
@@ -110,25 +112,6 @@ def profile_overrides(cfg_path: str, user: Sequence[str], synthetic_data: bool =
 
 
 # ------------------------------------------------------------------------------------------- memory
-def expected_state_bytes(num_params: int, *, stage: int, world: int, bf16_weights: bool, num_emas: int,
-                         optimizer_states: int = 2, teacher_params: int = 0) -> Dict[str, float]:
-    """Bytes per rank of the training state ZeRO partitions: weights, gradients, optimizer (+ fp32 master
-    weights when the weights are bf16), and our fp32 EMAs (which live on the partitions under ZeRO-3); for sCD
-    also the frozen fp32 teacher (weights only, partitioned under ZeRO-3 like the student's).
-
-    Stage 1 partitions the optimizer state, 2 also the gradients, 3 also the weights (ZeRO paper, Fig. 1)."""
-    w = 2 if bf16_weights else 4
-    part = lambda on: 1.0 / world if on else 1.0  # noqa: E731
-    out = {"weights": num_params * w * part(stage >= 3),
-           "gradients": num_params * w * part(stage >= 2),
-           "optimizer": num_params * (4 * optimizer_states + (4 if bf16_weights else 0)) * part(stage >= 1),
-           "ema": num_params * 4 * num_emas * part(stage >= 3)}
-    if teacher_params:
-        out["teacher"] = teacher_params * 4 * part(stage >= 3)
-    out["total"] = sum(out.values())
-    return out
-
-
 def _memory(device: torch.device) -> Dict[str, float]:
     if device.type == "cuda":
         return {"peak_allocated_bytes": float(torch.cuda.max_memory_allocated(device)),
@@ -186,25 +169,7 @@ def matmul_precision(cfg: Config, device: str = "") -> str:
     else fp32. (An fp32 JVP pass inside a bf16 run is measured against the bf16 peak: the table says so.)"""
     if cfg.train.precision == "bf16":
         return "bf16"
-    return "tf32" if device_is_gpu(device) and torch.backends.cuda.matmul.allow_tf32 else "fp32"
-
-
-def precision_plan(cfg: Config, tf32: Optional[bool] = None) -> Dict[str, str]:
-    """The dtype each model phase's matrix products run in on a GPU under the run's config (not what CPU
-    autocast did): ``bf16`` under ``train.precision = bf16`` or bf16 weights; the JVP pass and an sCD teacher's
-    forward in ``method.sct.jvp_dtype`` (sct.py ``_jvp_precision``; fp32 there is the ambient precision when the
-    weights are bf16); the OT cost always in fp32 (ot.py turns autocast off). An fp32 product is ``tf32`` where
-    TF32 is allowed: ``train.tf32`` when the config has it, else PyTorch's default (off)."""
-    tf32 = bool(getattr(cfg.train, "tf32", False)) if tf32 is None else tf32
-    full = "tf32" if tf32 else "fp32"
-    bf16_weights = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
-    base = "bf16" if cfg.train.precision == "bf16" or bf16_weights else full
-    plan = {name: base for name in STEP_PHASES if name not in NON_MODEL_PHASES and name != UNTRACKED}
-    plan["ot"] = full
-    if cfg.method.name in ("sct", "scd"):
-        jvp = "bf16" if cfg.method.sct.jvp_dtype in ("bf16", "fp16") or bf16_weights else full
-        plan["jvp"] = plan["teacher_forward"] = jvp
-    return plan
+    return "tf32" if device_is_gpu(device) and tf32_allowed() else "fp32"
 
 
 def ceiling(flops_by_phase: Dict[str, float], plan: Dict[str, str]) -> Dict[str, Dict[str, float]]:
@@ -256,9 +221,13 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
                 with timer.step():
                     trainer.iteration(st)
             if opts.count_flops:
-                with timer.step(), FlopCounter() as fc:
+                # The counted step also meters what autograd saves for backward, by phase (the activation
+                # memory the model in lct_fast.memory predicts; parameters left out, they are state).
+                meter = SavedTensorMeter(trainer.target_net.parameters(), phase_of=current_phase)
+                with timer.step(), FlopCounter() as fc, meter.active():
                     trainer.iteration(st)
                 out["flops"], out["wasted_flops"] = dict(fc.flops), dict(fc.wasted)
+                out["saved_bytes_by_phase"] = {str(k): v for k, v in meter.by_phase.items()}
             timer.steps.clear()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)  # steady state: weights, optimizer state, activations
@@ -398,6 +367,18 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         out["mfu"] = model_tf / (peak * world) if peak else None
         out["precision_plan"] = precision_plan(cfg)
         out["ceiling"] = ceiling(fl0, out["precision_plan"])
+    chosen = {part.split()[0] for part in trainer_info.get("backends", {}).get("attention", "").split("; ") if part}
+    fused = bool(chosen & {"triton", "cuda"})  # the JVP pass's attention without the L x L reference arrays
+    model = activation_model(cfg, int(trainer_info.get("micro_batch", 0)) or gb // world, attention_fused=fused)
+    saved = ranks[0].get("saved_bytes_by_phase")
+    out["activations"] = {
+        "model": model,
+        # what the counted step's forward passes kept for backward on rank 0 (the recompute of activation
+        # checkpointing happens inside the backward and is not in it)
+        "measured_saved_bytes": None if saved is None else sum(v for k, v in saved.items()
+                                                             if k not in ("backward", "recompute")),
+        "measured_saved_bytes_by_phase": saved,
+    }
     return out
 
 
@@ -506,6 +487,23 @@ def format_table(rec: Dict[str, Any]) -> str:
              f"(weights {_fmt_bytes(exp['weights'])}, gradients {_fmt_bytes(exp['gradients'])}, optimizer "
              f"{_fmt_bytes(exp['optimizer'])}, EMA {_fmt_bytes(exp['ema'])}"
              + (f", frozen teacher {_fmt_bytes(exp['teacher'])}" if "teacher" in exp else "") + ")")
+    act = rec.get("activations") or {}
+    if act.get("model") or act.get("measured_saved_bytes") is not None:
+        m, got = act.get("model"), act.get("measured_saved_bytes")
+        line = f"activations (rank 0, micro-batch {rec.get('micro_batch')}): "
+        if m:
+            line += (f"model saved {_fmt_bytes(m['saved'] + m['weight_copies'])} (autocast weight copies "
+                     f"{_fmt_bytes(m['weight_copies'])})" + (f", + {_fmt_bytes(m['recompute'])} while a block is "
+                                                             "recomputed" if m["recompute"] else "")
+                     + (f", JVP pass transient ~{_fmt_bytes(m['jvp_transient'])}" if m["jvp_transient"] else "")
+                     + f", peak {_fmt_bytes(m['peak'])}")
+        else:
+            line += "no model for this backbone"
+        if got is not None:
+            line += f"; measured saved for backward {_fmt_bytes(got)}"
+            if m:
+                line += f" (model / measured {(m['saved'] + m['weight_copies']) / got:.2f})" if got else ""
+        L.append(line)
     L.append("kernels: " + "; ".join(f"{k} {v}" for k, v in rec["backends"].items()))
     return "\n".join(L)
 
@@ -638,11 +636,13 @@ def _point_dir(out_dir: str, label: Dict[str, Any]) -> str:
 
 def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequence[str], out_dir: str, *,
               profile_argv: Sequence[str], launcher: Sequence[str], memory_cap_gb: Optional[float] = None,
-              timeout_s: Optional[float] = None,
+              timeout_s: Optional[float] = None, skip_above_gb: Optional[float] = None, world_size: int = 1,
               runner: Optional[Callable[..., subprocess.CompletedProcess]] = None,
               log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Run every sweep point as ``launcher + [launch/profile.py, ...]`` in a fresh process; write
-    ``sweep.csv``, ``sweep.md`` and ``sweep.png`` in ``out_dir``; return the rows."""
+    ``sweep.csv``, ``sweep.md`` and ``sweep.png`` in ``out_dir``; return the rows. A point whose predicted
+    bytes per rank (:func:`lct_fast.memory.predicted_bytes` on ``world_size`` ranks) exceed ``skip_above_gb``
+    is a ``skipped`` row, never launched."""
     sweep = parse_sweep(sweep_items)
     points = sweep_points(cfg_path, sweep, base_overrides)
     os.makedirs(out_dir, exist_ok=True)
@@ -658,6 +658,21 @@ def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequenc
         cmd = list(launcher) + [script, "--config", cfg_path] + sum((["--set", s] for s in base_overrides), []) \
             + sum((["--set", s] for s in pt["sets"]), []) + list(profile_argv) + ["--out", pdir]
         log(f"sweep [{i + 1}/{len(points)}] {pt['label']}: {shlex.join(cmd)}")
+        try:
+            pred = predicted_bytes(load_config(cfg_path, list(base_overrides) + pt["sets"]), pt["params"], world_size)
+        except ConfigError:  # a batch layout the launcher's world size cannot meet: the point says so itself
+            pred = None
+        if pred and skip_above_gb and pred["total"] > skip_above_gb * 2 ** 30:
+            row = {**pt["label"], "params": pt["params"], "status": "skipped",
+                   "predicted_gib": pred["total"] / 2 ** 30,
+                   "detail": f"predicted {pred['total'] / 2 ** 30:.1f} GiB per rank on {world_size} rank(s) "
+                             f"(state {pred['state'] / 2 ** 30:.1f}, activations {pred['activations'] / 2 ** 30:.1f}"
+                             f"{'' if pred['activations_modelled'] else ' (not modelled for this backbone)'}) "
+                             f"> {skip_above_gb:g} GiB"}
+            log(f"  -> skipped: {row['detail']}")
+            rows.append(row)
+            write_sweep(rows, out_dir, sweep, cfg_path=cfg_path, command=" ".join(sys.argv))
+            continue
         preexec = None
         if memory_cap_gb:
             cap = int(memory_cap_gb * 2 ** 30)
@@ -674,7 +689,8 @@ def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequenc
             status, detail = "timeout", err
         else:
             status, detail = classify_exit(rc, rec, err[-4000:])
-        row = {**pt["label"], "params": pt["params"], "status": status}
+        row = {**pt["label"], "params": pt["params"], "status": status,
+               "predicted_gib": pred["total"] / 2 ** 30 if pred else None}
         if status == "ok" and "per_rank" not in rec:
             status, detail = "error", "the point's profile.json is incomplete"
         if status == "ok":
@@ -706,7 +722,7 @@ def _kernel_ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 _ROW_FIGURES = ("params", "status", "samples_per_s", "step_ms", "model_tflops_per_s", "mfu", "peak_mem_gib",
-                "expected_state_gib", "micro_batch_used", "world_size", "detail")
+                "expected_state_gib", "predicted_gib", "micro_batch_used", "world_size", "detail")
 
 
 def write_sweep(rows: List[Dict[str, Any]], out_dir: str, sweep, *, cfg_path: str, command: str) -> List[str]:

@@ -27,6 +27,7 @@ from .distributed import DistEnv, init_distributed
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
+from .precision import precision_plan, set_tf32
 from .profiling import phase
 from .sample import save_latent_grid
 from .seeding import derive_seed
@@ -188,7 +189,10 @@ class Trainer:
         d = self.dist
         if d.is_main:
             os.makedirs(run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(run_dir, "config.json"))
+            # The plan is the GPU's (what each phase's products run in there), also on a CPU run: it is what
+            # the config asks for, and what the profile's ceiling is computed from.
+            save_config(cfg, os.path.join(run_dir, "config.json"),
+                        derived={"precision_plan": precision_plan(cfg)})
         torch.distributed.barrier()
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
 
@@ -255,6 +259,8 @@ class Trainer:
         self.last_eval: dict = {}
         self.autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                          else contextlib.nullcontext())
+        if d.device.type == "cuda":
+            set_tf32(cfg.train.tf32)
 
     def _make_loader(self):
         """This rank's stream (``data.reader``), positioned after the samples already seen (exact resume)."""
@@ -470,8 +476,9 @@ class Trainer:
         if max_samples is not None:
             total = min(total, max_samples)
         if d.is_main:
+            threads = f" ({d.threads} CPU threads per rank)" if d.device.type == "cpu" and d.threads else ""
             print(f"lct_fast: {cfg.name}: {cfg.model.arch} with {self.num_params:,} parameters, method "
-                  f"{cfg.method.name}, world size {d.world_size}, micro-batch {self.micro_batch} x "
+                  f"{cfg.method.name}, world size {d.world_size}{threads}, micro-batch {self.micro_batch} x "
                   f"{self.grad_accum} accumulation, {total:,} samples", file=sys.stderr)
         if self.loader.start_sample != self.samples // d.world_size:
             self.loader = self._make_loader()  # a second run() continues where the first stopped

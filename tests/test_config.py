@@ -116,6 +116,10 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(str(out))
     assert config_to_dict(again) == config_to_dict(cfg)
     assert isinstance(again, Config) and again.optim.lr == 3e-4
+    # what the trainer derived (the precision plan) is written beside the settings and ignored on load
+    save_config(cfg, str(out), derived={"precision_plan": {"jvp": "tf32"}})
+    assert json.loads(out.read_text())["derived"] == {"precision_plan": {"jvp": "tf32"}}
+    assert config_to_dict(load_config(str(out))) == config_to_dict(cfg)
 
 
 def test_ablation_presets_follow_table_2a():

@@ -75,7 +75,8 @@ OPS = {
 
 
 # measured (torch 2.14 CPU), ours / PyTorch's: linear and conv2d 0.29 % / 0.29 %, nsln 0.24 / 0.37 %,
-# nsln_modulate 0.26 / 0.44 %, attention 0.64 / 0.39 % (autocast runs the reference's fp32 matmuls in bf16)
+# nsln_modulate 0.26 / 0.44 %, attention 0.39 / 0.39 % (0.64 % while autocast lowered the reference's fp32
+# products to bf16)
 @pytest.mark.parametrize("name", list(OPS))
 def test_op_bf16_tangent_within_twice_pytorchs_error(name):
     ours, theirs, shapes, const_shapes = OPS[name]

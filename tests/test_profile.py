@@ -163,11 +163,11 @@ def test_breakdown_returns_injected_phase_times(tmp_path, monkeypatch, method):
     assert rec["phase_sum_ms"] == pytest.approx(rec["rank0_step_mean_ms"], rel=1e-9)
     assert rec["samples_per_s"] == pytest.approx(cfg.train.global_batch / (sum(expect.values())))
     assert rec["mfu"] is None  # no peak known for a CPU
-    # ... but the ceiling is known for every GPU of the table, from the config's plan (fp32 here)
-    assert rec["precision_plan"]["online_forward"] == "fp32" and rec["ceiling"]["H200"]["mfu"] == pytest.approx(
-        66.9 / 989.0)
+    # ... but the ceiling is known for every GPU of the table, from the config's plan (fp32 products, TF32 on)
+    assert rec["precision_plan"]["online_forward"] == "tf32" and rec["ceiling"]["H200"]["mfu"] == pytest.approx(
+        494.7 / 989.0)
     model_flops = sum(fl.values())
-    assert rec["ceiling"]["H200"]["step_ms_at_peak"] == pytest.approx(model_flops / 66.9e12 * 1e3)
+    assert rec["ceiling"]["H200"]["step_ms_at_peak"] == pytest.approx(model_flops / 494.7e12 * 1e3)
     assert rec["flops"]["forward_per_sample"] == pytest.approx(fl["online_forward"] / (cfg.train.global_batch), rel=1e-6)
 
 
@@ -188,18 +188,22 @@ def test_ceiling_matches_the_closed_form():
 
 
 @pytest.mark.parametrize("sets, jvp, rest", [
-    ([], "fp32", "bf16"),                                   # today's GPU presets: bf16 step, fp32 JVP
+    (["method.sct.jvp_dtype=fp32", "train.tf32=false"], "fp32", "bf16"),   # bf16 step, fp32 JVP as PyTorch runs it
+    (["method.sct.jvp_dtype=fp32"], "tf32", "bf16"),
     (["method.sct.jvp_dtype=bf16"], "bf16", "bf16"),
-    (["train.precision=fp32"], "fp32", "fp32"),
-    (["train.precision=fp32", "method.sct.jvp_dtype=bf16"], "bf16", "fp32"),
+    (["train.precision=fp32", "method.sct.jvp_dtype=fp32"], "tf32", "tf32"),
+    (["train.precision=fp32", "method.sct.jvp_dtype=bf16", "train.tf32=false"], "bf16", "fp32"),
 ])
 def test_precision_plan_follows_the_config(sets, jvp, rest):
-    from lct_fast.throughput import precision_plan
+    from lct_fast.precision import PLAN_PHASES
+    from lct_fast.throughput import NON_MODEL_PHASES, STEP_PHASES, precision_plan
 
-    plan = precision_plan(load_config("s", sets))
+    cfg = load_config("s", sets)
+    plan = precision_plan(cfg)
+    assert set(plan) == set(PLAN_PHASES) == set(STEP_PHASES) - set(NON_MODEL_PHASES) - {UNTRACKED}
     assert (plan["jvp"], plan["teacher_forward"], plan["online_forward"], plan["backward"]) == (jvp, jvp, rest, rest)
-    assert plan["ot"] == "fp32"                              # the OT cost never runs under autocast
-    assert precision_plan(load_config("s", sets), tf32=True)["ot"] == "tf32"
+    assert plan["ot"] == ("tf32" if cfg.train.tf32 else "fp32")  # the OT cost never runs under autocast
+    assert precision_plan(cfg, tf32=True)["ot"] == "tf32" and precision_plan(cfg, tf32=False)["ot"] == "fp32"
 
 
 # --------------------------------------------------------------------------------- memory model
@@ -283,6 +287,47 @@ def test_sweep_records_oom_and_errors_without_failing(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
+def test_sweep_skips_points_predicted_not_to_fit(tmp_path):
+    """A point whose ZeRO state plus modelled activations exceed the budget is a row, never a process."""
+    from lct_fast.memory import predicted_bytes
+    from lct_fast.models import count_parameters
+
+    launched = []
+
+    def fake_runner(cmd, **kw):
+        launched.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nRuntimeError: not this one")
+
+    small, big = (predicted_bytes(load_config("s", [f"model.size={z}"]), count_parameters(load_config(
+        "s", [f"model.size={z}"]).model), 1)["total"] / 2 ** 30 for z in ("S", "XL"))
+    budget = (small + big) / 2
+    rows = run_sweep("s", ["size=s,xl"], [], str(tmp_path), profile_argv=["--steps", "1"], launcher=[sys.executable],
+                     runner=fake_runner, log=lambda m: None, skip_above_gb=budget)
+    assert len(launched) == 1 and "model.size=S" in launched[0]
+    assert [r["status"] for r in rows] == ["error", "skipped"]
+    assert rows[1]["predicted_gib"] == pytest.approx(big) and f"> {budget:g} GiB" in rows[1]["detail"]
+    assert "skipped" in (tmp_path / "sweep.md").read_text()
+    # the prediction per rank falls with ZeRO-3 over more ranks (the state is partitioned)
+    z3 = load_config("s", ["model.size=XL", "deepspeed.zero_optimization.stage=3", "train.global_batch=64",
+                           "train.micro_batch=8"])
+    n = count_parameters(z3.model)
+    assert predicted_bytes(z3, n, 8)["state"] == pytest.approx(predicted_bytes(z3, n, 1)["state"] / 8)
+
+
+def test_launcher_world_size():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lct_profile_cli", PROFILE)  # not the standard `profile`
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    launcher_world_size = cli.launcher_world_size
+
+    assert launcher_world_size([sys.executable]) == 1
+    assert launcher_world_size(["torchrun", "--nproc_per_node", "8"]) == 8
+    assert launcher_world_size(["torchrun", "--nnodes=1:4", "--nproc-per-node=8"]) == 32
+    assert launcher_world_size(["deepspeed", "--num_gpus", "4", "--num_nodes", "2"]) == 8
+
+
 # ----------------------------------------------------------------------------- the command line
 def _env():
     env = {k: v for k, v in os.environ.items()
@@ -349,6 +394,13 @@ def test_two_ranks_profile(two_rank_runs, method, stage):
     assert exp["weights"] == pytest.approx(rec["params"] * 4 / (2 if stage == 3 else 1))
     assert "attention" in rec["backends"] and "ot" in rec["backends"]
     assert "phase" in stdout and "samples/s" in stdout and "MFU n/a" in stdout
+    # the activation model against what the step's forward really saved (ZeRO-3's gathered weights are fresh
+    # tensors, saved too); the stop-gradient and JVP passes save nothing
+    act = rec["activations"]
+    assert set(act["measured_saved_bytes_by_phase"]) <= {"online_forward", "loss"}
+    if stage == 0:  # 0.92-0.93 measured at 16 tokens: the model leaves out the per-sample adaLN vectors
+        assert 0.85 < act["model"]["saved"] / act["measured_saved_bytes"] <= 1.0
+    assert "activations (rank 0" in stdout
 
 
 def test_zero3_counts_the_same_flops_as_zero0(two_rank_runs):

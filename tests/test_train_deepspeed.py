@@ -17,8 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.distributed
 
 
-def launch(script_and_args, timeout=600):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+def launch(script_and_args, timeout=600, threads="1"):
+    """``threads`` None leaves OMP_NUM_THREADS unset, so each rank picks its own share of the cores."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, OMP_NUM_THREADS=threads or "")
+    if threads is None:
+        del env["OMP_NUM_THREADS"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            *script_and_args]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -30,8 +33,11 @@ def test_tiny_preset_two_ranks_end_to_end(tmp_path):
             "train.sample_interval=32", "train.ckpt_interval=0", "optim.warmup_samples=0",
             "deepspeed.zero_optimization.stage=2", "method.ot.method=sinkhorn", "method.ot.global_coupling=true"]
     proc = launch(["launch/train.py", "--config", "configs/tiny.json", "--out", run,
-                   *[a for s in sets for a in ("--set", s)]])
+                   *[a for s in sets for a in ("--set", s)]], threads=None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Without OMP_NUM_THREADS each of the 2 ranks takes half of the cores it may run on (not all of them).
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"({share} CPU threads per rank)" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["samples"] for r in rows] == [16, 32]  # rank 0 alone writes
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -68,5 +74,9 @@ def test_torchrun_launch_and_bf16(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["step_applied"] == 1.0 for r in rows)
     resolved = json.load(open(os.path.join(run, "config.json")))
     assert resolved["train"]["precision"] == "bf16"
+    # the GPU precision plan this config asks for: bf16 products, the JVP in method.sct.jvp_dtype
+    jvp = {"fp32": "tf32" if resolved["train"]["tf32"] else "fp32"}.get(resolved["method"]["sct"]["jvp_dtype"], "bf16")
+    assert resolved["derived"]["precision_plan"]["online_forward"] == "bf16"
+    assert resolved["derived"]["precision_plan"]["jvp"] == jvp
     clients = glob.glob(os.path.join(run, "checkpoints", "samples-000000000016", "client-rank*.pt"))
     assert len(clients) == 2

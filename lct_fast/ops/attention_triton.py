@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..precision import tf32_allowed
 from .dispatch import autotune, interpreting
 
 LOG2E = 1.4426950408889634
@@ -309,21 +310,10 @@ def _strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _tf32_allowed() -> bool:
-    """Whether the user allowed TF32 for fp32 matmuls, through either of torch's two APIs."""
-    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
-    if prec in ("tf32", "ieee"):
-        return prec == "tf32"
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # torch refuses the legacy flag once the two APIs were mixed
-        return False
-
-
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 dots unless the user allowed TF32 for matmuls (as cuBLAS would).
     16-bit inputs: the backend default ("tf32", meaning plain tensor-core MMA for fp16/bf16)."""
-    if dtype == torch.float32 and not _tf32_allowed():
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

@@ -1,0 +1,63 @@
+"""TF32 for the fp32 products, read and set through one place (a leaf module: torch only).
+
+torch >= 2.9 has two APIs for it (``fp32_precision`` and the legacy ``allow_tf32`` flags) and raises once
+they are mixed, so everything of ours uses the new one where it exists. TF32 rounds the product inputs to a
+10-bit mantissa (about bf16's 8 bits plus two) and keeps fp32 accumulation; on an H100/H200 it runs at half
+the bf16 tensor-core rate against 1/15 of it for plain fp32 (lct_fast.flops.PEAK_TFLOPS).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["PLAN_PHASES", "precision_plan", "tf32_allowed", "set_tf32"]
+
+#: The step's phases that do model work (lct_fast.throughput.STEP_PHASES less the diagnostics, the recompute
+#: of activation checkpointing and untracked time): the keys of a precision plan.
+PLAN_PHASES = ("data", "ot", "teacher_forward", "target_forward", "jvp", "online_forward", "loss", "backward",
+               "optimizer", "ema")
+
+
+def tf32_allowed() -> bool:
+    """Whether fp32 matmuls may run as TF32 on CUDA (set by :func:`set_tf32` or by the user, either API)."""
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch refuses the legacy flag once the two APIs were mixed
+        return False
+
+
+def set_tf32(enabled: bool) -> None:
+    """Allow (or forbid) TF32 for fp32 matmuls and cuDNN convolutions on CUDA; no effect on CPU math."""
+    value = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = value
+        torch.backends.cudnn.conv.fp32_precision = value
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def precision_plan(cfg: "Config", tf32: Optional[bool] = None) -> Dict[str, str]:
+    """The dtype each phase's matrix products run in on a GPU under the run's config (not what CPU autocast
+    did): ``bf16`` under ``train.precision = bf16`` or bf16 weights; the JVP pass and an sCD teacher's forward
+    in ``method.sct.jvp_dtype`` (sct.py ``_jvp_precision``; fp32 there is the ambient precision when the
+    weights are bf16); the OT cost always in full precision (ot.py turns autocast off). A full-precision
+    product is ``tf32`` where TF32 is allowed (``train.tf32``, or the ``tf32`` argument), else ``fp32``."""
+    tf32 = cfg.train.tf32 if tf32 is None else tf32
+    full = "tf32" if tf32 else "fp32"
+    bf16_weights = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
+    base = "bf16" if cfg.train.precision == "bf16" or bf16_weights else full
+    plan = {name: base for name in PLAN_PHASES}
+    plan["ot"] = full
+    if cfg.method.name in ("sct", "scd"):
+        jvp = "bf16" if cfg.method.sct.jvp_dtype in ("bf16", "fp16") or bf16_weights else full
+        plan["jvp"] = plan["teacher_forward"] = jvp
+    return plan
