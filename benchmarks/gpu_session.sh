@@ -60,19 +60,25 @@ run_bench() {  # $1: nsln | attention | ot
 
 run_profile() {
   # The trainer's own step on one GPU (embedded data shaped like the model, 64x64x4 latents). Each sweep
-  # point is a fresh process; an OOM is a row of the table. ~6 min: 2 kernel points + 8 size/ZeRO points.
+  # point is a fresh process; an OOM is a row of the table. ~8 min: 4 plan points, 2 kernel points and 8
+  # size/ZeRO points.
   ls lct_fast/_C*.so >/dev/null 2>&1 || build
   local tag day common
   tag=$(python3 -c "from benchmarks.harness import machine_tag; print(machine_tag())")
   day=$(date -u +%Y%m%d)
   common=(--synthetic-data --set train.global_batch=32 --steps "${PROFILE_STEPS:-5}" --warmup 2 --point-timeout 240)
+  # the precision plan first: eager with the JVP in fp32 (the presets' default today) against compiled
+  # blocks with the JVP in bf16, and the two mixed points between them (compile alone, bf16 JVP alone)
+  python3 launch/profile.py --config configs/b.json "${common[@]}" --set train.micro_batch=32 \
+    --sweep train.compile=false,true method.sct.jvp_dtype=fp32,bf16 --out "$out/profile-plan" 2>&1 \
+    | tee "$out/profile_plan.log"
   python3 launch/profile.py --config configs/b.json "${common[@]}" --set train.micro_batch=32 \
     --sweep kernels=reference,fused --out "$out/profile-kernels" 2>&1 | tee "$out/profile_kernels.log"
   # shellcheck disable=SC2086
   python3 launch/profile.py --config configs/b.json "${common[@]}" \
     --sweep ${PROFILE_SWEEP:-size=b,l,xl,xxl zero=1,3 micro_batch=32} --out "$out/profile-sweep" 2>&1 \
     | tee "$out/profile_sweep.log"
-  for d in kernels sweep; do
+  for d in plan kernels sweep; do
     for ext in md csv png; do
       [ -f "$out/profile-$d/sweep.$ext" ] && cp "$out/profile-$d/sweep.$ext" "benchmarks/results/profile-$d-$tag-$day.$ext"
     done

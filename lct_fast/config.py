@@ -535,6 +535,11 @@ class TrainConfig:
     """On CUDA, let the fp32 matrix products (an fp32 run, the fp32 JVP pass, the OT cost) use TF32 tensor
     cores: inputs rounded to a 10-bit mantissa, fp32 accumulation, 7.4x plain fp32's peak on an H100/H200.
     PyTorch's own default is off. No effect on CPU."""
+    compile: bool = False
+    """torch.compile each backbone block (DiT blocks, UNet encoder/decoder blocks; torchtitan's unit) for the
+    online forward and backward, under every ZeRO stage (compiled before DeepSpeed wraps the module, so
+    ZeRO-3's gather hooks run at the block boundaries). The JVP pass runs the same blocks eagerly:
+    inductor has no forward-mode AD. The profile counts and names the graph breaks."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (written into deepspeed.gradient_clipping; 0 disables)."""
     max_bad_steps: int = 10

@@ -132,7 +132,8 @@ def _zero3_hooks(offload: Any) -> Any:
 
 
 def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
-         lr_scheduler: Optional[Callable[..., Any]] = None, frozen: Optional[torch.nn.Module] = None) -> Wrapped:
+         lr_scheduler: Optional[Callable[..., Any]] = None, frozen: Optional[torch.nn.Module] = None,
+         compile: bool = False) -> Wrapped:
     """``deepspeed.initialize`` of ``module``/``optimizer`` with ``ds_config`` (from ``Config.deepspeed_config``),
     plus the stop-gradient view and, under ZeRO-3, our own step boundary for the prefetcher. ``frozen``: a
     module without trainable parameters to run beside it (see the module docstring).
@@ -140,8 +141,17 @@ def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: d
     ZeRO-3 prefetches parameters by replaying the module order it recorded over one fwd+bwd; it marks a new
     fwd+bwd on every forward of the root module. Our micro-step runs the root module 0 (sCT: JVP + online pass
     through ``.F``) or 2 (iCT: online + target) times, so that marker never matches a step and the trace stays
-    invalid (no prefetch). :meth:`Wrapped.before_micro_step` marks the boundary instead."""
+    invalid (no prefetch). :meth:`Wrapped.before_micro_step` marks the boundary instead.
+
+    ``compile``: torch.compile each backbone block in place first (``train.compile``; see
+    :func:`lct_fast.models.layers.compile_blocks`). The engine then wraps compiled blocks: its hooks (ZeRO-3's
+    gather/release) stay on the block modules and run at the compiled regions' boundaries."""
     import deepspeed
+
+    if compile:
+        from .models.layers import compile_blocks
+
+        compile_blocks(module)
 
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=ds_config)

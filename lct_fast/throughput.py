@@ -245,11 +245,28 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
             if opts.trace and trace_dir:
                 out["trace"] = _trace(trainer, st, timer, opts.trace_steps, trace_dir)
         out["memory"] = _memory(dev)
+        out["compile"] = compile_report(trainer.cfg)
         if opts.count_flops:
             out["forward_flops_per_sample"] = _forward_flops_per_sample(trainer)
     finally:
         st.log.close()
     return out
+
+
+def compile_report(cfg: Config) -> Dict[str, Any]:
+    """``train.compile`` as it went in this process: the compiled graphs and every graph break, by reason
+    (dynamo's counters; the first line of each reason), and how the JVP pass ran."""
+    if not cfg.train.compile:
+        return {"enabled": False}
+    from torch._dynamo.utils import counters
+
+    breaks: Dict[str, int] = {}
+    for reason, n in counters["graph_break"].items():
+        key = str(reason).strip().splitlines()[0][:160]
+        breaks[key] = breaks.get(key, 0) + n
+    return {"enabled": True, "graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": breaks, "graph_break_count": sum(breaks.values()),
+            "jvp_pass": "eager (inductor has no forward-mode AD)" if cfg.method.name in ("sct", "scd") else None}
 
 
 def measure_step_ms(config: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: int = 3,
@@ -301,7 +318,8 @@ def _stats(values: Sequence[float]) -> Dict[str, float]:
 def _rank_row(rank: Dict[str, Any], steps: List[Dict[str, float]], samples: float) -> Dict[str, Any]:
     st = _stats([x["step"] for x in steps])
     return {"rank": rank["rank"], **{f"step_ms_{k}": v * 1e3 for k, v in st.items()},
-            "samples_per_s": samples / st["median"], "memory": rank.get("memory", {})}
+            "samples_per_s": samples / st["median"], "memory": rank.get("memory", {}),
+            "compile": rank.get("compile", {"enabled": False})}
 
 
 def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, Any]], opts: ProfileOptions,
@@ -504,6 +522,11 @@ def format_table(rec: Dict[str, Any]) -> str:
             if m:
                 line += f" (model / measured {(m['saved'] + m['weight_copies']) / got:.2f})" if got else ""
         L.append(line)
+    comp = rec["per_rank"][0].get("compile") or {}
+    if comp.get("enabled"):
+        L.append(f"compile: {comp['graphs']} graphs, {comp['graph_break_count']} graph breaks"
+                 + (": " + "; ".join(f"{n}x {r}" for r, n in comp["graph_breaks"].items()) if comp["graph_breaks"]
+                    else "") + (f"; JVP pass {comp['jvp_pass']}" if comp.get("jvp_pass") else ""))
     L.append("kernels: " + "; ".join(f"{k} {v}" for k, v in rec["backends"].items()))
     return "\n".join(L)
 

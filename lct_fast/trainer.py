@@ -241,7 +241,7 @@ class Trainer:
                                     total_samples=cfg.train.total_samples)
         self.optimizer = optimizer
         self.parallel = wrap(self.module, optimizer, cfg.deepspeed_config(d.world_size), lr_scheduler=scheduler,
-                             frozen=teacher)
+                             frozen=teacher, compile=cfg.train.compile)
         self.engine, self.target_net = self.parallel.engine, self.parallel.target_net
         self.teacher = self.parallel.frozen  # None unless sCD; under ZeRO-3 partitioned like the student
         self.loss_fn = build_loss(cfg.method, data_dim=data_dim, total_steps=cfg.train.total_steps, coupler=coupler,

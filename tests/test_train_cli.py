@@ -96,12 +96,15 @@ def test_tiny_job_writes_run_directory(tmp_path):
     assert lat.shape == (6, 4, 8, 8) and np.isfinite(lat).all()
 
 
-@pytest.mark.parametrize("preset, ranks, stage", [("tiny", 1, 0), ("tiny_sct", 2, 3)])
-def test_resume_is_exact(tmp_path, preset, ranks, stage):
+@pytest.mark.parametrize("preset, ranks, stage, compiled", [("tiny", 1, 0, False), ("tiny_sct", 2, 3, False),
+                                                            ("tiny_sct", 1, 0, True)])
+def test_resume_is_exact(tmp_path, preset, ranks, stage, compiled):
     """2N steps straight and N + resume + N give identical per-step losses and identical exported EMAs
-    (one rank; and two ranks under ZeRO-3, where optimizer state and EMA are per-rank partitions)."""
+    (one rank; two ranks under ZeRO-3, where optimizer state and EMA are per-rank partitions; and one rank
+    with compiled blocks, train.compile, whose three processes each compile afresh)."""
     common = SMALL + ["train.total_samples=64", "train.ckpt_interval=0", "train.ema.decays=[0.9]",
-                      "train.ema.power_stds=[0.1]", f"deepspeed.zero_optimization.stage={stage}"]
+                      "train.ema.power_stds=[0.1]", f"deepspeed.zero_optimization.stage={stage}",
+                      f"train.compile={str(compiled).lower()}", *(["model.dropout=0.1"] if compiled else [])]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run = lambda *a: train("--config", f"configs/{preset}.json", *a, *sets(common), ranks=ranks)  # noqa: E731
     run("--out", straight)

@@ -62,8 +62,9 @@ def report(tmp_path_factory) -> dict:
     return data
 
 
-def _case(report: dict, method: str, stage: int) -> dict:
-    found = [c for c in report["cases"] if c["method"] == method and c["stage"] == stage]
+def _case(report: dict, method: str, stage: int, compile: bool = False) -> dict:
+    found = [c for c in report["cases"] if c["method"] == method and c["stage"] == stage
+             and c.get("compile", False) == compile]
     if not found:
         pytest.fail(f"no {method}/ZeRO-{stage} result: the launch ended with exit {report['launch']['returncode']} "
                     f"while running {report.get('running')}\n{report['launch']['stderr_tail']}")
@@ -112,11 +113,21 @@ def test_trainer_path_matches_single_process(report: dict, method: str, stage: i
     _assert_parity(_case(report, method, stage), report["tolerances"])
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_compiled_blocks_match_single_process(report: dict, stage: int) -> None:
+    """train.compile (each DiT block through inductor, compiled before DeepSpeed wraps the module) under every
+    ZeRO stage: the same loss, gradients, updates and EMAs as the eager single process, within the eager
+    tolerances; the JVP pass runs the blocks eagerly (sCT's tangent term is live: r > 0)."""
+    case = _case(report, "sct", stage, compile=True)
+    assert case["compile"] is True
+    _assert_parity(case, report["tolerances"])
+
+
 def test_launch_completed(report: dict) -> None:
     """The launch ran every case and exited cleanly (a crash in one case is reported by that case's test)."""
     assert report["complete"] and report["launch"]["returncode"] == 0, (
         f"launch exit {report['launch']['returncode']} while running {report.get('running')}")
-    assert len(report["cases"]) == len(METHODS) * len(STAGES)
+    assert len(report["cases"]) == len(METHODS) * len(STAGES) + len(STAGES)  # + the compiled sct cases
 
 
 def test_zero3_keeps_plain_linear(report: dict) -> None:

@@ -160,6 +160,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer on latents [B, C, H, W] (Peebles & Xie) with NsLN norms."""
 
+    BLOCK_LISTS = ("blocks",)  # the units of activation checkpointing and of train.compile
+
     def __init__(
         self,
         *,

@@ -275,13 +275,21 @@ class SeededDropout(nn.Module):
             return x
         if seed is None:
             return F.dropout(x, self.p, training=True)
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed(_site_seed(seed, self.site))
-        keep = torch.rand(x.shape, generator=gen, device=x.device) >= self.p
-        return x * (keep.to(x.dtype) / (1.0 - self.p))
+        return x * _keep_scale(x, self.p, _site_seed(seed, self.site))
 
     def extra_repr(self) -> str:
         return f"p={self.p}, site={self.site}"
+
+
+@torch.compiler.disable
+def _keep_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The kept-and-rescaled mask 1[u >= p] / (1 - p) from a generator seeded with ``seed``, in x's dtype.
+    Eager even inside a compiled block (train.compile): dynamo cannot trace a seeded generator, so this is
+    the block's one graph break."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed))
+    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+    return keep.to(x.dtype) / (1.0 - p)
 
 
 def assign_dropout_sites(module: nn.Module) -> None:
@@ -296,13 +304,30 @@ def assign_dropout_sites(module: nn.Module) -> None:
 
 
 def maybe_checkpoint(enabled: bool, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """Run ``fn(*args)``, checkpointed when enabled, gradients are being recorded and no
+    """Run the block ``fn(*args)``, checkpointed when enabled, gradients are being recorded and no
     forward-mode AD is active (checkpointing is useless in the no-grad JVP pass, and the
-    recompute would not carry tangents)."""
-    if enabled and torch.is_grad_enabled() and not ops.forward_ad_active(
-            *[a for a in args if isinstance(a, torch.Tensor)]):
+    recompute would not carry tangents). Under forward-mode AD a compiled block (:func:`compile_blocks`)
+    runs eagerly, hooks included: inductor has no forward-mode AD."""
+    if ops.forward_ad_active(*[a for a in args if isinstance(a, torch.Tensor)]):
+        if isinstance(fn, nn.Module) and getattr(fn, "_compiled_call_impl", None) is not None:
+            return fn._call_impl(*args)
+        return fn(*args)
+    if enabled and torch.is_grad_enabled():
         return checkpoint(_marked_recompute(fn), *args, use_reentrant=False)
     return fn(*args)
+
+
+def compile_blocks(module: nn.Module, **compile_kw: Any) -> int:
+    """``torch.compile`` in place every block a backbone runs through :func:`maybe_checkpoint` (the modules
+    in the lists its ``BLOCK_LISTS`` names); the module keeps its identity, parameters and hooks. Returns
+    how many blocks were compiled."""
+    n = 0
+    for m in module.modules():
+        for name in getattr(type(m), "BLOCK_LISTS", ()):
+            for blk in getattr(m, name):
+                blk.compile(**compile_kw)
+                n += 1
+    return n
 
 
 def _marked_recompute(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

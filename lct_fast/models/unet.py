@@ -94,6 +94,8 @@ class UNet(nn.Module):
     """ADM UNet backbone: ``UNet(...)(x_in, c_noise, labels=None, *, dropout_seed=None, guidance=None) -> F``
     (``guidance``: see :class:`lct_fast.models.layers.GuidanceEmbed`)."""
 
+    BLOCK_LISTS = ("enc", "dec")  # the units of activation checkpointing and of train.compile
+
     def __init__(
         self,
         *,

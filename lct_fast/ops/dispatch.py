@@ -168,6 +168,10 @@ def forward_ad_active(*tensors: Any) -> bool:
     level in torch 2.13). Used to avoid SDPA (no forward-AD rule for the flash/efficient kernels) and
     activation checkpointing (useless in the no-grad JVP pass).
     """
+    if torch.compiler.is_compiling():
+        # A compiled region never runs the forward-mode pass (lct_fast.models.layers.run_block sends it to
+        # the eager block), and dynamo cannot trace the functorch stack query below (a graph break per op).
+        return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
             return True

@@ -86,7 +86,7 @@ PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-2 * LR
 
 
 # ----------------------------------------------------------------------------------------- set-up
-def make_config(method: str, stage: int, grad_clip: float) -> Config:
+def make_config(method: str, stage: int, grad_clip: float, compile: bool = False) -> Config:
     """Tiny DiT (width 32, depth 2, heads 2, 8x8 latents), fp32, global batch 8 on 2 ranks."""
     preset = {"ict": "tiny", "sct": "tiny_sct", "scd": "tiny_scd"}[method]
     overrides = [
@@ -106,6 +106,8 @@ def make_config(method: str, stage: int, grad_clip: float) -> Config:
         *(["method.scd.guidance=1.5"] if method == "scd" else []),
         "optim.weight_decay=0.01",
         f"deepspeed.zero_optimization.stage={stage}",
+        # train.compile: the DeepSpeed path's blocks compiled (inductor), the reference stays eager
+        f"train.compile={str(compile).lower()}",
     ]
     if stage == 3:
         # The default persistence threshold (1e5 elements) would keep every parameter of the tiny model
@@ -219,7 +221,8 @@ def build_engine(cfg: Config):
 
     module = make_module(cfg)
     optimizer = build_optimizer(module.parameters(), cfg.optim, torch.device("cpu"))
-    return wrap(module, optimizer, cfg.deepspeed_config(WORLD), frozen=make_teacher(cfg)), optimizer
+    return wrap(module, optimizer, cfg.deepspeed_config(WORLD), frozen=make_teacher(cfg),
+                compile=cfg.train.compile), optimizer
 
 
 def destroy_engine(engine) -> None:
@@ -246,17 +249,18 @@ def restore_linear() -> bool:
     return False
 
 
-def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_clip: float) -> dict:
+def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_clip: float,
+             compile: bool = False) -> dict:
     """One (method, stage) case: ``steps`` optimizer steps on both paths, comparisons per step."""
     import deepspeed
 
-    cfg = make_config(method, stage, grad_clip)
+    cfg = make_config(method, stage, grad_clip, compile)
     m = cfg.model
     data_dim = m.in_channels * m.resolution * m.resolution
     x, labels = make_batch(cfg)
     per_rank = GLOBAL_BATCH // WORLD
     halves = [(x[r * per_rank:(r + 1) * per_rank], labels[r * per_rank:(r + 1) * per_rank]) for r in range(WORLD)]
-    result: dict[str, Any] = {"method": method, "stage": stage, "steps": [],
+    result: dict[str, Any] = {"method": method, "stage": stage, "compile": compile, "steps": [],
                               "memory_efficient_linear": cfg.deepspeed_config(WORLD)["zero_optimization"].get(
                                   "memory_efficient_linear")}
 
@@ -407,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON file written by rank 0")
     ap.add_argument("--methods", default="ict,sct,scd")
     ap.add_argument("--stages", default="0,1,2,3")
+    ap.add_argument("--compile-stages", default="0,1,2,3",
+                    help="ZeRO stages of the sct cases rerun with train.compile (compiled blocks)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per case")
     ap.add_argument("--grad-clip", type=float, default=0.5)
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -431,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = [int(s) for s in args.stages.split(",") if s]
     k0 = {"ict": 5, "sct": 100, "scd": 100}  # sct/scd: tangent warm-up H = 200 -> r = 0.5, the JVP term is live
 
-    runs = [(method, stage) for method in methods for stage in stages]
+    runs = [(method, stage, False) for method in methods for stage in stages]
+    runs += [("sct", int(s), True) for s in args.compile_stages.split(",") if s]
 
     def write_report() -> None:
         if rank == 0:
@@ -444,20 +451,23 @@ def main(argv: list[str] | None = None) -> int:
     report["complete"] = False
     for method in methods:
         report["discriminating_power"][method] = discriminating_power(method, args.grad_clip, k0[method])
-    for method, stage in runs:
+    for method, stage, compiled in runs:
         t_case = time.perf_counter()
+        name = f"{method} ZeRO-{stage}" + (" compiled" if compiled else "")
         if rank == 0:
-            print(f"zero_parity: {method} ZeRO-{stage}", file=sys.stderr, flush=True)
-        report["running"] = {"method": method, "stage": stage}
+            print(f"zero_parity: {name}", file=sys.stderr, flush=True)
+        report["running"] = {"method": method, "stage": stage, "compile": compiled}
         write_report()
         try:
-            case = run_case(method, stage, rank, steps=args.steps, k0=k0[method], grad_clip=args.grad_clip)
+            case = run_case(method, stage, rank, steps=args.steps, k0=k0[method], grad_clip=args.grad_clip,
+                            compile=compiled)
             case["error"] = None
         except Exception as e:
             tb = traceback.format_exc()
-            case = {"method": method, "stage": stage, "error": f"{type(e).__name__}: {e}", "traceback": tb[-3000:]}
+            case = {"method": method, "stage": stage, "compile": compiled, "error": f"{type(e).__name__}: {e}",
+                    "traceback": tb[-3000:]}
             if rank == 0:
-                print(f"zero_parity: {method} ZeRO-{stage} failed:\n{tb}", file=sys.stderr, flush=True)
+                print(f"zero_parity: {name} failed:\n{tb}", file=sys.stderr, flush=True)
             restore_linear()
         case["wall_s"] = time.perf_counter() - t_case
         report["cases"].append(case)
