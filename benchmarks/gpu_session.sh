@@ -60,8 +60,8 @@ run_bench() {  # $1: nsln | attention | ot
 
 run_profile() {
   # The trainer's own step on one GPU (embedded data shaped like the model, 64x64x4 latents). Each sweep
-  # point is a fresh process; an OOM is a row of the table. ~8 min: 4 plan points, 2 kernel points and 8
-  # size/ZeRO points.
+  # point is a fresh process; an OOM is a row of the table: 4 plan points, 2 kernel points and 8
+  # size/ZeRO points (estimated ~6 min before the plan points were added; not yet run on a GPU).
   ls lct_fast/_C*.so >/dev/null 2>&1 || build
   local tag day common
   tag=$(python3 -c "from benchmarks.harness import machine_tag; print(machine_tag())")

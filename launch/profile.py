@@ -105,18 +105,34 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error("--memory-cap-gb is for CPU sweeps: an address-space cap breaks CUDA context creation")
 
 
-def launcher_world_size(launcher: list) -> int:
-    """Ranks a sweep launcher starts: torchrun's --nproc_per_node x --nnodes (its upper bound for MIN:MAX),
-    the deepspeed launcher's --num_gpus x --num_nodes; 1 for plain Python."""
-    def value(*names: str) -> int:
+def launcher_world_size(launcher: list, gpus: int = 0) -> int | None:
+    """Ranks a sweep launcher starts: torchrun's --nproc_per_node x --nnodes (the upper bound of MIN:MAX),
+    the deepspeed launcher's --num_gpus / --num_accelerators x --num_nodes; a count left to the launcher
+    (deepspeed without one, torchrun's ``gpu`` / ``auto``) is this host's ``gpus``; 1 for plain Python.
+    None when it cannot be told (the sweep then skips nothing)."""
+    def value(*names: str) -> str | None:
         for i, a in enumerate(launcher):
             for n in names:
-                v = a.split("=", 1)[1] if a.startswith(n + "=") else (launcher[i + 1] if a == n and
-                                                                       i + 1 < len(launcher) else None)
-                if v is not None and v.split(":")[-1].isdigit():
-                    return int(v.split(":")[-1])
+                if a.startswith(n + "="):
+                    return a.split("=", 1)[1]
+                if a == n and i + 1 < len(launcher):
+                    return launcher[i + 1]
+        return None
+
+    def count(v: str | None) -> int | None:
+        if v is None:
+            return None
+        v = v.split(":")[-1]
+        return int(v) if v.isdigit() else (gpus or None) if v in ("gpu", "auto") else None
+
+    tool = " ".join(os.path.basename(a) for a in launcher[:3])
+    if not any(k in tool for k in ("torchrun", "torch.distributed.run", "deepspeed")):
         return 1
-    return value("--nproc_per_node", "--nproc-per-node", "--num_gpus") * value("--nnodes", "--num_nodes")
+    per_node = value("--nproc_per_node", "--nproc-per-node", "--num_gpus", "--num_accelerators")
+    per_node_n = count(per_node) if per_node is not None else (gpus or None) if "deepspeed" in tool else 1
+    nodes = value("--nnodes", "--num_nodes")
+    nodes_n = count(nodes) if nodes is not None else 1
+    return per_node_n * nodes_n if per_node_n and nodes_n else None
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -137,14 +153,20 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.synthetic_data:
         argv += ["--synthetic-data"]
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
-    skip = args.skip_above_gb
-    if skip is None:
-        import torch
+    import torch
 
-        skip = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip = args.skip_above_gb
+    if skip is None and gpus:
+        skip = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    world = launcher_world_size(launcher, gpus)
+    if skip and world is None:
+        print(f"profile: cannot tell how many ranks {shlex.join(launcher)!r} starts: no point is skipped for its "
+              "predicted memory", file=sys.stderr)
+        skip = None
     rows = run_sweep(args.config, args.sweep, args.overrides, args.out, profile_argv=argv, launcher=launcher,
                      memory_cap_gb=args.memory_cap_gb, timeout_s=args.point_timeout, skip_above_gb=skip or None,
-                     world_size=launcher_world_size(launcher),
+                     world_size=world or 1,
                      log=lambda m: print(m, file=sys.stderr, flush=True))
     with open(os.path.join(args.out, "sweep.md")) as f:
         print(f.read())

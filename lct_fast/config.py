@@ -528,13 +528,15 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """In-training evaluation: figures go to metrics.jsonl / TensorBoard under eval/."""
     precision: str = "fp32"
-    """fp32 | bf16: bf16 autocast over fp32 weights (so method.sct.jvp_dtype=fp32 really runs the JVP in
-    fp32, and the EMA tracks fp32 weights). deepspeed.bf16.enabled=true instead stores bf16 weights
+    """fp32 | bf16: bf16 autocast over fp32 weights (so method.sct.jvp_dtype=fp32 runs the JVP with fp32
+    operands -- TF32 products under train.tf32 -- and the EMA tracks fp32 weights). deepspeed.bf16.enabled=true instead stores bf16 weights
     (less memory; the JVP then runs in bf16)."""
     tf32: bool = True
-    """On CUDA, let the fp32 matrix products (an fp32 run, the fp32 JVP pass, the OT cost) use TF32 tensor
-    cores: inputs rounded to a 10-bit mantissa, fp32 accumulation, 7.4x plain fp32's peak on an H100/H200.
-    PyTorch's own default is off. No effect on CPU."""
+    """On CUDA, let the fp32 matrix products (an fp32 run, the fp32 JVP pass) use TF32 tensor cores: inputs
+    rounded to a 10-bit mantissa, fp32 accumulation, 7.4x plain fp32's peak on an H100/H200 (PyTorch's
+    own default for matmuls is off; the OT cost stays IEEE fp32 either way). Process-wide, set when the
+    trainer starts; a run resumed from a config.json written before this key existed takes the default.
+    No effect on CPU."""
     compile: bool = False
     """torch.compile each backbone block (DiT blocks, UNet encoder/decoder blocks; torchtitan's unit) for the
     online forward and backward, under every ZeRO stage (compiled before DeepSpeed wraps the module, so

@@ -38,22 +38,25 @@ def free_port() -> int:
 
 
 def cpu_threads_per_rank(env: dict | None = None) -> int | None:
-    """This rank's share of the cores it may run on, or None when the user chose (``OMP_NUM_THREADS`` set).
+    """This rank's share of the cores when several ranks share a host, or None to leave torch's default:
+    one rank alone, or the user chose (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set).
 
-    torch starts one intra-op thread per core in every process, so k ranks on one host run k x cores
-    threads on cores threads' worth of hardware. Measured on 2 cores (tiny, 2 gloo ranks): ~1 600 samples/s
-    with one thread per rank against ~35 with two. The local rank count comes from the launcher (torchrun:
-    LOCAL_WORLD_SIZE; deepspeed: LOCAL_SIZE; its --bind_cores_to_rank sets OMP_NUM_THREADS itself).
+    torch starts one intra-op thread per physical core in every process, so k ranks on one host run k times
+    as many threads as it has cores. The local rank count comes from the launcher: the deepspeed launcher
+    exports LOCAL_SIZE and no thread count (its --bind_cores_to_rank sets OMP_NUM_THREADS itself); torchrun
+    exports LOCAL_WORLD_SIZE and already sets OMP_NUM_THREADS=1 for more than one process per node.
     """
     env = os.environ if env is None else env
-    if env.get("OMP_NUM_THREADS"):
+    if env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS"):
         return None
     local = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+    if local <= 1:
+        return None
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local))
+    return max(1, min(torch.get_num_threads(), cores) // local)
 
 
 def init_distributed(timeout_s: float = 600.0) -> DistEnv:

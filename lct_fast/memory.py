@@ -89,14 +89,16 @@ def dit_matrix_params(model_cfg: Any) -> tuple[int, int]:
 
 def dit_activation_bytes(model_cfg: Any, micro_batch: int, *, act_bytes: int, checkpointing: bool,
                          attention_fused: bool = True, autocast_copies: bool = False,
-                         jvp: bool = False, jvp_act_bytes: Optional[int] = None) -> Dict[str, float]:
+                         jvp: bool = False, jvp_act_bytes: Optional[int] = None,
+                         jvp_autocast: bool = False) -> Dict[str, float]:
     """The DiT's activation memory for one forward + backward of ``micro_batch`` samples (bytes; see the
     module docstring for the terms): ``saved`` (the activations the forward keeps for backward),
     ``weight_copies`` (autocast's bf16 weights the forward keeps; with checkpointing only those outside the
     blocks), ``recompute`` (one block's activations and weight copies, live while a checkpointed backward
     recomputes it), ``jvp_transient`` (the JVP pass's peak, an estimate; 0 without ``jvp``; its activations
-    take ``jvp_act_bytes``, default ``act_bytes``) and ``peak``, the larger of the backward's and the JVP
-    pass's."""
+    take ``jvp_act_bytes``, default ``act_bytes``, and it holds autocast's weight copies when
+    ``jvp_autocast``) and ``peak``: the largest of the forward's (under checkpointing autocast still caches
+    every block's copy until the forward ends), the backward's and the JVP pass's."""
     w, depth, heads, tokens, hidden = _dims(model_cfg)
     r = hidden / w
     per_token_block = (4 * 4 * w + act_bytes * (8 + 2 * r) * w
@@ -119,10 +121,11 @@ def dit_activation_bytes(model_cfg: Any, micro_batch: int, *, act_bytes: int, ch
         jvp_peak = micro_batch * tokens * 2 * (2 * 4 * w + (jvp_act_bytes or act_bytes) * hidden)
         if not attention_fused:
             jvp_peak += micro_batch * heads * tokens * tokens * 4 * JVP_REFERENCE_ATTENTION_ARRAYS
-        jvp_peak += rest_copies + depth * block_copies
+        if jvp_autocast:
+            jvp_peak += rest_copies + depth * block_copies
     out = {"saved": float(saved), "recompute": float(recompute), "weight_copies": copies,
            "jvp_transient": float(jvp_peak)}
-    out["peak"] = max(saved + recompute + copies, jvp_peak)
+    out["peak"] = max(saved + rest_copies + depth * block_copies, saved + recompute + copies, jvp_peak)
     return out
 
 
@@ -136,10 +139,11 @@ def activation_model(cfg: Any, micro_batch: int, *, attention_fused: bool = True
     bf16_weights = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
     autocast = cfg.train.precision == "bf16" and not bf16_weights
     act = 2 if (autocast or bf16_weights) else 4
-    jvp_act = 2 if bf16_weights or cfg.method.sct.jvp_dtype in ("bf16", "fp16") else 4  # sct.py _jvp_precision
+    half_jvp = cfg.method.sct.jvp_dtype in ("bf16", "fp16")  # sct.py _jvp_precision: fp32 turns autocast off
     return dit_activation_bytes(m, micro_batch, act_bytes=act, checkpointing=m.checkpointing,
                                 attention_fused=attention_fused, autocast_copies=autocast,
-                                jvp=cfg.method.name in ("sct", "scd"), jvp_act_bytes=jvp_act)
+                                jvp=cfg.method.name in ("sct", "scd"),
+                                jvp_act_bytes=2 if bf16_weights or half_jvp else 4, jvp_autocast=autocast and half_jvp)
 
 
 def predicted_bytes(cfg: Any, num_params: int, world: int) -> Dict[str, float]:
@@ -158,33 +162,65 @@ def predicted_bytes(cfg: Any, num_params: int, world: int) -> Dict[str, float]:
 
 class SavedTensorMeter:
     """Bytes of the tensors autograd saves for backward while active, by storage (a storage saved twice, or
-    viewed, counts once), leaving out ``exclude`` (the parameters: they are state, not activations).
-    ``by_phase`` splits them by the innermost open :func:`lct_fast.profiling.phase`."""
+    viewed, counts once), leaving out the storages of ``params`` (state, not activations) as they are when
+    the tensor is saved -- under ZeRO-3 a parameter's storage is its gathered buffer only while gathered.
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = (), phase_of: Optional[Callable[[], Optional[str]]] = None):
-        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+    A forward pass is what is saved between two backward passes: the first unpack of a saved tensor (a
+    backward has started) closes it, so with gradient accumulation each micro-step's forward is metered on
+    its own and :attr:`bytes` is the largest. What a backward itself saves (the recompute of activation
+    checkpointing, phases ``backward``/``recompute``) is kept apart, in :attr:`during_backward`.
+    ``by_phase`` splits the largest forward by the innermost open :func:`lct_fast.profiling.phase`."""
+
+    _BACKWARD_PHASES = ("backward", "recompute")
+
+    def __init__(self, params: Iterable[torch.Tensor] = (), phase_of: Optional[Callable[[], Optional[str]]] = None):
+        self._params = list(params)
         self._phase_of = phase_of
-        self._seen: Dict[int, tuple] = {}
+        self._passes: list = [{}]
+        self._closed = False
+        self.during_backward: Dict[Optional[str], int] = {}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "meta":
+            return t
         s = t.untyped_storage()
         ptr = s.data_ptr()
-        if ptr not in self._exclude and ptr not in self._seen and t.device.type != "meta":
-            self._seen[ptr] = (s.nbytes(), self._phase_of() if self._phase_of else None)
+        if any(p.untyped_storage().data_ptr() == ptr for p in self._params):
+            return t
+        phase = self._phase_of() if self._phase_of else None
+        if phase in self._BACKWARD_PHASES:
+            self.during_backward[phase] = self.during_backward.get(phase, 0) + s.nbytes()
+            return t
+        if self._closed:
+            self._passes.append({})
+            self._closed = False
+        self._passes[-1].setdefault(ptr, (s.nbytes(), phase))
+        return t
+
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        self._closed = True
         return t
 
     @contextlib.contextmanager
     def active(self) -> Iterator["SavedTensorMeter"]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
+
+    def _largest(self) -> dict:
+        return max(self._passes, key=lambda p: sum(n for n, _ in p.values()))
 
     @property
     def bytes(self) -> int:
-        return sum(n for n, _ in self._seen.values())
+        """What the largest forward pass saved."""
+        return sum(n for n, _ in self._largest().values())
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(1 for p in self._passes if p)
 
     @property
     def by_phase(self) -> Dict[Optional[str], int]:
         out: Dict[Optional[str], int] = {}
-        for n, p in self._seen.values():
+        for n, p in self._largest().values():
             out[p] = out.get(p, 0) + n
         return out

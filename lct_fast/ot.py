@@ -47,6 +47,7 @@ from .backends import BACKENDS
 from .ops.sinkhorn_ops import (SinkhornFn, check_schedule, eps_schedule, get_sinkhorn_backend, reduce_and_scale,
                            run_assignment, schedule_tensor, sinkhorn_assignment)
 from .ops.sinkhorn_pytorch import round_to_permutation, sinkhorn_log, two_opt
+from .precision import ieee_fp32
 
 __all__ = [
     "METHODS",
@@ -114,8 +115,9 @@ def _batched_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[P, n, D] x [P, n, D] -> [P, n, n] squared distances from one batched matmul."""
     xx = (x * x).sum(-1)
     yy = (y * y).sum(-1)
-    c = xx.unsqueeze(-1) + yy.unsqueeze(-2) - 2.0 * torch.bmm(x, y.transpose(1, 2))
-    return c.clamp_min_(0.0)
+    with ieee_fp32():  # the expansion cancels: TF32's 10-bit inputs would swamp the differences (SPEC §4)
+        xy = torch.bmm(x, y.transpose(1, 2))
+    return (xx.unsqueeze(-1) + yy.unsqueeze(-2) - 2.0 * xy).clamp_min_(0.0)
 
 
 def transport_cost(x0: torch.Tensor, z: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,6 +27,11 @@ import torch
 __all__ = ["wrap", "Wrapped", "TargetNet", "zero3_backward_hooks_off"]
 
 
+def _blocks(module: torch.nn.Module) -> list:
+    """The backbone blocks of ``module`` (the lists its backbone's ``BLOCK_LISTS`` names)."""
+    return [blk for m in module.modules() for name in getattr(type(m), "BLOCK_LISTS", ()) for blk in getattr(m, name)]
+
+
 class _IdentityFunction:
     """Stands in for ZeRO-3's per-module backward-hook autograd Functions during a no-grad pass."""
 
@@ -93,6 +98,8 @@ class Wrapped:
     target_net: TargetNet
     zero_stage: int
     frozen: Optional[TargetNet] = None
+    compiled_blocks: int = 0
+    """Backbone blocks compiled in place (``compile``); 0 when eager."""
     _coordinators: tuple = ()
     _frozen_engine: Optional[Any] = None
 
@@ -144,14 +151,23 @@ def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: d
     invalid (no prefetch). :meth:`Wrapped.before_micro_step` marks the boundary instead.
 
     ``compile``: torch.compile each backbone block in place first (``train.compile``; see
-    :func:`lct_fast.models.layers.compile_blocks`). The engine then wraps compiled blocks: its hooks (ZeRO-3's
-    gather/release) stay on the block modules and run at the compiled regions' boundaries."""
+    :func:`lct_fast.models.layers.compile_blocks`). The engine then wraps compiled blocks. DeepSpeed's ZeRO-3
+    gather/release hooks are excluded from compilation (``torch.compiler.disable``) and sit on every
+    submodule, so under ZeRO-3 each hooked submodule inside a block is a graph break: the compiled regions
+    are the code between them."""
     import deepspeed
 
+    compiled = 0
     if compile:
         from .models.layers import compile_blocks
 
-        compile_blocks(module)
+        if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+            # ZeRO-3 leaves: DeepSpeed gathers a block's parameters at the block's own hooks and puts none on
+            # its submodules, so the compiled block is not cut at every Linear by a hook
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(module, sorted({type(b) for b in _blocks(module)}, key=lambda t: t.__name__))
+        compiled = compile_blocks(module)
 
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=ds_config)
@@ -171,4 +187,4 @@ def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: d
             frozen = frozen_engine.module
         frozen_view = TargetNet(frozen, zero3=stage == 3)
     return Wrapped(engine=engine, target_net=TargetNet(engine.module, zero3=stage == 3), zero_stage=stage,
-                   frozen=frozen_view, _coordinators=tuple(coordinators), _frozen_engine=frozen_engine)
+                   frozen=frozen_view, compiled_blocks=compiled, _coordinators=tuple(coordinators), _frozen_engine=frozen_engine)

@@ -228,6 +228,7 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
                     trainer.iteration(st)
                 out["flops"], out["wasted_flops"] = dict(fc.flops), dict(fc.wasted)
                 out["saved_bytes_by_phase"] = {str(k): v for k, v in meter.by_phase.items()}
+                out["saved_forward_passes"] = meter.forward_passes
             timer.steps.clear()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)  # steady state: weights, optimizer state, activations
@@ -254,18 +255,25 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
 
 
 def compile_report(cfg: Config) -> Dict[str, Any]:
-    """``train.compile`` as it went in this process: the compiled graphs and every graph break, by reason
-    (dynamo's counters; the first line of each reason), and how the JVP pass ran."""
+    """``train.compile`` as it went in this process (dynamo's counters): compiled graphs, frames traced and
+    compiled, every graph break by reason (first line; counted per trace, not per call), whatever dynamo
+    gave up on (``unsupported``: a recompile limit hit means blocks ran eagerly), and how the JVP pass ran."""
     if not cfg.train.compile:
         return {"enabled": False}
     from torch._dynamo.utils import counters
 
-    breaks: Dict[str, int] = {}
-    for reason, n in counters["graph_break"].items():
-        key = str(reason).strip().splitlines()[0][:160]
-        breaks[key] = breaks.get(key, 0) + n
+    def by_reason(group: str) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for reason, n in counters[group].items():
+            key = str(reason).strip().splitlines()[0][:160]
+            out[key] = out.get(key, 0) + n
+        return out
+
+    breaks = by_reason("graph_break")
     return {"enabled": True, "graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "frames": int(counters["frames"].get("total", 0)), "frames_ok": int(counters["frames"].get("ok", 0)),
             "graph_breaks": breaks, "graph_break_count": sum(breaks.values()),
+            "unsupported": by_reason("unimplemented"),
             "jvp_pass": "eager (inductor has no forward-mode AD)" if cfg.method.name in ("sct", "scd") else None}
 
 
@@ -391,11 +399,11 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
     saved = ranks[0].get("saved_bytes_by_phase")
     out["activations"] = {
         "model": model,
-        # what the counted step's forward passes kept for backward on rank 0 (the recompute of activation
-        # checkpointing happens inside the backward and is not in it)
-        "measured_saved_bytes": None if saved is None else sum(v for k, v in saved.items()
-                                                             if k not in ("backward", "recompute")),
+        # what the counted step's largest forward pass (one micro-batch) kept for backward on rank 0; the
+        # recompute of activation checkpointing happens inside the backward and is not in it
+        "measured_saved_bytes": None if saved is None else sum(saved.values()),
         "measured_saved_bytes_by_phase": saved,
+        "measured_forward_passes": ranks[0].get("saved_forward_passes"),
     }
     return out
 
@@ -524,9 +532,13 @@ def format_table(rec: Dict[str, Any]) -> str:
         L.append(line)
     comp = rec["per_rank"][0].get("compile") or {}
     if comp.get("enabled"):
-        L.append(f"compile: {comp['graphs']} graphs, {comp['graph_break_count']} graph breaks"
+        L.append(f"compile: {comp['graphs']} graphs, {comp['frames_ok']} of {comp['frames']} frames compiled, "
+                 f"{comp['graph_break_count']} graph breaks"
                  + (": " + "; ".join(f"{n}x {r}" for r, n in comp["graph_breaks"].items()) if comp["graph_breaks"]
-                    else "") + (f"; JVP pass {comp['jvp_pass']}" if comp.get("jvp_pass") else ""))
+                    else "")
+                 + ("; gave up (eager there): " + "; ".join(f"{n}x {r}" for r, n in comp["unsupported"].items())
+                    if comp["unsupported"] else "")
+                 + (f"; JVP pass {comp['jvp_pass']}" if comp.get("jvp_pass") else ""))
     L.append("kernels: " + "; ".join(f"{k} {v}" for k, v in rec["backends"].items()))
     return "\n".join(L)
 

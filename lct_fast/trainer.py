@@ -476,7 +476,8 @@ class Trainer:
         if max_samples is not None:
             total = min(total, max_samples)
         if d.is_main:
-            threads = f" ({d.threads} CPU threads per rank)" if d.device.type == "cpu" and d.threads else ""
+            threads = (f" ({d.threads} CPU threads per rank)" if d.device.type == "cpu" and d.threads
+                       else f" (TF32 {'on' if cfg.train.tf32 else 'off'})" if d.device.type == "cuda" else "")
             print(f"lct_fast: {cfg.name}: {cfg.model.arch} with {self.num_params:,} parameters, method "
                   f"{cfg.method.name}, world size {d.world_size}{threads}, micro-batch {self.micro_batch} x "
                   f"{self.grad_accum} accumulation, {total:,} samples", file=sys.stderr)

@@ -16,3 +16,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_matmul_precision():
+    """A Trainer built in-process sets TF32 process-wide (train.tf32 on CUDA); later tests compare fp32
+    kernels against references and must not inherit it."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)

@@ -89,3 +89,18 @@ def test_activation_model_follows_the_precision_plan():
     fused = activation_model(s, 2)
     assert ref["jvp_transient"] > fused["jvp_transient"] and ref["saved"] == fused["saved"]
     assert activation_model(load_config("tiny", ["model.arch=unet"]), 2) is None  # no model for the UNet
+
+
+def test_meter_takes_each_forward_between_backwards_on_its_own():
+    """Gradient accumulation: two forward/backward pairs are two passes of the same size, not their sum (nor
+    a sum that reused storage addresses confuse)."""
+    cfg = load_config("s", BASE)
+    torch.manual_seed(0)
+    net = build_backbone(cfg.model).train()
+    x = torch.randn(2, 4, 16, 16)
+    one = _saved_by_forward(cfg, "fp32")
+    meter = SavedTensorMeter(net.parameters())
+    with meter.active():
+        for _ in range(2):
+            net(x, torch.rand(2), torch.zeros(2, dtype=torch.long)).square().sum().backward()
+    assert meter.forward_passes == 2 and meter.bytes == pytest.approx(one, rel=0.01)

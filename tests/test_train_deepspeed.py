@@ -36,7 +36,9 @@ def test_tiny_preset_two_ranks_end_to_end(tmp_path):
                    *[a for s in sets for a in ("--set", s)]], threads=None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Without OMP_NUM_THREADS each of the 2 ranks takes half of the cores it may run on (not all of them).
-    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    import torch
+
+    share = max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))) // 2)
     assert f"({share} CPU threads per rank)" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["samples"] for r in rows] == [16, 32]  # rank 0 alone writes

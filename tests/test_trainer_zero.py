@@ -119,7 +119,13 @@ def test_compiled_blocks_match_single_process(report: dict, stage: int) -> None:
     ZeRO stage: the same loss, gradients, updates and EMAs as the eager single process, within the eager
     tolerances; the JVP pass runs the blocks eagerly (sCT's tangent term is live: r > 0)."""
     case = _case(report, "sct", stage, compile=True)
-    assert case["compile"] is True
+    assert case["compiled_blocks"] == 2  # the tiny DiT's two blocks
+    comp = case["compile_report"]
+    assert comp["graphs"] > 0 and comp["frames_ok"] > 0, comp
+    # nothing left eager by a recompile limit; below ZeRO-3 dynamo gives up nowhere (under ZeRO-3 it does on
+    # frames of DeepSpeed's own hook code -- python generators -- which then run eagerly, as intended)
+    assert not any("recompile limit" in r for r in comp["unsupported"]), comp
+    assert stage == 3 or not comp["unsupported"], comp
     _assert_parity(case, report["tolerances"])
 
 

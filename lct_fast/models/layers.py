@@ -275,21 +275,21 @@ class SeededDropout(nn.Module):
             return x
         if seed is None:
             return F.dropout(x, self.p, training=True)
-        return x * _keep_scale(x, self.p, _site_seed(seed, self.site))
+        return x * _keep_scale(self, x, seed)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, site={self.site}"
 
 
 @torch.compiler.disable
-def _keep_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The kept-and-rescaled mask 1[u >= p] / (1 - p) from a generator seeded with ``seed``, in x's dtype.
-    Eager even inside a compiled block (train.compile): dynamo cannot trace a seeded generator, so this is
-    the block's one graph break."""
+def _keep_scale(drop: "SeededDropout", x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``drop``'s kept-and-rescaled mask 1[u >= p] / (1 - p) from the generator of (seed, site), in x's
+    dtype. Eager even inside a compiled block (train.compile): dynamo cannot trace a seeded generator, so
+    this is a graph break; the site is read in here, so blocks do not recompile per dropout site."""
     gen = torch.Generator(device=x.device)
-    gen.manual_seed(int(seed))
-    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
-    return keep.to(x.dtype) / (1.0 - p)
+    gen.manual_seed(_site_seed(int(seed), drop.site))
+    keep = torch.rand(x.shape, generator=gen, device=x.device) >= drop.p
+    return keep.to(x.dtype) / (1.0 - drop.p)
 
 
 def assign_dropout_sites(module: nn.Module) -> None:
@@ -308,10 +308,15 @@ def maybe_checkpoint(enabled: bool, fn: Callable[..., torch.Tensor], *args: Any)
     forward-mode AD is active (checkpointing is useless in the no-grad JVP pass, and the
     recompute would not carry tangents). Under forward-mode AD a compiled block (:func:`compile_blocks`)
     runs eagerly, hooks included: inductor has no forward-mode AD."""
+    compiled = isinstance(fn, nn.Module) and getattr(fn, "_compiled_call_impl", None) is not None
     if ops.forward_ad_active(*[a for a in args if isinstance(a, torch.Tensor)]):
-        if isinstance(fn, nn.Module) and getattr(fn, "_compiled_call_impl", None) is not None:
-            return fn._call_impl(*args)
-        return fn(*args)
+        return fn._call_impl(*args) if compiled else fn(*args)
+    if compiled:
+        # The dropout seed changes every step: as a Python int dynamo would specialise on it and recompile
+        # once it turns dynamic -- a different graph from the second step on, so a resumed run (whose first
+        # step compiles afresh) would not repeat the uninterrupted one bit for bit. A 0-dim CPU tensor is a
+        # graph input from the first call; only the (eager) mask generator reads its value.
+        args = tuple(torch.tensor(a) if type(a) is int else a for a in args)
     if enabled and torch.is_grad_enabled():
         return checkpoint(_marked_recompute(fn), *args, use_reentrant=False)
     return fn(*args)
@@ -321,13 +326,19 @@ def compile_blocks(module: nn.Module, **compile_kw: Any) -> int:
     """``torch.compile`` in place every block a backbone runs through :func:`maybe_checkpoint` (the modules
     in the lists its ``BLOCK_LISTS`` names); the module keeps its identity, parameters and hooks. Returns
     how many blocks were compiled."""
-    n = 0
-    for m in module.modules():
-        for name in getattr(type(m), "BLOCK_LISTS", ()):
-            for blk in getattr(m, name):
-                blk.compile(**compile_kw)
-                n += 1
-    return n
+    blocks = [blk for m in module.modules() for name in getattr(type(m), "BLOCK_LISTS", ())
+              for blk in getattr(m, name)]
+    # Every compiled block shares one code object (nn.Module._call_impl) and dynamo caches its graphs per
+    # code object: each block is an entry, and one recompile each when the dropout seed turns dynamic. Past
+    # the default limit (8) dynamo would run the remaining blocks eagerly, silently.
+    import torch._dynamo.config as dynamo_config
+
+    need = 2 * len(blocks) + 8
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, need)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * need)
+    for blk in blocks:
+        blk.compile(**compile_kw)
+    return len(blocks)
 
 
 def _marked_recompute(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -169,8 +169,8 @@ def forward_ad_active(*tensors: Any) -> bool:
     activation checkpointing (useless in the no-grad JVP pass).
     """
     if torch.compiler.is_compiling():
-        # A compiled region never runs the forward-mode pass (lct_fast.models.layers.run_block sends it to
-        # the eager block), and dynamo cannot trace the functorch stack query below (a graph break per op).
+        # A compiled region never runs the forward-mode pass (lct_fast.models.layers.maybe_checkpoint sends
+        # it to the eager block), and dynamo cannot trace the functorch stack query below (a graph break per op).
         return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
@@ -243,6 +243,9 @@ def explain_backend(op: str, backend: str = "auto", *tensors: Any) -> Tuple[str,
 
 
 def _record(op: str, backend: str, tensors: Tuple[Any, ...], chosen: str, reason: str) -> None:
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the lock (a graph break at every op); the eager calls record the decision
+        return
     key = (op, backend, _device_of(tensors), chosen)
     if key in _SEEN:
         return

@@ -255,6 +255,12 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
     import deepspeed
 
     cfg = make_config(method, stage, grad_clip, compile)
+    if compile:  # a fresh dynamo cache and counters per case: its report is this case's alone
+        from torch._dynamo import reset as dynamo_reset
+        from torch._dynamo.utils import counters
+
+        dynamo_reset()
+        counters.clear()
     m = cfg.model
     data_dim = m.in_channels * m.resolution * m.resolution
     x, labels = make_batch(cfg)
@@ -360,6 +366,11 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
                                               for n, t in live.items())
             cmp["num_updates"] = ds_ema.num_updates
             result["ema"][key] = cmp
+        if compile:  # what was compiled, and whether dynamo gave up anywhere (counters are per process)
+            from lct_fast.throughput import compile_report
+
+            result["compiled_blocks"] = wrapped.compiled_blocks
+            result["compile_report"] = compile_report(cfg)
     finally:
         destroy_engine(engine)
         result["linear_was_patched"] = restore_linear()
