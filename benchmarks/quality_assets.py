@@ -56,18 +56,28 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(train: np.ndarray, steps: int, batch: int = 64, lr: float = 1e-3, kl_weight: float = 1e-6,
-              seed: int = 0, vae_kw: Optional[dict] = None):
+              seed: int = 0, vae_kw: Optional[dict] = None, seconds: Optional[float] = None):
     """An ``AutoencoderKL`` (``VAE_KW`` unless ``vae_kw``) trained with L1 + L2 reconstruction + ``kl_weight`` KL,
-    Adam with a cosine decay over ``steps``."""
+    Adam with a cosine decay over ``steps``; with ``seconds``, a wall-clock box instead: the cosine runs over
+    the elapsed fraction of it and training stops when it is spent (``steps`` then only caps the count), so
+    the box holds whatever else the machine is running. ``vae.trained_steps`` says how many were taken."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**(vae_kw or VAE_KW))
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    if seconds:
+        progress = lambda k: min(1.0, (time.perf_counter() - t0) / seconds)  # noqa: E731
+    else:
+        progress = lambda k: min(k, steps) / steps  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * progress(k))))
+    gen = torch.Generator().manual_seed(seed)
+    k = -1
     for k in range(steps):
+        if seconds and time.perf_counter() - t0 >= seconds:
+            k -= 1
+            break
         idx = torch.randint(0, len(train), (batch,), generator=gen).numpy()
         x = _to_tensor(train[idx])
         post = vae.encode(x).latent_dist
@@ -79,8 +89,10 @@ def train_vae(train: np.ndarray, steps: int, batch: int = 64, lr: float = 1e-3, 
         opt.step()
         sched.step()
         if k % 100 == 0 or k == steps - 1:
-            print(f"vae step {k}/{steps}: rec {rec.item():.4f} kl {post.kl().mean().item():.1f} "
+            print(f"vae step {k}/{'~' if seconds else ''}{steps if not seconds else int(seconds)}"
+                  f"{'s' if seconds else ''}: rec {rec.item():.4f} kl {post.kl().mean().item():.1f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    vae.trained_steps = k + 1
     return vae.eval()
 
 
