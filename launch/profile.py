@@ -198,8 +198,8 @@ def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
     ranks = [None] * dist.world_size
     torch.distributed.all_gather_object(ranks, mine)
     if dist.is_main:
-        stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
-        bf16_w = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
+        stage = cfg.zero_stage
+        bf16_w = cfg.bf16_weights
         info = {"params": trainer.num_params, "micro_batch": trainer.micro_batch, "grad_accum": trainer.grad_accum,
                 "expected_state_bytes": expected_state_bytes(
                     trainer.num_params, stage=stage, world=dist.world_size, bf16_weights=bf16_w,

@@ -529,8 +529,8 @@ class TrainConfig:
     """In-training evaluation: figures go to metrics.jsonl / TensorBoard under eval/."""
     precision: str = "fp32"
     """fp32 | bf16: bf16 autocast over fp32 weights (so method.sct.jvp_dtype=fp32 runs the JVP with fp32
-    operands -- TF32 products under train.tf32 -- and the EMA tracks fp32 weights). deepspeed.bf16.enabled=true instead stores bf16 weights
-    (less memory; the JVP then runs in bf16)."""
+    operands -- TF32 products under train.tf32 -- and the EMA tracks fp32 weights).
+    deepspeed.bf16.enabled=true instead stores bf16 weights (less memory; the JVP then runs in bf16)."""
     tf32: bool = True
     """On CUDA, let the fp32 matrix products (an fp32 run, the fp32 JVP pass) use TF32 tensor cores: inputs
     rounded to a 10-bit mantissa, fp32 accumulation, 7.4x plain fp32's peak on an H100/H200 (PyTorch's
@@ -629,6 +629,16 @@ class Config:
                               "(model.num_classes > 0)")
         if self.model.num_classes == 0 and self.method.label_dropout > 0:
             raise ConfigError("method.label_dropout: label dropout needs model.num_classes > 0")
+
+    @property
+    def bf16_weights(self) -> bool:
+        """DeepSpeed stores the weights in bf16 (``deepspeed.bf16.enabled``)."""
+        return bool(self.deepspeed.get("bf16", {}).get("enabled", False))
+
+    @property
+    def zero_stage(self) -> int:
+        """``deepspeed.zero_optimization.stage`` (0 when absent)."""
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
     def deepspeed_config(self, world_size: int) -> dict:
         """The DeepSpeed config for ``world_size`` ranks, batch and clipping keys filled from ``train``."""

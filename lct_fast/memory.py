@@ -136,7 +136,7 @@ def activation_model(cfg: Any, micro_batch: int, *, attention_fused: bool = True
     m = cfg.model
     if m.arch != "dit":
         return None
-    bf16_weights = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
+    bf16_weights = cfg.bf16_weights
     autocast = cfg.train.precision == "bf16" and not bf16_weights
     act = 2 if (autocast or bf16_weights) else 4
     half_jvp = cfg.method.sct.jvp_dtype in ("bf16", "fp16")  # sct.py _jvp_precision: fp32 turns autocast off
@@ -150,9 +150,9 @@ def predicted_bytes(cfg: Any, num_params: int, world: int) -> Dict[str, float]:
     """Bytes per rank a run of ``cfg`` on ``world`` ranks needs at least: the ZeRO-partitioned state plus the
     activation peak of one micro-batch (state only for a backbone without an activation model; an sCD
     teacher counted as large as the student). The sweep skips points above the device's memory with it."""
-    stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    stage = cfg.zero_stage
     state = expected_state_bytes(num_params, stage=stage, world=world,
-                                 bf16_weights=bool(cfg.deepspeed.get("bf16", {}).get("enabled", False)),
+                                 bf16_weights=cfg.bf16_weights,
                                  num_emas=len(cfg.train.ema.decays) + len(cfg.train.ema.power_stds),
                                  teacher_params=num_params if cfg.method.name == "scd" else 0)["total"]
     act = activation_model(cfg, cfg.train.batch_layout(world)[0])

@@ -27,11 +27,6 @@ import torch
 __all__ = ["wrap", "Wrapped", "TargetNet", "zero3_backward_hooks_off"]
 
 
-def _blocks(module: torch.nn.Module) -> list:
-    """The backbone blocks of ``module`` (the lists its backbone's ``BLOCK_LISTS`` names)."""
-    return [blk for m in module.modules() for name in getattr(type(m), "BLOCK_LISTS", ()) for blk in getattr(m, name)]
-
-
 class _IdentityFunction:
     """Stands in for ZeRO-3's per-module backward-hook autograd Functions during a no-grad pass."""
 
@@ -151,22 +146,21 @@ def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: d
     invalid (no prefetch). :meth:`Wrapped.before_micro_step` marks the boundary instead.
 
     ``compile``: torch.compile each backbone block in place first (``train.compile``; see
-    :func:`lct_fast.models.layers.compile_blocks`). The engine then wraps compiled blocks. DeepSpeed's ZeRO-3
-    gather/release hooks are excluded from compilation (``torch.compiler.disable``) and sit on every
-    submodule, so under ZeRO-3 each hooked submodule inside a block is a graph break: the compiled regions
-    are the code between them."""
+    :func:`lct_fast.models.layers.compile_blocks`). The engine then wraps compiled blocks; under ZeRO-3 each
+    block is made a DeepSpeed leaf module first, so one gather/release hook sits at the block and none
+    inside it (DeepSpeed keeps its hooks out of compilation: each would be a graph break)."""
     import deepspeed
 
     compiled = 0
     if compile:
-        from .models.layers import compile_blocks
+        from .models.layers import backbone_blocks, compile_blocks
 
         if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
             # ZeRO-3 leaves: DeepSpeed gathers a block's parameters at the block's own hooks and puts none on
             # its submodules, so the compiled block is not cut at every Linear by a hook
             from deepspeed.utils import set_z3_leaf_modules
 
-            set_z3_leaf_modules(module, sorted({type(b) for b in _blocks(module)}, key=lambda t: t.__name__))
+            set_z3_leaf_modules(module, sorted({type(b) for b in backbone_blocks(module)}, key=lambda t: t.__name__))
         compiled = compile_blocks(module)
 
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,

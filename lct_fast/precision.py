@@ -66,7 +66,7 @@ def precision_plan(cfg: "Config", tf32: Optional[bool] = None) -> Dict[str, str]
     or the ``tf32`` argument), else ``fp32``."""
     tf32 = cfg.train.tf32 if tf32 is None else tf32
     full = "tf32" if tf32 else "fp32"
-    bf16_weights = bool(cfg.deepspeed.get("bf16", {}).get("enabled", False))
+    bf16_weights = cfg.bf16_weights
     base = "bf16" if cfg.train.precision == "bf16" or bf16_weights else full
     plan = {name: base for name in PLAN_PHASES}
     plan["ot"] = "fp32"

@@ -352,9 +352,9 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         "status": "ok", "name": cfg.name, "command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": device, "versions": versions(), "world_size": world, **trainer_info,
         "method": cfg.method.name, "arch": cfg.model.arch, "size": cfg.model.size,
-        "precision": cfg.train.precision, "bf16_weights": bool(cfg.deepspeed.get("bf16", {}).get("enabled", False)),
+        "precision": cfg.train.precision, "bf16_weights": cfg.bf16_weights,
         "jvp_dtype": cfg.method.sct.jvp_dtype if cfg.method.name in ("sct", "scd") else None,
-        "zero_stage": int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)),
+        "zero_stage": cfg.zero_stage,
         "global_batch": gb, "steps": n, "warmup": opts.warmup,
         "step_ms": {k: v * 1e3 for k, v in agg.items()},
         "samples_per_s": gb / agg["median"],
@@ -581,8 +581,9 @@ def parse_sweep(items: Sequence[str]) -> List[Tuple[str, Tuple[str, ...], List[A
 
 def sweep_points(cfg_path: str, sweep: List[Tuple[str, Tuple[str, ...], List[Any]]],
                  base_overrides: Sequence[str]) -> List[Dict[str, Any]]:
-    """Every point of the grid with its ``--set`` list; each resolved here first, so a bad value (a size that
-    does not exist, an unknown key) fails before any process starts."""
+    """Every point of the grid with its ``--set`` list, its resolved config (``cfg``) and parameter count;
+    each resolved here first, so a bad value (a size that does not exist, an unknown key) fails before any
+    process starts."""
     from .models import count_parameters
 
     points = []
@@ -598,7 +599,7 @@ def sweep_points(cfg_path: str, sweep: List[Tuple[str, Tuple[str, ...], List[Any
             params = count_parameters(cfg.model)
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"--sweep point {label}: {e}") from e
-        points.append({"label": label, "sets": sets, "params": params})
+        points.append({"label": label, "sets": sets, "params": params, "cfg": cfg})
     return points
 
 
@@ -694,7 +695,7 @@ def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequenc
             + sum((["--set", s] for s in pt["sets"]), []) + list(profile_argv) + ["--out", pdir]
         log(f"sweep [{i + 1}/{len(points)}] {pt['label']}: {shlex.join(cmd)}")
         try:
-            pred = predicted_bytes(load_config(cfg_path, list(base_overrides) + pt["sets"]), pt["params"], world_size)
+            pred = predicted_bytes(pt["cfg"], pt["params"], world_size)
         except ConfigError:  # a batch layout the launcher's world size cannot meet: the point says so itself
             pred = None
         if pred and skip_above_gb and pred["total"] > skip_above_gb * 2 ** 30:

@@ -322,12 +322,16 @@ def maybe_checkpoint(enabled: bool, fn: Callable[..., torch.Tensor], *args: Any)
     return fn(*args)
 
 
+def backbone_blocks(module: nn.Module) -> list:
+    """The blocks a backbone inside ``module`` runs through :func:`maybe_checkpoint`: the modules in the
+    lists its class's ``BLOCK_LISTS`` names."""
+    return [blk for m in module.modules() for name in getattr(type(m), "BLOCK_LISTS", ()) for blk in getattr(m, name)]
+
+
 def compile_blocks(module: nn.Module, **compile_kw: Any) -> int:
-    """``torch.compile`` in place every block a backbone runs through :func:`maybe_checkpoint` (the modules
-    in the lists its ``BLOCK_LISTS`` names); the module keeps its identity, parameters and hooks. Returns
-    how many blocks were compiled."""
-    blocks = [blk for m in module.modules() for name in getattr(type(m), "BLOCK_LISTS", ())
-              for blk in getattr(m, name)]
+    """``torch.compile`` in place every :func:`backbone_blocks` block; the module keeps its identity,
+    parameters and hooks. Returns how many blocks were compiled."""
+    blocks = backbone_blocks(module)
     # Every compiled block shares one code object (nn.Module._call_impl) and dynamo caches its graphs per
     # code object: each block is an entry, and one recompile each when the dropout seed turns dynamic. Past
     # the default limit (8) dynamo would run the remaining blocks eagerly, silently.
