@@ -339,7 +339,14 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------- training rows
-SAMPLER_KEYS = (("ict", "sigma_mid"), ("sct", "t_mid"))
+def sampler_keys() -> list:
+    """Every registered method's sampler-only keys, as (section, key)."""
+    from lct_fast.methods import method_specs
+
+    return [tuple(k.split(".", 1)) for spec in method_specs() for k in spec.sampler_keys]
+
+
+SAMPLER_KEYS = tuple(dict.fromkeys(sampler_keys()))
 """Settings of a config that only the sampler reads (2-step intermediate noise level / time): they stay out of a
 row's cache key and are applied to the trained run at sampling, so re-choosing one re-scores, never re-trains."""
 
@@ -373,9 +380,11 @@ def row_config(name: str, row: Row, data_path: str, budget: int, log_interval: i
     decays = sorted(set([0.0] + list(cfg.train.ema.decays)))
     overrides.append(f"train.ema.decays={json.dumps(decays)}")
     cfg = load_config(row.preset, overrides)
-    # the one the row's sampler reads (lct_fast.sample.generate: an sCD student samples like sCT)
-    reads = {"ict": "ict", "sct": "sct", "scd": "sct"}.get(cfg.method.name)
-    sampler = [f"method.{m}.{k}={getattr(getattr(cfg.method, m), k)}" for m, k in SAMPLER_KEYS if m == reads]
+    # the ones the row's sampler reads (an sCD student samples like sCT)
+    from lct_fast.methods import get_method
+
+    reads = [tuple(k.split(".", 1)) for k in get_method(cfg.method.name).sampler_keys]
+    sampler = [f"method.{m}.{k}={getattr(getattr(cfg.method, m), k)}" for m, k in reads]
     return overrides, row_key(config_to_dict(cfg)), sampler
 
 
@@ -416,7 +425,7 @@ def sample_row(export_dir: str, ema: str, steps: int, n: int, seed: int, stats,
 def untrained_latents(preset: str, data_path: str, n: int, seed: int, stats,
                       num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, Optional[np.ndarray]]:
     from lct_fast.config import load_config
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
     from lct_fast.sample import denormalize_latents, generate
 
     cfg = load_config(preset, common(num_classes) + [f"data.path={data_path}"])
@@ -434,15 +443,11 @@ def sampling_nfe(preset: str, steps: int, sample_set: str = "") -> int:
     per step but for its first (from t = π/2) and last (to t = 0) steps, DDIM one; classifier-free guidance
     doubles them (conditional + null-class halves)."""
     from lct_fast.config import load_config
+    from lct_fast.methods import get_method
 
     method = load_config(preset, sample_set.split()).method
-    nfe = steps
-    if method.name == "trigflow":
-        if method.trigflow.solver == "heun":
-            nfe = max(2 * steps - 2, steps)
-        if method.trigflow.guidance != 1.0:
-            nfe *= 2
-    return nfe
+    spec = get_method(method.name)
+    return spec.nfe(method, steps) * (2 if spec.default_cfg_scale(method) != 1.0 else 1)
 
 
 def aggregate_seeds(per_seed: list[dict]) -> dict:

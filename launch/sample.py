@@ -44,7 +44,7 @@ def load_model(checkpoint: str, cfg, device: str = "cpu") -> torch.nn.Module:
     error listing the first missing / unexpected keys."""
     from safetensors.torch import load_file
 
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
 
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")

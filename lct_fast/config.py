@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .backends import BACKENDS
+from .methods import get_method, method_names
+from .methods.registry import sections as method_sections
+from .validate import ConfigError, choice, positive, unit
 
 __all__ = [
-    "ConfigError", "ModelConfig", "ICTConfig", "SCTConfig", "OTConfig", "MethodConfig",
+    "ConfigError", "ModelConfig", "OTConfig", "MethodConfig",
     "SyntheticConfig", "DataConfig", "OptimConfig", "EMAConfig", "TrainConfig", "Config",
     "load_config", "parse_overrides", "apply_override", "config_to_dict", "save_config",
     "CONFIG_DIR", "preset_path",
@@ -34,23 +37,7 @@ __all__ = [
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-class ConfigError(ValueError):
-    """A preset or override is invalid; the message names the file, the key and the expectation."""
-
-
-def _choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}")
-
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if (value < 0) if allow_zero else (value <= 0):
-        raise ConfigError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} value, got {value!r}")
-
-
-def _unit(name: str, value: float, *, closed: bool = False) -> None:
-    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
-        raise ConfigError(f"{name}: expected a value in [0, 1{']' if closed else ')'}, got {value!r}")
+_choice, _positive, _unit = choice, positive, unit
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -134,179 +121,6 @@ class ModelConfig:
 
 # -------------------------------------------------------------------------------------------- method
 @dataclass
-class ICTConfig:
-    sigma_min: float = 0.002
-    """Smallest noise level (boundary condition f(x, sigma_min) = x)."""
-    sigma_max: float = 80.0
-    """Largest noise level (1-step sampling starts at sigma_max * z)."""
-    rho: float = 7.0
-    """Karras grid exponent."""
-    s0: int = 10
-    """Curriculum: initial number of discretisation steps (eq. 10)."""
-    s1: int = 640
-    """Curriculum: final number of discretisation steps (eq. 10)."""
-    p_mean: float = -1.1
-    """Discrete lognormal pair sampling: mean of ln sigma."""
-    p_std: float = 2.0
-    """Discrete lognormal pair sampling: std of ln sigma."""
-    distance: str = "cauchy"
-    """Robust distance: l2 | pseudo_huber (eq. 7) | cauchy (eq. 6) | geman_mcclure (eq. 8)."""
-    reduction: str = "mean"
-    """Per-sample reduction of the squared difference over the D latent dims: mean | sum. c is converted to it
-    (see c_norm), so both train the same loss (identical Cauchy / Geman-McClure, sqrt(D) x pseudo-Huber)."""
-    c_mode: str = "adaptive"
-    """Robustness scale c: fixed (c0 = c0_coeff * sqrt(D), iCT) | adaptive (eq. 11)."""
-    c_norm: str = "mean"
-    """The norm on which c0 and eq. 11 define c (SPEC §2): sum (reading a: iCT's summed squared norm; eq. 11 is
-    c at the paper's D = c_ref_dim and scales by sqrt(D / c_ref_dim)) | mean (reading b: both applied to the
-    per-dimension mean, a c sqrt(D) x larger than iCT's). With reduction=mean, reading a gives c0 = c0_coeff and
-    eq. 11 / 64; reading b gives c0 = c0_coeff * sqrt(D) and eq. 11 as is."""
-    c_ref_dim: int = 4096
-    """Reading a: the data dimension at which eq. 11 was fitted (the paper's 4x32x32 latents)."""
-    c0_coeff: float = 0.00054
-    """Fixed c: c0 = c0_coeff * sqrt(D) on the c_norm norm."""
-    c_a: float = -1.18
-    """Adaptive c (eq. 11): c = exp(c_a * ln(N(k) - 1) + c_b). Authors' code used -1.15."""
-    c_b: float = -0.72
-    """Adaptive c (eq. 11) intercept. Authors' code used -0.85."""
-    diffusion_r: float = 0.25
-    """Diffusion loss (eq. 9) on pair indices i <= floor(N * r); 0 disables it."""
-    diffusion_weight: float = 5.0
-    """Weight of the diffusion loss term (the authors' released code: 5)."""
-    diffusion_sigma_weight: str = "edm"
-    """Per-sigma weighting of the diffusion loss at the online level: edm (1/sigma^2 + 1/sigma_d^2, the
-    authors' code; it puts the term on the scale of the consistency term) | none | lambda | snr."""
-    diffusion_average: str = "selected"
-    """Average of the diffusion term: selected (over the samples whose pair gets it, the authors' code) | batch
-    (over the whole batch, i.e. diluted by the selected fraction)."""
-    sigma_mid: float = 0.821
-    """Intermediate noise level for 2-step sampling."""
-    noise_scale: float = 250.0
-    """The backbone sees c_noise = noise_scale * ln(sigma) (iCT / CM: 250) in its positional embedding."""
-
-    def __post_init__(self) -> None:
-        _positive("method.ict.sigma_min", self.sigma_min)
-        _positive("method.ict.noise_scale", self.noise_scale)
-        if self.sigma_max <= self.sigma_min:
-            raise ConfigError(f"method.ict.sigma_max: expected > sigma_min={self.sigma_min}, got {self.sigma_max}")
-        _positive("method.ict.rho", self.rho)
-        _positive("method.ict.s0", self.s0)
-        if self.s1 < self.s0:
-            raise ConfigError(f"method.ict.s1: expected >= s0={self.s0}, got {self.s1}")
-        _positive("method.ict.p_std", self.p_std)
-        _choice("method.ict.distance", self.distance, ["l2", "pseudo_huber", "cauchy", "geman_mcclure"])
-        _choice("method.ict.reduction", self.reduction, ["mean", "sum"])
-        _choice("method.ict.c_mode", self.c_mode, ["fixed", "adaptive"])
-        _choice("method.ict.c_norm", self.c_norm, ["sum", "mean"])
-        _positive("method.ict.c_ref_dim", self.c_ref_dim)
-        _positive("method.ict.c0_coeff", self.c0_coeff)
-        _unit("method.ict.diffusion_r", self.diffusion_r, closed=True)
-        _positive("method.ict.diffusion_weight", self.diffusion_weight, allow_zero=True)
-        _choice("method.ict.diffusion_sigma_weight", self.diffusion_sigma_weight, ["edm", "none", "lambda", "snr"])
-        _choice("method.ict.diffusion_average", self.diffusion_average, ["selected", "batch"])
-        if not self.sigma_min < self.sigma_mid < self.sigma_max:
-            raise ConfigError(f"method.ict.sigma_mid: expected in (sigma_min, sigma_max), got {self.sigma_mid}")
-
-
-@dataclass
-class SCTConfig:
-    p_mean: float = -1.0
-    """Time sampling: tau ~ N(p_mean, p_std^2), t = arctan(e^tau / sigma_d)."""
-    p_std: float = 1.4
-    """Time sampling standard deviation."""
-    tangent_warmup: int = 10000
-    """Tangent warm-up H in iterations: r = min(1, k / H); 0 disables the warm-up."""
-    g_norm_c: float = 0.1
-    """Tangent normalisation g <- g / (||g|| + c)."""
-    prior_weight: bool = False
-    """Prior weight 1 / (sigma_d * tan t) on the squared term only (e^{-w} * lambda * d + w, EDM2/sCM form), so
-    that the learned w(t) absorbs it."""
-    adaptive_weight: bool = True
-    """Learned adaptive weighting w_phi(t) (needs model.adaptive_weight)."""
-    jvp_dtype: str = "fp32"
-    """Precision of the forward-mode JVP pass: fp32 | bf16 | fp16."""
-    distance: str = "l2"
-    """Distance between F_theta and F^- + g: l2 | cauchy (the iLCT robust loss on top of sCT)."""
-    cauchy_c: float = 0.0
-    """Cauchy scale for the sCT robust option; 0 = c0 rule 0.00054 * sqrt(D)."""
-    t_mid: float = 1.1
-    """Intermediate time for 2-step sampling."""
-    time_scale: float = 1.0
-    """The backbone sees c_noise = time_scale * t. sCM conditions on c_noise(t) = t (Tables 3-4, Fig. 4): a
-    scale s multiplies dF/dt, and with it the tangent J, by s (measured: 1000 diverges on real data)."""
-
-    def __post_init__(self) -> None:
-        _positive("method.sct.p_std", self.p_std)
-        _positive("method.sct.tangent_warmup", self.tangent_warmup, allow_zero=True)
-        _positive("method.sct.g_norm_c", self.g_norm_c)
-        _choice("method.sct.jvp_dtype", self.jvp_dtype, ["fp32", "bf16", "fp16"])
-        _choice("method.sct.distance", self.distance, ["l2", "cauchy"])
-        _positive("method.sct.cauchy_c", self.cauchy_c, allow_zero=True)
-        if not 0.0 < self.t_mid < math.pi / 2:
-            raise ConfigError(f"method.sct.t_mid: expected in (0, pi/2), got {self.t_mid}")
-        _positive("method.sct.time_scale", self.time_scale)
-
-
-@dataclass
-class TrigFlowConfig:
-    """TrigFlow diffusion (method trigflow): the teacher that sCD distils (sCM §2, SPEC §3b)."""
-
-    p_mean: float = -0.4
-    """Time sampling tau ~ N(p_mean, p_std^2), t = arctan(e^tau / sigma_d); the sCM tables' teacher values:
-    -0.4 / 1.0 for ImageNet 512 (64x64 latents), -0.8 / 1.6 for ImageNet 64."""
-    p_std: float = 1.0
-    """Time sampling standard deviation."""
-    adaptive_weight: bool = True
-    """Learned adaptive weighting e^{-w(t)} * loss + w(t) (needs model.adaptive_weight)."""
-    solver: str = "heun"
-    """Probability-flow ODE solver for sampling: heun (2nd order, EDM's correction) | ddim (1st order)."""
-    spacing: str = "uniform"
-    """Sampling times: uniform in t | edm (EDM's rho-spaced sigma grid mapped to t = arctan(sigma / sigma_d))."""
-    guidance: float = 1.0
-    """Classifier-free guidance scale of the ODE sampler's velocity (1 = none); launch/sample.py --cfg-scale
-    overrides it."""
-
-    def __post_init__(self) -> None:
-        _positive("method.trigflow.p_std", self.p_std)
-        _positive("method.trigflow.guidance", self.guidance)
-        _choice("method.trigflow.solver", self.solver, ["heun", "ddim"])
-        _choice("method.trigflow.spacing", self.spacing, ["uniform", "edm"])
-
-
-@dataclass
-class SCDConfig:
-    """Continuous-time consistency distillation (method scd, sCM §4): the sCT objective of ``method.sct`` with the
-    teacher's velocity dx_t/dt = sigma_d * F_teacher(x_t / sigma_d, t) in place of the data velocity."""
-
-    teacher: str = ""
-    """Exported teacher weights (launch/export.py: <run>/export/<ema>.safetensors) of a method=trigflow run."""
-    teacher_config: str = ""
-    """The teacher run's resolved config.json; empty = config.json beside the teacher file."""
-    guidance: float = 1.0
-    """Classifier-free guidance scale s of the teacher's velocity F = F_u + s * (F_c - F_u), F_u at the null class
-    (1 = no guidance). Fixed for the run, or, with ``guidance_conditioned``, the scale the student is sampled at
-    (launch/sample.py --guidance overrides it)."""
-    guidance_conditioned: bool = False
-    """The guidance-conditioned student (sCM §4, Table 4's sCD rows, one network for every scale): s is drawn per
-    sample, uniform in [guidance_min, guidance_max], guides the teacher and is the student's input (needs
-    model.guidance_embed)."""
-    guidance_min: float = 1.0
-    """Smallest training guidance scale of the conditioned student."""
-    guidance_max: float = 2.0
-    """Largest training guidance scale of the conditioned student (the sCM tables sample at up to 2.0)."""
-    init_from_teacher: bool = True
-    """Start the student from the teacher's weights (the paper does); the adaptive-weight head and the guidance
-    embedding, which the teacher lacks, start at zero, so the student starts equal to the teacher."""
-
-    def __post_init__(self) -> None:
-        _positive("method.scd.guidance", self.guidance)
-        _positive("method.scd.guidance_min", self.guidance_min)
-        if self.guidance_max < self.guidance_min:
-            raise ConfigError(f"method.scd.guidance_max: {self.guidance_max} is below method.scd.guidance_min "
-                              f"{self.guidance_min}")
-
-
-@dataclass
 class OTConfig:
     method: str = "none"
     """Minibatch OT coupling of latents and noise (paper sec. 4.4): none | exact | sinkhorn."""
@@ -332,29 +146,30 @@ class OTConfig:
 
 
 @dataclass
-class MethodConfig:
+class _MethodCommon:
     name: str = "ict"
-    """Training method: ict (discrete-time improved latent CT) | sct (continuous-time TrigFlow sCT) | trigflow
-    (TrigFlow diffusion, the teacher of sCD) | scd (continuous-time consistency distillation from that teacher)."""
+    """Training method: one of the registered methods (lct_fast.methods: ict, sct, trigflow, scd)."""
     sigma_data: float = 0.5
     """Data standard deviation after normalisation (x0 = (latent - mean) / std * sigma_data)."""
     label_dropout: float = 0.0
     """Probability of replacing a label by the null class during training."""
-    ict: ICTConfig = field(default_factory=ICTConfig)
-    """Discrete-time settings."""
-    sct: SCTConfig = field(default_factory=SCTConfig)
-    """Continuous-time settings."""
-    trigflow: TrigFlowConfig = field(default_factory=TrigFlowConfig)
-    """TrigFlow diffusion (teacher) settings."""
-    scd: SCDConfig = field(default_factory=SCDConfig)
-    """Distillation settings (the sCT settings of ``sct`` apply to its student)."""
-    ot: OTConfig = field(default_factory=OTConfig)
-    """Minibatch OT coupling."""
 
     def __post_init__(self) -> None:
-        _choice("method.name", self.name, ["ict", "sct", "trigflow", "scd"])
+        _choice("method.name", self.name, method_names())
         _positive("method.sigma_data", self.sigma_data)
         _unit("method.label_dropout", self.label_dropout)
+
+
+# Every registered method's own section (ict, sct, trigflow, scd, ...) is a field of MethodConfig: the sections
+# are declared beside their methods (lct_fast/methods/<name>.py), so a new method adds its keys without an edit
+# here. Each section's dataclass documents its fields.
+MethodConfig = dataclasses.make_dataclass(
+    "MethodConfig", [(key, cls, field(default_factory=cls)) for key, cls in method_sections()]
+    + [("ot", OTConfig, field(default_factory=OTConfig))],  # minibatch OT coupling (OTConfig)
+    bases=(_MethodCommon,))
+MethodConfig.__module__ = __name__
+MethodConfig.__doc__ = ("The training objective: ``name``, the shared settings, the OT coupling and one section "
+                        "per registered method (its dataclass in lct_fast/methods/<name>.py).")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -610,23 +425,15 @@ class Config:
     list replaces its base's."""
 
     def __post_init__(self) -> None:
-        if (self.method.name in ("sct", "scd") and self.method.sct.adaptive_weight
-                and not self.model.adaptive_weight):
-            raise ConfigError("model.adaptive_weight: method.sct.adaptive_weight=true needs model.adaptive_weight=true")
-        if (self.method.name == "trigflow" and self.method.trigflow.adaptive_weight
-                and not self.model.adaptive_weight):
-            raise ConfigError("model.adaptive_weight: method.trigflow.adaptive_weight=true needs "
-                              "model.adaptive_weight=true")
-        conditioned = self.method.name == "scd" and self.method.scd.guidance_conditioned
-        if conditioned and not self.model.guidance_embed:
-            raise ConfigError("model.guidance_embed: method.scd.guidance_conditioned=true needs "
-                              "model.guidance_embed=true (the student's guidance-scale input)")
-        if self.model.guidance_embed and not conditioned:
+        spec = get_method(self.method.name)
+        spec.check(self)
+        conditions = spec.conditions(self.method)
+        if "guidance" in conditions and not self.model.guidance_embed:
+            raise ConfigError(f"model.guidance_embed: method {spec.name} takes a guidance scale as an input "
+                              "(method.scd.guidance_conditioned=true) and needs model.guidance_embed=true")
+        if self.model.guidance_embed and "guidance" not in conditions:
             raise ConfigError("model.guidance_embed: only the guidance-conditioned sCD student takes a guidance "
                               "scale (method.name=scd with method.scd.guidance_conditioned=true)")
-        if conditioned and self.model.num_classes == 0:
-            raise ConfigError("method.scd.guidance_conditioned: guidance needs a class-conditional model "
-                              "(model.num_classes > 0)")
         if self.model.num_classes == 0 and self.method.label_dropout > 0:
             raise ConfigError("method.label_dropout: label dropout needs model.num_classes > 0")
 
@@ -666,9 +473,9 @@ class Config:
             # ZeRO-3's "memory efficient linear" swaps torch.nn.functional.linear, process-wide, for an
             # autograd.Function without a jvp rule: forward-mode AD (the sCT tangent) then fails. Our
             # parameters are gathered by ZeRO-3's module hooks anyway, so plain F.linear is correct.
-            if zero.get("memory_efficient_linear") and self.method.name in ("sct", "scd"):
+            if zero.get("memory_efficient_linear") and get_method(self.method.name).jvp:
                 raise ConfigError("deepspeed.zero_optimization.memory_efficient_linear: must be false for "
-                                  "method sct (its linear has no forward-mode AD rule)")
+                                  f"method {self.method.name} (its linear has no forward-mode AD rule)")
             zero.setdefault("memory_efficient_linear", False)
         return ds
 

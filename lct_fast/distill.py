@@ -31,27 +31,33 @@ MATCH_KEYS = ("arch", "size", "width", "depth", "heads", "patch_size", "mlp_rati
               "head_channels", "adaptive_double_norm")
 
 
-def _teacher_config(scd: Any) -> tuple[Config, str]:
+def _teacher_config(scd: Any, key: str, method: str, teacher_method: str) -> tuple[Config, str]:
     if not scd.teacher:
-        raise ConfigError("method.scd.teacher: method scd needs the exported teacher weights "
-                          "(a method=trigflow run's <run>/export/<ema>.safetensors)")
+        raise ConfigError(f"{key}.teacher: method {method} needs the exported teacher weights "
+                          f"(a method={teacher_method} run's <run>/export/<ema>.safetensors)")
     if not os.path.isfile(scd.teacher):
-        raise FileNotFoundError(f"method.scd.teacher: teacher weights not found: {scd.teacher}")
+        raise FileNotFoundError(f"{key}.teacher: teacher weights not found: {scd.teacher}")
     path = scd.teacher_config or os.path.join(os.path.dirname(os.path.abspath(scd.teacher)), "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"method.scd.teacher_config: the teacher's config.json not found: {path}")
+        raise FileNotFoundError(f"{key}.teacher_config: the teacher's config.json not found: {path}")
     return load_config(path), path
 
 
 def load_teacher(scd: Any, student: Config, device: torch.device | str = "cpu") -> nn.Module:
-    """The frozen teacher for ``student`` (a ``Config`` with method scd); see the module docstring."""
+    """The frozen teacher for ``student`` (a ``Config`` of a distilling method, ``scd`` its teacher section);
+    see the module docstring."""
     from safetensors.torch import load_file
 
-    from .models import build_model
+    from .methods import build_model, get_method
 
-    tcfg, path = _teacher_config(scd)
-    if tcfg.method.name != "trigflow":
-        raise ConfigError(f"{path}: method.name is {tcfg.method.name!r}; an sCD teacher is a method=trigflow run")
+    spec = get_method(student.method.name)
+    if spec.teacher is None:
+        raise ConfigError(f"method.name: method {spec.name} does not distil a teacher")
+    section, teacher_method = spec.teacher
+    tcfg, path = _teacher_config(scd, f"method.{section}", spec.name, teacher_method)
+    if tcfg.method.name != teacher_method:
+        raise ConfigError(f"{path}: method.name is {tcfg.method.name!r}; the teacher of method {spec.name} is a "
+                          f"method={teacher_method} run")
     for key in MATCH_KEYS:
         a, b = getattr(tcfg.model, key, None), getattr(student.model, key, None)
         if a != b:

@@ -38,6 +38,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import torch
 
+from .methods.registry import get_method
+
 __all__ = ["expected_state_bytes", "dit_matrix_params", "dit_activation_bytes", "activation_model",
            "predicted_bytes", "SavedTensorMeter"]
 
@@ -139,10 +141,11 @@ def activation_model(cfg: Any, micro_batch: int, *, attention_fused: bool = True
     bf16_weights = cfg.bf16_weights
     autocast = cfg.train.precision == "bf16" and not bf16_weights
     act = 2 if (autocast or bf16_weights) else 4
-    half_jvp = cfg.method.sct.jvp_dtype in ("bf16", "fp16")  # sct.py _jvp_precision: fp32 turns autocast off
+    spec = get_method(cfg.method.name)
+    half_jvp = spec.jvp and spec.jvp_dtype(cfg.method) in ("bf16", "fp16")  # sct.py _jvp_precision: fp32 turns autocast off
     return dit_activation_bytes(m, micro_batch, act_bytes=act, checkpointing=m.checkpointing,
                                 attention_fused=attention_fused, autocast_copies=autocast,
-                                jvp=cfg.method.name in ("sct", "scd"),
+                                jvp=spec.jvp,
                                 jvp_act_bytes=2 if bf16_weights or half_jvp else 4, jvp_autocast=autocast and half_jvp)
 
 
@@ -154,7 +157,7 @@ def predicted_bytes(cfg: Any, num_params: int, world: int) -> Dict[str, float]:
     state = expected_state_bytes(num_params, stage=stage, world=world,
                                  bf16_weights=cfg.bf16_weights,
                                  num_emas=len(cfg.train.ema.decays) + len(cfg.train.ema.power_stds),
-                                 teacher_params=num_params if cfg.method.name == "scd" else 0)["total"]
+                                 teacher_params=num_params if get_method(cfg.method.name).teacher else 0)["total"]
     act = activation_model(cfg, cfg.train.batch_layout(world)[0])
     peak = act["peak"] if act else 0.0
     return {"state": state, "activations": peak, "total": state + peak, "activations_modelled": act is not None}

@@ -12,12 +12,11 @@ under :func:`ieee_fp32`.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-if TYPE_CHECKING:
-    from .config import Config
+from .methods.registry import get_method
 
 __all__ = ["PLAN_PHASES", "precision_plan", "tf32_allowed", "set_tf32", "ieee_fp32"]
 
@@ -57,7 +56,7 @@ def ieee_fp32() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def precision_plan(cfg: "Config", tf32: Optional[bool] = None) -> Dict[str, str]:
+def precision_plan(cfg: Any, tf32: Optional[bool] = None) -> Dict[str, str]:
     """The dtype each phase's matrix products run in on a GPU under the run's config (not what CPU autocast
     did): ``bf16`` under ``train.precision = bf16`` or bf16 weights; the JVP pass and an sCD teacher's forward
     in ``method.sct.jvp_dtype`` (sct.py ``_jvp_precision``; fp32 there is the ambient precision when the
@@ -70,7 +69,8 @@ def precision_plan(cfg: "Config", tf32: Optional[bool] = None) -> Dict[str, str]
     base = "bf16" if cfg.train.precision == "bf16" or bf16_weights else full
     plan = {name: base for name in PLAN_PHASES}
     plan["ot"] = "fp32"
-    if cfg.method.name in ("sct", "scd"):
-        jvp = "bf16" if cfg.method.sct.jvp_dtype in ("bf16", "fp16") or bf16_weights else full
+    spec = get_method(cfg.method.name)
+    if spec.jvp:
+        jvp = "bf16" if spec.jvp_dtype(cfg.method) in ("bf16", "fp16") or bf16_weights else full
         plan["jvp"] = plan["teacher_forward"] = jvp
     return plan

@@ -1,9 +1,12 @@
-"""One-, two- and multi-step sampling for both methods, latent saving and VAE-decoded PNG grids.
+"""Seeded, batched sampling with any method's sampler, latent saving and VAE-decoded PNG grids.
+
+Each method's sampler lives beside its loss and is found through the registry (``MethodSpec.sampler``):
 
 iCT (SPEC §2, VE process):   x = f_θ(σ_max·z, σ_max); then for each further level σ_i
                              x = f_θ(x + √(σ_i² − σ_min²)·z_i, σ_i)   (2 steps: σ_1 = σ_mid).
-sCT (SPEC §3, TrigFlow):     x = f_θ(σ_d·z, π/2); then for each further time t_i
+sCT / sCD (SPEC §3):         x = f_θ(σ_d·z, π/2); then for each further time t_i
                              x = f_θ(cos t_i·x + sin t_i·σ_d·z_i, t_i)  (2 steps: t_1 = t_mid).
+TrigFlow diffusion:          the probability-flow ODE from t = π/2 to 0 (Heun or DDIM).
 
 ``net`` is the preconditioned model (``VEPrecond`` / ``TrigFlowPrecond``): ``net(x, σ_or_t, labels)``.
 Noise is standard normal and comes from explicit generators. :func:`generate` draws sample i's noise from
@@ -12,15 +15,20 @@ not depend on the batch size or on how many samples are drawn in total.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .methods import get_method
+from .methods.ict import ict_sample, ict_sigmas
+from .methods.sampling import Conditioned
+from .methods.sct import sct_sample, sct_times
+from .methods.trigflow import trigflow_ode, trigflow_times
 
 __all__ = [
     "SampleResult",
@@ -50,110 +58,6 @@ class SampleResult:
 
     latents: torch.Tensor
     labels: Optional[torch.Tensor]
-
-
-# -------------------------------------------------------------------------------------- schedules
-def ict_sigmas(steps: int, *, sigma_max: float = 80.0, sigma_mid: float = 0.821, sigma_min: float = 0.002,
-               rho: float = 7.0) -> tuple[float, ...]:
-    """Noise levels of ``steps``-step iCT sampling: (σ_max,), (σ_max, σ_mid), and for k > 2 steps σ_max
-    followed by k−1 levels Karras-spaced (ρ) from σ_mid towards σ_min (σ_min itself excluded — f there is
-    the identity)."""
-    _check_steps(steps)
-    if not sigma_min < sigma_mid < sigma_max:
-        raise ValueError(f"sample: need sigma_min < sigma_mid < sigma_max, got {sigma_min}, {sigma_mid}, {sigma_max}")
-    if steps == 1:
-        return (float(sigma_max),)
-    a, b = sigma_mid ** (1.0 / rho), sigma_min ** (1.0 / rho)
-    k = steps - 1
-    rest = tuple(float((a + j / k * (b - a)) ** rho) for j in range(1, k))
-    return (float(sigma_max), float(sigma_mid)) + rest
-
-
-def sct_times(steps: int, *, t_mid: float = 1.1, t_max: float = math.pi / 2) -> tuple[float, ...]:
-    """Times of ``steps``-step sCT sampling: (π/2,), (π/2, t_mid), and for k > 2 steps π/2 followed by k−1
-    times evenly spaced from t_mid towards 0 (0 excluded — f there is the identity)."""
-    _check_steps(steps)
-    if not 0.0 < t_mid < t_max:
-        raise ValueError(f"sample: need 0 < t_mid < {t_max}, got t_mid={t_mid}")
-    k = steps - 1
-    return (float(t_max),) + tuple(float(t_mid * (1.0 - j / k)) for j in range(k))
-
-
-def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"sample: steps must be an integer >= 1, got {steps!r}")
-
-
-# ---------------------------------------------------------------------------------------- samplers
-@contextlib.contextmanager
-def _eval_no_grad(net: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd for the duration; restores the training flag after."""
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        net.train(was_training)
-
-
-def _next_noise(i: int, z: torch.Tensor, noise: Optional[Sequence[torch.Tensor]],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Fresh noise for the i-th extra step: from ``noise`` if given, else drawn from ``generator``."""
-    if noise is not None:
-        if i >= len(noise):
-            raise ValueError(f"sample: noise has {len(noise)} tensors, step {i + 2} needs one more")
-        zi = noise[i]
-        if zi.shape != z.shape:
-            raise ValueError(f"sample: noise[{i}] has shape {tuple(zi.shape)}, expected {tuple(z.shape)}")
-        return zi.to(z.device, torch.float32)
-    if generator is None:
-        raise ValueError("sample: a multi-step sampler needs `noise` tensors or an explicit `generator`")
-    return torch.randn(z.shape, generator=generator, device=generator.device).to(z.device)
-
-
-def ict_sample(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-               sigmas: Sequence[float] = (80.0,), sigma_min: float = 0.002,
-               noise: Optional[Sequence[torch.Tensor]] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """iCT sampling (SPEC §2) from standard-normal ``z`` through the levels ``sigmas`` (first = σ_max).
-
-    x = f(σ_0·z, σ_0); x = f(x + √(σ_i² − σ_min²)·z_i, σ_i) for i ≥ 1, with z_i = ``noise[i-1]`` or drawn
-    from ``generator``. Runs under no_grad in eval mode; returns float32.
-    """
-    if len(sigmas) < 1:
-        raise ValueError("sample: sigmas must hold at least one noise level")
-    if any(s <= sigma_min for s in sigmas):
-        raise ValueError(f"sample: every sigma must be > sigma_min={sigma_min}, got {tuple(sigmas)}")
-    z = z.float()
-    with _eval_no_grad(net):
-        x = net(sigmas[0] * z, float(sigmas[0]), labels).float()
-        for i, s in enumerate(sigmas[1:]):
-            zi = _next_noise(i, z, noise, generator)
-            x = net(x + math.sqrt(s * s - sigma_min * sigma_min) * zi, float(s), labels).float()
-    return x
-
-
-def sct_sample(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-               ts: Sequence[float] = (math.pi / 2,), sigma_data: float = 0.5,
-               noise: Optional[Sequence[torch.Tensor]] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """sCT / TrigFlow sampling (SPEC §3) from standard-normal ``z`` through the times ``ts`` (first = π/2).
-
-    x = f(σ_d·z, t_0) (at t_0 = π/2 this is −σ_d·F(z, π/2)); x = f(cos t_i·x + sin t_i·σ_d·z_i, t_i) for
-    i ≥ 1. Runs under no_grad in eval mode; returns float32.
-    """
-    if len(ts) < 1:
-        raise ValueError("sample: ts must hold at least one time")
-    if any(not 0.0 < t <= math.pi / 2 + 1e-12 for t in ts):
-        raise ValueError(f"sample: every t must be in (0, pi/2], got {tuple(ts)}")
-    z = z.float()
-    with _eval_no_grad(net):
-        x = net(sigma_data * z, float(ts[0]), labels).float()
-        for i, t in enumerate(ts[1:]):
-            zi = _next_noise(i, z, noise, generator)
-            x = net(math.cos(t) * x + math.sin(t) * sigma_data * zi, float(t), labels).float()
-    return x
 
 
 # ----------------------------------------------------------------------------------- batched driver
@@ -240,17 +144,17 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
              cfg_scale: Optional[float] = None, guidance: Optional[float] = None) -> SampleResult:
     """Generate ``n`` latents of ``shape`` (C, H, W) in batches with the sampler of ``method_cfg.name``.
 
-    ``method_cfg``: a ``MethodConfig`` (reads name, sigma_data, ict.sigma_min/sigma_max/sigma_mid/rho,
-    sct.t_mid, trigflow.solver/spacing). ``steps``: 1, 2 (σ_mid / t_mid from the config) or k (see
-    :func:`ict_sigmas` / :func:`sct_times`); for ``trigflow`` the number of ODE solver steps
-    (:func:`trigflow_times`, :func:`trigflow_ode`); explicit ``sigmas`` / ``ts`` override the schedule. Deterministic for a ``seed``
-    and independent of ``batch_size``. Returns latents on the CPU.
+    ``method_cfg``: a ``MethodConfig``; the method's sampler reads its own settings (iCT: σ levels and σ_mid;
+    sCT / sCD: t_mid; TrigFlow: the ODE solver and time spacing). ``steps``: 1, 2 or k sampling steps of a
+    consistency model (:func:`ict_sigmas` / :func:`sct_times`), ODE solver steps of a diffusion model
+    (:func:`trigflow_times`, :func:`trigflow_ode`); explicit ``sigmas`` / ``ts`` override the schedule.
+    Deterministic for a ``seed`` and independent of ``batch_size``. Returns latents on the CPU.
 
     ``start`` / ``count``: return only samples ``start … start+count−1`` of the ``n``-sample draw (one rank's
     share in distributed evaluation): they equal those rows of the whole draw. ``cfg_scale`` s ≠ 1:
     classifier-free guidance of every step's prediction, f_u + s·(f_c − f_u) with f_u the null-class
-    prediction (needs a class-conditional model trained with label dropout); None = the config's
-    ``trigflow.guidance`` for a diffusion model, 1 otherwise. ``guidance``: the scale a guidance-conditioned
+    prediction (needs a class-conditional model trained with label dropout); None = the method's default
+    (a diffusion model: ``trigflow.guidance``; else 1). ``guidance``: the scale a guidance-conditioned
     sCD student (``scd.guidance_conditioned``) is asked for, one network evaluation per step; None =
     ``scd.guidance``.
     """
@@ -259,34 +163,21 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
     count = n - start if count is None else count
     if start < 0 or count < 0 or start + count > n:
         raise ValueError(f"sample: need 0 <= start and start + count <= n, got start={start}, count={count}, n={n}")
-    name = getattr(method_cfg, "name", None)
+    spec = get_method(getattr(method_cfg, "name", None))
     if cfg_scale is None:
-        cfg_scale = float(method_cfg.trigflow.guidance) if name == "trigflow" else 1.0
-    scd = getattr(method_cfg, "scd", None)
-    conditioned = name == "scd" and bool(getattr(scd, "guidance_conditioned", False))
-    if guidance is not None and not conditioned:
+        cfg_scale = spec.default_cfg_scale(method_cfg)
+    conditions = spec.conditions(method_cfg)
+    if guidance is not None and "guidance" not in conditions:
         raise ValueError(f"sample: guidance={guidance} is for a guidance-conditioned sCD student "
                          "(method.scd.guidance_conditioned=true); use cfg_scale for classifier-free guidance")
-    if conditioned:
-        net = _Conditioned(net, float(scd.guidance if guidance is None else guidance))
-    if cfg_scale != 1.0:
-        if num_classes <= 0:
-            raise ValueError(f"sample: cfg_scale={cfg_scale} needs a class-conditional model (num_classes > 0)")
-        net = _Guided(net, cfg_scale, num_classes)
-    sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
-    if name == "ict":
-        icfg = method_cfg.ict
-        sched = tuple(sigmas) if sigmas is not None else ict_sigmas(
-            steps, sigma_max=icfg.sigma_max, sigma_mid=icfg.sigma_mid, sigma_min=icfg.sigma_min,
-            rho=getattr(icfg, "rho", 7.0))
-    elif name in ("sct", "scd"):  # a distilled student samples like an sCT model
-        sched = tuple(ts) if ts is not None else sct_times(steps, t_mid=method_cfg.sct.t_mid)
-    elif name == "trigflow":
-        # a diffusion model: ``steps`` solver steps of its probability-flow ODE (Heun: about 2 NFE each)
-        tf = method_cfg.trigflow
-        sched = tuple(ts) if ts is not None else trigflow_times(steps, spacing=tf.spacing, sigma_data=sigma_data)
-    else:
-        raise ValueError(f"sample: method_cfg.name must be 'ict', 'sct', 'trigflow' or 'scd', got {name!r}")
+    if guidance is not None:
+        conditions = {**conditions, "guidance": float(guidance)}
+    if conditions:
+        net = Conditioned(net, conditions)
+    if cfg_scale != 1.0 and num_classes <= 0:
+        raise ValueError(f"sample: cfg_scale={cfg_scale} needs a class-conditional model (num_classes > 0)")
+    sampler = spec.sampler(method_cfg, steps, schedule=sigmas if sigmas is not None else ts,
+                           cfg_scale=float(cfg_scale), null_label=num_classes)
     shape = tuple(int(s) for s in shape)
     dev = torch.device(device) if device is not None else _module_device(net)
     all_labels = sample_labels(n, num_classes, seed, labels)
@@ -295,123 +186,9 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
     for b0 in range(start, start + count, batch_size):
         idx = list(range(b0, min(b0 + batch_size, start + count)))
         lab = None if all_labels is None else all_labels[idx[0]:idx[-1] + 1].to(dev)
-        if name == "trigflow":  # one noise draw; the ODE is deterministic
-            noise = sample_noise(seed, idx, 1, shape, cache=cache).to(dev)
-            x = trigflow_ode(_inner(net), noise[0], lab, sigma_data=sigma_data, ts=sched,
-                             solver=method_cfg.trigflow.solver, cfg_scale=cfg_scale,
-                             null_label=num_classes if cfg_scale != 1.0 else None)
-            out[idx[0] - start:idx[-1] + 1 - start] = x.float().cpu()
-            continue
-        noise = sample_noise(seed, idx, len(sched), shape, cache=cache).to(dev)
-        if name == "ict":
-            x = ict_sample(net, noise[0], lab, sigmas=sched, sigma_min=method_cfg.ict.sigma_min, noise=noise[1:])
-        else:
-            x = sct_sample(net, noise[0], lab, ts=sched, sigma_data=sigma_data, noise=noise[1:])
-        out[idx[0] - start:idx[-1] + 1 - start] = x.float().cpu()
+        noise = sample_noise(seed, idx, sampler.draws, shape, cache=cache).to(dev)
+        out[idx[0] - start:idx[-1] + 1 - start] = sampler.run(net, noise, lab).float().cpu()
     return SampleResult(latents=out, labels=None if all_labels is None else all_labels[start:start + count])
-
-
-def trigflow_times(steps: int, *, spacing: str = "uniform", sigma_data: float = 0.5, sigma_max: float = 80.0,
-                   sigma_min: float = 0.002, rho: float = 7.0) -> tuple:
-    """``steps + 1`` TrigFlow times from π/2 (pure noise) down to 0.
-
-    ``uniform``: equal steps in t. ``edm``: π/2, then t = arctan(σ_i/σ_d) over EDM's ρ-spaced σ grid from
-    σ_max to σ_min (steps − 1 values), then 0. Measured on the Gaussian toy of tests/test_methods_trigflow.py
-    (Heun, 20k samples, sample std / data std): 8 steps uniform 0.93–1.01, edm 1.50–1.68; 24 steps uniform
-    1.00–1.01, edm 1.035–1.046; 64 steps both within 1 %. Uniform is the default."""
-    if steps < 1:
-        raise ValueError(f"sample: trigflow ODE needs steps >= 1, got {steps}")
-    if spacing == "uniform":
-        return tuple(math.pi / 2 * (1 - i / steps) for i in range(steps)) + (0.0,)
-    if spacing != "edm":
-        raise ValueError(f"sample: trigflow time spacing must be uniform | edm, got {spacing!r}")
-    inner = []
-    if steps > 1:
-        k = steps - 1
-        ramp = [i / max(k - 1, 1) for i in range(k)] if k > 1 else [0.0]
-        inner = [math.atan(((sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho)
-                           / sigma_data) for r in ramp]
-    return (math.pi / 2, *inner, 0.0)
-
-
-def trigflow_ode(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor], *, sigma_data: float,
-                 ts: Sequence[float], solver: str = "heun", cfg_scale: float = 1.0,
-                 null_label: Optional[int] = None) -> torch.Tensor:
-    """Integrate the probability-flow ODE dx_t/dt = σ_d·F(x_t/σ_d, t) from x_{π/2} = σ_d·z down the times ``ts``
-    (descending, ending at 0).
-
-    ``ddim`` (= ``euler``): x_s = cos(t−s)·x_t − sin(t−s)·σ_d·F, which keeps the predicted (x̂0, ẑ) pair fixed: it is
-    Euler's method on the equivalent VE ODE dx̃/dσ = (x̃ − x̂0)/σ with x̃ = x/cos t, σ = σ_d·tan t. ``heun``: EDM's
-    second-order correction on that VE ODE (slopes (x̃ − x̂0)/σ averaged; the first step from t = π/2, where
-    σ = ∞, and the last one to t = 0 stay first order, as in EDM). Averaging the TrigFlow velocities themselves
-    would not be second order: the velocity of a fixed (x̂0, ẑ) pair changes along the step. ``cfg_scale``
-    s ≠ 1: F = F_u + s·(F_c − F_u), F_u at ``null_label``."""
-    if solver not in ("heun", "ddim", "euler"):
-        raise ValueError(f"sample: trigflow solver must be heun | ddim | euler, got {solver!r}")
-    ts = [float(t) for t in ts]
-    if len(ts) < 2 or any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > math.pi / 2 + 1e-9:
-        raise ValueError(f"sample: trigflow times must descend within [0, π/2] and be >= 2, got {ts}")
-    sd = float(sigma_data)
-    guided = cfg_scale != 1.0 and labels is not None
-    if guided and null_label is None:
-        raise ValueError("sample: cfg_scale != 1 needs null_label (the model's null class id)")
-
-    from lct_fast.models.precond import classifier_free_guidance
-
-    def F(x_in: torch.Tensor, tt: torch.Tensor, lab: Optional[torch.Tensor]) -> torch.Tensor:
-        return net.F(x_in, tt, lab).to(x_in.dtype)
-
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        return sd * classifier_free_guidance(F, x / sd, tt, labels, cfg_scale if guided else 1.0,
-                                             null_label if guided else 0)
-
-    def denoised(x: torch.Tensor, t: float) -> torch.Tensor:  # x̂0 = cos t·x − sin t·σ_d·F
-        return math.cos(t) * x - math.sin(t) * velocity(x, t)
-
-    x = sd * z
-    with torch.no_grad():
-        for t, s in zip(ts, ts[1:]):
-            d1 = denoised(x, t)
-            z_hat = (x - math.cos(t) * d1) / math.sin(t)
-            x_next = math.cos(s) * d1 + math.sin(s) * z_hat          # the DDIM step (exact for fixed x̂0, ẑ)
-            if solver == "heun" and s > 0 and t < math.pi / 2 - 1e-9:
-                sig_t, sig_s = sd * math.tan(t), sd * math.tan(s)
-                xt_ve, xs_ve = x / math.cos(t), x_next / math.cos(s)
-                slope1 = (xt_ve - d1) / sig_t
-                slope2 = (xs_ve - denoised(x_next, s)) / sig_s
-                x_next = math.cos(s) * (xt_ve + (sig_s - sig_t) * 0.5 * (slope1 + slope2))
-            x = x_next
-    return x
-
-
-def _inner(net: nn.Module) -> nn.Module:
-    """The network under the CFG wrapper (the ODE sampler guides F itself)."""
-    return net.net if isinstance(net, _Guided) else net
-
-
-class _Conditioned(nn.Module):
-    """A guidance-conditioned student asked for one guidance scale at every call."""
-
-    def __init__(self, net: nn.Module, scale: float):
-        super().__init__()
-        self.net, self.scale = net, float(scale)
-
-    def forward(self, x, t, labels=None):
-        return self.net(x, t, labels, guidance=self.scale)
-
-
-class _Guided(nn.Module):
-    """Classifier-free guidance around a preconditioned model: f_u + s·(f_c − f_u), f_u at the null class."""
-
-    def __init__(self, net: nn.Module, scale: float, null_label: int):
-        super().__init__()
-        self.net, self.scale, self.null_label = net, float(scale), int(null_label)
-
-    def forward(self, x, t, labels=None):
-        from lct_fast.models.precond import classifier_free_guidance
-
-        return classifier_free_guidance(self.net, x, t, labels, self.scale, self.null_label)
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -37,6 +37,7 @@ import torch
 
 from .config import Config, ConfigError, load_config
 from .flops import PEAK_TFLOPS, FlopCounter, dit_forward_flops, dit_jvp_flops, peak_tflops
+from .methods.registry import get_method
 from .memory import SavedTensorMeter, activation_model, expected_state_bytes, predicted_bytes  # noqa: F401
 from .precision import precision_plan, tf32_allowed  # noqa: F401 (precision_plan: part of this API)
 from .profiling import UNTRACKED, PhaseTimer, current_phase, phase
@@ -197,10 +198,7 @@ def _forward_flops_per_sample(trainer: Any) -> float:
     labels = torch.zeros(b, dtype=torch.long, device=dev) if m.num_classes else None
     net = trainer.target_net
     with torch.no_grad(), trainer.autocast, FlopCounter(bucket=lambda: "forward") as fc:
-        if cfg.method.name in ("sct", "scd", "trigflow"):
-            net.F(x, torch.full((b,), 0.7, device=dev), labels)
-        else:
-            net(x, torch.full((b,), 1.0, device=dev), labels)
+        net(x, torch.full((b,), get_method(cfg.method.name).probe_level, device=dev), labels)
     return fc.total / b
 
 
@@ -274,7 +272,7 @@ def compile_report(cfg: Config) -> Dict[str, Any]:
             "frames": int(counters["frames"].get("total", 0)), "frames_ok": int(counters["frames"].get("ok", 0)),
             "graph_breaks": breaks, "graph_break_count": sum(breaks.values()),
             "unsupported": by_reason("unimplemented"),
-            "jvp_pass": "eager (inductor has no forward-mode AD)" if cfg.method.name in ("sct", "scd") else None}
+            "jvp_pass": "eager (inductor has no forward-mode AD)" if get_method(cfg.method.name).jvp else None}
 
 
 def measure_step_ms(config: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: int = 3,
@@ -334,6 +332,7 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
               *, device: str, command: str = "") -> Dict[str, Any]:
     """The profile record (``profile.json``) from every rank's :func:`profile_trainer` output."""
     world = len(ranks)
+    spec = get_method(cfg.method.name)
     gb = cfg.train.global_batch
     per_rank_samples = gb / world
     steps = [r["steps"] for r in ranks]
@@ -353,7 +352,7 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         "device": device, "versions": versions(), "world_size": world, **trainer_info,
         "method": cfg.method.name, "arch": cfg.model.arch, "size": cfg.model.size,
         "precision": cfg.train.precision, "bf16_weights": cfg.bf16_weights,
-        "jvp_dtype": cfg.method.sct.jvp_dtype if cfg.method.name in ("sct", "scd") else None,
+        "jvp_dtype": spec.jvp_dtype(cfg.method) if spec.jvp else None,
         "zero_stage": cfg.zero_stage,
         "global_batch": gb, "steps": n, "warmup": opts.warmup,
         "step_ms": {k: v * 1e3 for k, v in agg.items()},
@@ -378,7 +377,7 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         out["flops"] = {
             "forward_per_sample": fwd,
             "forward_per_sample_closed_form": closed,
-            "jvp_per_sample_closed_form": dit_jvp_flops(cfg.model) if closed and cfg.method.name in ("sct", "scd") else None,
+            "jvp_per_sample_closed_form": dit_jvp_flops(cfg.model) if closed and spec.jvp else None,
             "per_sample_by_phase": per_sample,
             "per_step_all_ranks": step_flops,
             "per_step_ratio_to_forward": step_flops / gb / fwd if fwd else None,

@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from .config import Config, save_config
 from .distributed import DistEnv, init_distributed
 from .ema import EMA
+from .methods import get_method
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
 from .precision import precision_plan, set_tf32
@@ -181,7 +182,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str, *, resume: str | None = None, dist: DistEnv | None = None):
         from .data import load_stats
         from .methods import build_loss
-        from .models import build_model
+        from .methods import build_model
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -227,13 +228,15 @@ class Trainer:
             coupler = functools.partial(couple_noise_global, method=ot.method, backend=ot.backend,
                                         eps=ot.sinkhorn_eps, iters=ot.sinkhorn_iters, per_class=ot.per_class)
         teacher = None
-        if cfg.method.name == "scd":
+        spec = get_method(cfg.method.name)
+        if spec.teacher is not None:
             # The frozen teacher, checked against the student before anything trains; the student starts from it
             # (both still whole here: wrap partitions them under ZeRO-3).
             from .distill import init_student_from_teacher, load_teacher
 
-            teacher = load_teacher(cfg.method.scd, cfg, d.device)
-            if cfg.method.scd.init_from_teacher:
+            section = getattr(cfg.method, spec.teacher[0])
+            teacher = load_teacher(section, cfg, d.device)
+            if section.init_from_teacher:
                 init_student_from_teacher(self.module, teacher)
 
         optimizer = build_optimizer(self.module.parameters(), cfg.optim, d.device)
@@ -294,7 +297,7 @@ class Trainer:
     def _eval_net(self) -> torch.nn.Module:
         """An unpartitioned copy of the model holding the evaluated EMA, on every rank (a collective under
         ZeRO-3: the live weights and the EMA's per-rank partitions are gathered)."""
-        from .models import build_model
+        from .methods import build_model
 
         net = build_model(self.cfg.model, self.cfg.method)
         net.load_state_dict(self._gathered_weights(everywhere=True))
@@ -565,7 +568,7 @@ class Trainer:
 
         Uses the first EMA; under ZeRO-3 the EMA lives in per-rank partitions, so the periodic grid shows
         the live weights instead (the exported EMA is consolidated offline by ``launch/export.py``)."""
-        from .models import build_model
+        from .methods import build_model
         from .sample import generate
 
         gathered = self._gathered_weights()

@@ -69,7 +69,7 @@ def _teacher(tmp: str) -> str:
     from safetensors.torch import save_file
 
     from lct_fast.config import load_config, save_config
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
 
     cfg = load_config("tiny_trigflow")
     torch.manual_seed(1)
@@ -83,7 +83,7 @@ def _teacher(tmp: str) -> str:
 
 def record_case(preset: str, overrides: List[str], tmp: str) -> dict:
     from lct_fast.config import load_config
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
     from lct_fast.sample import generate
     from lct_fast.trainer import Trainer
 

@@ -10,7 +10,7 @@ import torch
 
 from lct_fast.config import load_config
 from lct_fast.methods.sct import sct_tangent
-from lct_fast.models import build_model
+from lct_fast.methods import build_model
 from lct_fast.models.layers import compile_blocks
 
 

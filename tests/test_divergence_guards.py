@@ -21,9 +21,10 @@ import math
 import pytest
 import torch
 
-from lct_fast.config import ICTConfig, MethodConfig, load_config
+from lct_fast.config import MethodConfig, load_config
+from lct_fast.methods.ict import ICTConfig
 from lct_fast.methods import ICTLoss, schedules
-from lct_fast.models import build_model
+from lct_fast.methods import build_model
 from lct_fast.sample import generate
 from lct_fast.trainer import Trainer, divergence_floors
 

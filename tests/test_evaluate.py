@@ -136,7 +136,7 @@ def test_marginal_w1_and_latent_baselines():
 
 def test_generate_share_equals_whole_draw_and_cfg():
     from lct_fast.config import load_config
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
     from lct_fast.sample import generate
     from model_helpers import randomize
 
@@ -165,7 +165,7 @@ def run(tmp_path_factory, weights):
 
     from lct_fast.config import load_config, save_config
     from lct_fast.data.writer import ShardWriter
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
 
     root = tmp_path_factory.mktemp("evalrun")
     g = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 from lct_fast.config import load_config
 from lct_fast.flops import (ATTENTION_PASS_FACTOR, FlopCounter, attention_flops, count_flops, dit_forward_flops,
                             dit_jvp_flops, peak_tflops)
-from lct_fast.models import build_model
+from lct_fast.methods import build_model
 from lct_fast.ops import attention_reference
 
 # The tiny preset and a DiT with every dimension different (width, depth, heads, patch, MLP ratio,

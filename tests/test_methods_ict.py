@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lct_fast.config import ICTConfig, MethodConfig, OTConfig
+from lct_fast.config import MethodConfig, OTConfig
+from lct_fast.methods.ict import ICTConfig
 from lct_fast.methods import ICTLoss, build_loss, schedules
 from test_methods_standins import tiny_ve
 
@@ -149,7 +150,7 @@ def test_mean_and_sum_reductions_train_the_same_loss(c_mode, c_norm, distance, p
     """c is defined on one norm (c_norm) and converted to the reduction: √(Σ + c²) − c = √D·(√(m + (c/√D)²) − c/√D)
     and ln(1 + Σ/2c²) = ln(1 + m/2(c/√D)²), so the sum-reduced loss is D^power × the mean-reduced one, gradients
     included (Cauchy: identical)."""
-    models = pytest.importorskip("lct_fast.models")
+    from lct_fast import methods as models  # build_model: the method's preconditioning
     from lct_fast.config import ModelConfig
     mcfg = ModelConfig(arch="dit", size="custom", width=32, depth=1, heads=2, patch_size=2, in_channels=4,
                        resolution=8, num_classes=0)
@@ -316,7 +317,7 @@ def test_coupler_is_injectable():
 
 def test_real_model_integration():
     """The real VEPrecond/backbone from lct_fast.models through the loss (forward, backward, metrics)."""
-    models = pytest.importorskip("lct_fast.models")
+    from lct_fast import methods as models  # build_model: the method's preconditioning
     from lct_fast.config import ModelConfig
     mcfg = ModelConfig(arch="dit", size="custom", width=32, depth=1, heads=2, patch_size=2, in_channels=4,
                        resolution=8, num_classes=3, dropout=0.1)

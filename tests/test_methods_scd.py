@@ -8,7 +8,7 @@ import torch
 from lct_fast.config import ConfigError, load_config, save_config
 from lct_fast.methods import build_loss
 from lct_fast.methods.sct import sct_tangent
-from lct_fast.models import build_model
+from lct_fast.methods import build_model
 
 SD = 0.5
 

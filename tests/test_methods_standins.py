@@ -2,7 +2,7 @@
 
 The methods tests use them for unit checks that need float64 or full control of the network (the
 real ``lct_fast.models`` wrappers compute in float32 by contract). The integration/training tests use
-the real ``lct_fast.models.build_model`` when it is importable. The tests in this file check that the
+the real ``lct_fast.methods.build_model`` when it is importable. The tests in this file check that the
 stand-ins honour the contract (boundary condition, shared dropout masks, TrigFlow identities), since
 the methods tests rely on those properties.
 """

@@ -18,7 +18,9 @@ import math
 import pytest
 import torch
 
-from lct_fast.config import ICTConfig, MethodConfig, SCTConfig
+from lct_fast.config import MethodConfig
+from lct_fast.methods.ict import ICTConfig
+from lct_fast.methods.sct import SCTConfig
 from lct_fast.methods import build_loss
 from test_methods_standins import tiny_trigflow, tiny_ve
 

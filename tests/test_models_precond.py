@@ -6,7 +6,8 @@ import torch
 
 from model_helpers import randomize as _randomize, small_cfg  # noqa: E402
 
-from lct_fast.models import TrigFlowPrecond, VEPrecond, build_backbone, build_model
+from lct_fast.methods import build_model
+from lct_fast.models import TrigFlowPrecond, VEPrecond, build_backbone
 
 try:
     from lct_fast.config import MethodConfig, ModelConfig

@@ -303,7 +303,7 @@ def _dit_step(model, x, sigma, labels):
 
 def _dit_models(device, dtype=torch.float32, **kw):
     from lct_fast.config import MethodConfig
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
     # (not "tests.model_helpers": torch-fidelity 0.4.0 installs a top-level package named "tests")
     from model_helpers import randomize, small_cfg
 

@@ -111,7 +111,7 @@ def test_sct_loss_is_bit_identical_to_pytorchs_rule(monkeypatch, preset):
     PyTorch's own forward-AD rule (which adds x·0 to the same product)."""
     from lct_fast.config import load_config
     from lct_fast.methods import build_loss
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
 
     sets = ["model.arch=unet", "model.unet_channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
             "model.attn_resolutions=[4]", "model.head_channels=8", "model.norm=groupnorm",

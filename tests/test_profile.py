@@ -427,7 +427,7 @@ def test_scd_profile_reports_the_teacher_phase_on_zero3(tmp_path):
     from safetensors.torch import save_file
 
     from lct_fast.config import save_config
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
 
     tcfg = load_config("tiny_trigflow", ["model.width=32"])
     teacher = build_model(tcfg.model, tcfg.method)

@@ -11,8 +11,11 @@ import torch
 import torch.nn as nn
 
 from lct_fast import sample as S
-from lct_fast.config import ICTConfig, MethodConfig, SCTConfig, load_config, save_config
-from lct_fast.models import TrigFlowPrecond, VEPrecond, build_model
+from lct_fast.config import MethodConfig, load_config, save_config
+from lct_fast.methods.ict import ICTConfig
+from lct_fast.methods.sct import SCTConfig
+from lct_fast.methods import build_model
+from lct_fast.models import TrigFlowPrecond, VEPrecond
 
 SHAPE = (4, 8, 8)
 

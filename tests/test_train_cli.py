@@ -44,7 +44,7 @@ def metrics(run):
 
 def test_dry_run_prints_config_and_meta_param_count():
     from lct_fast.config import load_config
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
 
     proc = train("--config", "configs/tiny.json", "--dry-run", "--set", "model.width=48")
     text = proc.stdout
@@ -120,7 +120,7 @@ def test_resume_is_exact(tmp_path, preset, ranks, stage, compiled):
     from safetensors.torch import load_file
 
     from lct_fast.config import load_config
-    from lct_fast.models import build_model
+    from lct_fast.methods import build_model
 
     cfg = load_config(preset, common)
     shapes = {n: p.shape for n, p in build_model(cfg.model, cfg.method).named_parameters()}

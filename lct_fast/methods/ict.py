@@ -11,21 +11,103 @@ presets of the same object.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
-
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import schedules
 from ..profiling import phase
-from .common import Coupler, config_coupler, draw_seed, identity_coupler, drop_labels, null_class, prepare_batch, randn_like_gen
+from ..validate import ConfigError, choice, positive, unit
+from . import schedules
+from .base import Draw, MethodLoss
+from .common import Coupler, config_coupler
 from .distances import reduce_squared, robust_distance
+from .registry import MethodSpec, register
+from .sampling import Sampler, check_steps, eval_no_grad, guided, next_noise
 
-__all__ = ["ICTLoss"]
+__all__ = ["ICTConfig", "ICTLoss", "ict_sigmas", "ict_sample", "SPEC"]
 
 
-class ICTLoss:
+@dataclass
+class ICTConfig:
+    sigma_min: float = 0.002
+    """Smallest noise level (boundary condition f(x, sigma_min) = x)."""
+    sigma_max: float = 80.0
+    """Largest noise level (1-step sampling starts at sigma_max * z)."""
+    rho: float = 7.0
+    """Karras grid exponent."""
+    s0: int = 10
+    """Curriculum: initial number of discretisation steps (eq. 10)."""
+    s1: int = 640
+    """Curriculum: final number of discretisation steps (eq. 10)."""
+    p_mean: float = -1.1
+    """Discrete lognormal pair sampling: mean of ln sigma."""
+    p_std: float = 2.0
+    """Discrete lognormal pair sampling: std of ln sigma."""
+    distance: str = "cauchy"
+    """Robust distance: l2 | pseudo_huber (eq. 7) | cauchy (eq. 6) | geman_mcclure (eq. 8)."""
+    reduction: str = "mean"
+    """Per-sample reduction of the squared difference over the D latent dims: mean | sum. c is converted to it
+    (see c_norm), so both train the same loss (identical Cauchy / Geman-McClure, sqrt(D) x pseudo-Huber)."""
+    c_mode: str = "adaptive"
+    """Robustness scale c: fixed (c0 = c0_coeff * sqrt(D), iCT) | adaptive (eq. 11)."""
+    c_norm: str = "mean"
+    """The norm on which c0 and eq. 11 define c (SPEC §2): sum (reading a: iCT's summed squared norm; eq. 11 is
+    c at the paper's D = c_ref_dim and scales by sqrt(D / c_ref_dim)) | mean (reading b: both applied to the
+    per-dimension mean, a c sqrt(D) x larger than iCT's). With reduction=mean, reading a gives c0 = c0_coeff and
+    eq. 11 / 64; reading b gives c0 = c0_coeff * sqrt(D) and eq. 11 as is."""
+    c_ref_dim: int = 4096
+    """Reading a: the data dimension at which eq. 11 was fitted (the paper's 4x32x32 latents)."""
+    c0_coeff: float = 0.00054
+    """Fixed c: c0 = c0_coeff * sqrt(D) on the c_norm norm."""
+    c_a: float = -1.18
+    """Adaptive c (eq. 11): c = exp(c_a * ln(N(k) - 1) + c_b). Authors' code used -1.15."""
+    c_b: float = -0.72
+    """Adaptive c (eq. 11) intercept. Authors' code used -0.85."""
+    diffusion_r: float = 0.25
+    """Diffusion loss (eq. 9) on pair indices i <= floor(N * r); 0 disables it."""
+    diffusion_weight: float = 5.0
+    """Weight of the diffusion loss term (the authors' released code: 5)."""
+    diffusion_sigma_weight: str = "edm"
+    """Per-sigma weighting of the diffusion loss at the online level: edm (1/sigma^2 + 1/sigma_d^2, the
+    authors' code; it puts the term on the scale of the consistency term) | none | lambda | snr."""
+    diffusion_average: str = "selected"
+    """Average of the diffusion term: selected (over the samples whose pair gets it, the authors' code) | batch
+    (over the whole batch, i.e. diluted by the selected fraction)."""
+    sigma_mid: float = 0.821
+    """Intermediate noise level for 2-step sampling."""
+    noise_scale: float = 250.0
+    """The backbone sees c_noise = noise_scale * ln(sigma) (iCT / CM: 250) in its positional embedding."""
+
+    def __post_init__(self) -> None:
+        positive("method.ict.sigma_min", self.sigma_min)
+        positive("method.ict.noise_scale", self.noise_scale)
+        if self.sigma_max <= self.sigma_min:
+            raise ConfigError(f"method.ict.sigma_max: expected > sigma_min={self.sigma_min}, got {self.sigma_max}")
+        positive("method.ict.rho", self.rho)
+        positive("method.ict.s0", self.s0)
+        if self.s1 < self.s0:
+            raise ConfigError(f"method.ict.s1: expected >= s0={self.s0}, got {self.s1}")
+        positive("method.ict.p_std", self.p_std)
+        choice("method.ict.distance", self.distance, ["l2", "pseudo_huber", "cauchy", "geman_mcclure"])
+        choice("method.ict.reduction", self.reduction, ["mean", "sum"])
+        choice("method.ict.c_mode", self.c_mode, ["fixed", "adaptive"])
+        choice("method.ict.c_norm", self.c_norm, ["sum", "mean"])
+        positive("method.ict.c_ref_dim", self.c_ref_dim)
+        positive("method.ict.c0_coeff", self.c0_coeff)
+        unit("method.ict.diffusion_r", self.diffusion_r, closed=True)
+        positive("method.ict.diffusion_weight", self.diffusion_weight, allow_zero=True)
+        choice("method.ict.diffusion_sigma_weight", self.diffusion_sigma_weight, ["edm", "none", "lambda", "snr"])
+        choice("method.ict.diffusion_average", self.diffusion_average, ["selected", "batch"])
+        if not self.sigma_min < self.sigma_mid < self.sigma_max:
+            raise ConfigError(f"method.ict.sigma_mid: expected in (sigma_min, sigma_max), got {self.sigma_mid}")
+
+
+
+
+class ICTLoss(MethodLoss):
     """iCT/iLCT loss with the latent CT paper's switches.
 
     Switches (explicit arguments; :meth:`from_config` reads them from ``MethodConfig.ict``): ``distance``
@@ -46,14 +128,11 @@ class ICTLoss:
                  c_norm: str = "mean", c_ref_dim: int = schedules.EQ11_REF_DIM,
                  diffusion_r: float, diffusion_weight: float, diffusion_sigma_weight: str,
                  diffusion_average: str = "selected", coupler: Optional[Coupler] = None) -> None:
-        if data_dim < 1:
-            raise ValueError(f"ICTLoss: data_dim must be >= 1, got {data_dim}")
+        super().__init__(data_dim=data_dim, sigma_data=sigma_data, label_dropout=label_dropout, noise_std=1.0,
+                         coupler=coupler)
         if total_steps < 1:
             raise ValueError(f"ICTLoss: total_steps must be >= 1, got {total_steps}")
-        self.data_dim = int(data_dim)
         self.total_steps = int(total_steps)
-        self.sigma_data = float(sigma_data)
-        self.label_dropout = float(label_dropout)
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.s0, self.s1 = int(s0), int(s1)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
@@ -64,9 +143,6 @@ class ICTLoss:
         self.diffusion_r, self.diffusion_weight = float(diffusion_r), float(diffusion_weight)
         self.diffusion_sigma_weight = str(diffusion_sigma_weight)
         self.diffusion_average = str(diffusion_average)
-        # (x0, z, labels) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
-        # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
-        self.coupler = coupler or identity_coupler
         # Fail at construction, not at step 1, on a bad switch value.
         robust_distance(self.distance, torch.zeros(1), 1.0)
         reduce_squared(torch.zeros(1, 1), self.reduction)
@@ -76,14 +152,13 @@ class ICTLoss:
                              f"got {self.diffusion_sigma_weight!r}")
         if self.diffusion_average not in ("selected", "batch"):
             raise ValueError(f"ICTLoss: diffusion_average must be selected|batch, got {self.diffusion_average!r}")
-        self.metrics: Dict[str, torch.Tensor] = {}
-        self._grid_cache: Dict[int, tuple] = {}
+        self._grid_cache: dict = {}
 
     @classmethod
     def from_config(cls, cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None
                     ) -> "ICTLoss":
-        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``ict``); ``coupler`` from
-        :func:`lct_fast.methods.build_loss` (default: the per-micro-batch coupling of ``cfg.ot``)."""
+        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``ict``); ``coupler``: the trainer's
+        (default: the per-micro-batch coupling of ``cfg.ot``)."""
         ict = cfg.ict
         return cls(data_dim=data_dim, total_steps=total_steps, sigma_data=cfg.sigma_data,
                    label_dropout=cfg.label_dropout, sigma_min=ict.sigma_min, sigma_max=ict.sigma_max, rho=ict.rho,
@@ -125,32 +200,19 @@ class ICTLoss:
             return sd2 / (sig_hi.square() + sd2)
         return torch.ones_like(sig_hi)
 
-    def diagnostics(self, target_net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *,
-                    generator: torch.Generator) -> Dict[str, torch.Tensor]:
-        """Extra divergence diagnostics for the log interval (none beyond the per-step metrics)."""
-        return {}
-
     # ------------------------------------------------------------------ loss
-    def __call__(self, net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *, step: int,
-                 generator: torch.Generator, target_net: Optional[nn.Module] = None) -> torch.Tensor:
-        """Per-sample loss [B] (float32, or float64 for float64 inputs). See the module docstring."""
-        target_net = net if target_net is None else target_net
-        x0, bshape = prepare_batch("ICTLoss", x0, self.data_dim)
+    def draw_times(self, batch: int, generator: torch.Generator, x0: torch.Tensor, step: int) -> torch.Tensor:
+        """The pair index j (0-based: levels σ_j, σ_{j+1}) of each sample, from the discrete lognormal."""
+        _, probs = self._grid(self.num_levels(step))
+        return schedules.sample_pair_indices(probs, batch, generator).cpu()
+
+    def loss(self, net: nn.Module, target_net: nn.Module, d: Draw, *, step: int,
+             generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss [B]. See the module docstring."""
+        x0, bshape, labels, z, j, dropout_seed = d.x0, d.bshape, d.labels, d.z, d.t, d.dropout_seed
         batch, dev = x0.shape[0], x0.device
-
         n = self.num_levels(step)
-        sig_grid, probs = self._grid(n)
-        # All randomness from the passed generator, in a fixed order (reproducible per step seed).
-        j = schedules.sample_pair_indices(probs, batch, generator).cpu()          # 0-based: pair (j, j+1)
-        z = randn_like_gen(x0, generator)                                           # VE noise, unit std
-        dropout_seed = draw_seed(generator)
-        if self.label_dropout > 0 and labels is not None:
-            labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
-
-        # §4.4: couple before noising; the same (permuted) z serves both levels.
-        with phase("ot"):
-            z, ot_ratio = self.coupler(x0, z, labels)
-
+        sig_grid, _ = self._grid(n)
         sig_lo64, sig_hi64 = sig_grid[j], sig_grid[j + 1]
         lam = (1.0 / (sig_hi64 - sig_lo64)).to(device=dev, dtype=x0.dtype)        # λ(σ_i), float64 difference
         sig_lo = sig_lo64.to(device=dev, dtype=x0.dtype)
@@ -195,6 +257,79 @@ class ICTLoss:
                 "diffusion_cutoff": torch.tensor(float(cutoff), device=dev),
                 "diffusion_frac": diff_frac.detach().float(),
                 "lambda_mean": lam.detach().mean().float(),
-                "ot_cost_ratio": ot_ratio.detach().float(),
+                "ot_cost_ratio": d.ot_ratio.detach().float(),
             }
         return loss
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def ict_sigmas(steps: int, *, sigma_max: float = 80.0, sigma_mid: float = 0.821, sigma_min: float = 0.002,
+               rho: float = 7.0) -> tuple[float, ...]:
+    """Noise levels of ``steps``-step iCT sampling: (σ_max,), (σ_max, σ_mid), and for k > 2 steps σ_max
+    followed by k−1 levels Karras-spaced (ρ) from σ_mid towards σ_min (σ_min itself excluded — f there is
+    the identity)."""
+    check_steps(steps)
+    if not sigma_min < sigma_mid < sigma_max:
+        raise ValueError(f"sample: need sigma_min < sigma_mid < sigma_max, got {sigma_min}, {sigma_mid}, {sigma_max}")
+    if steps == 1:
+        return (float(sigma_max),)
+    a, b = sigma_mid ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    k = steps - 1
+    rest = tuple(float((a + j / k * (b - a)) ** rho) for j in range(1, k))
+    return (float(sigma_max), float(sigma_mid)) + rest
+
+
+def ict_sample(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+               sigmas: Sequence[float] = (80.0,), sigma_min: float = 0.002,
+               noise: Optional[Sequence[torch.Tensor]] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """iCT sampling (SPEC §2) from standard-normal ``z`` through the levels ``sigmas`` (first = σ_max).
+
+    x = f(σ_0·z, σ_0); x = f(x + √(σ_i² − σ_min²)·z_i, σ_i) for i ≥ 1, with z_i = ``noise[i-1]`` or drawn
+    from ``generator``. Runs under no_grad in eval mode; returns float32.
+    """
+    if len(sigmas) < 1:
+        raise ValueError("sample: sigmas must hold at least one noise level")
+    if any(s <= sigma_min for s in sigmas):
+        raise ValueError(f"sample: every sigma must be > sigma_min={sigma_min}, got {tuple(sigmas)}")
+    z = z.float()
+    with eval_no_grad(net):
+        x = net(sigmas[0] * z, float(sigmas[0]), labels).float()
+        for i, s in enumerate(sigmas[1:]):
+            zi = next_noise(i, z, noise, generator)
+            x = net(x + math.sqrt(s * s - sigma_min * sigma_min) * zi, float(s), labels).float()
+    return x
+
+
+def ict_sampler(method_cfg: Any, steps: int, *, schedule: Optional[Sequence[float]] = None, cfg_scale: float = 1.0,
+                null_label: int = 0) -> Sampler:
+    """``steps``-step iCT sampling (σ_mid from the config; explicit ``schedule`` = the σ levels)."""
+    icfg = method_cfg.ict
+    sigmas = tuple(schedule) if schedule is not None else ict_sigmas(
+        steps, sigma_max=icfg.sigma_max, sigma_mid=icfg.sigma_mid, sigma_min=icfg.sigma_min, rho=getattr(icfg, "rho", 7.0))
+
+    def run(net: nn.Module, noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        return ict_sample(guided(net, cfg_scale, null_label), noise[0], labels, sigmas=sigmas,
+                          sigma_min=icfg.sigma_min, noise=noise[1:])
+
+    return Sampler(schedule=sigmas, draws=len(sigmas), run=run)
+
+
+def _precond(backbone: nn.Module, method_cfg: Any) -> nn.Module:
+    from ..models.precond import VEPrecond
+
+    ict = method_cfg.ict
+    return VEPrecond(backbone, sigma_data=float(getattr(method_cfg, "sigma_data", 0.5)),
+                     sigma_min=float(getattr(ict, "sigma_min", 0.002)),
+                     noise_scale=float(getattr(ict, "noise_scale", 250.0)))
+
+
+def _loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None,
+          teacher: Any = None) -> ICTLoss:
+    return ICTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
+
+
+SPEC = register(MethodSpec(
+    name="ict", summary="discrete-time improved latent consistency training (iLCT)",
+    sections=(("ict", ICTConfig),), precond=_precond, loss=_loss, sampler=ict_sampler,
+    nfe=lambda method_cfg, steps: steps, probe_level=1.0, sampler_keys=("ict.sigma_mid",)))

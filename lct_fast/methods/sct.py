@@ -39,19 +39,66 @@ in g ← g/(‖g‖+c) or a fast-moving network).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ..profiling import phase
+from ..validate import ConfigError, choice, positive
 from . import schedules
-from .common import (Coupler, adaptive_weighting, config_coupler, draw_seed, drop_labels, identity_coupler, null_class, prepare_batch,
-                     randn_like_gen, unwrap)
+from .base import Draw, MethodLoss
+from .common import Coupler, adaptive_weighting, config_coupler, draw_seed, null_class, prepare_batch, randn_like_gen, unwrap
+from .registry import MethodSpec, register
+from .sampling import Sampler, check_steps, eval_no_grad, guided, next_noise
 
-__all__ = ["SCTLoss", "sct_tangent", "derivative_split"]
+__all__ = ["SCTConfig", "SCTLoss", "sct_tangent", "derivative_split", "sct_times", "sct_sample", "sct_sampler",
+           "check_adaptive_weight", "SPEC"]
+
+
+@dataclass
+class SCTConfig:
+    p_mean: float = -1.0
+    """Time sampling: tau ~ N(p_mean, p_std^2), t = arctan(e^tau / sigma_d)."""
+    p_std: float = 1.4
+    """Time sampling standard deviation."""
+    tangent_warmup: int = 10000
+    """Tangent warm-up H in iterations: r = min(1, k / H); 0 disables the warm-up."""
+    g_norm_c: float = 0.1
+    """Tangent normalisation g <- g / (||g|| + c)."""
+    prior_weight: bool = False
+    """Prior weight 1 / (sigma_d * tan t) on the squared term only (e^{-w} * lambda * d + w, EDM2/sCM form), so
+    that the learned w(t) absorbs it."""
+    adaptive_weight: bool = True
+    """Learned adaptive weighting w_phi(t) (needs model.adaptive_weight)."""
+    jvp_dtype: str = "fp32"
+    """Precision of the forward-mode JVP pass: fp32 | bf16 | fp16."""
+    distance: str = "l2"
+    """Distance between F_theta and F^- + g: l2 | cauchy (the iLCT robust loss on top of sCT)."""
+    cauchy_c: float = 0.0
+    """Cauchy scale for the sCT robust option; 0 = c0 rule 0.00054 * sqrt(D)."""
+    t_mid: float = 1.1
+    """Intermediate time for 2-step sampling."""
+    time_scale: float = 1.0
+    """The backbone sees c_noise = time_scale * t. sCM conditions on c_noise(t) = t (Tables 3-4, Fig. 4): a
+    scale s multiplies dF/dt, and with it the tangent J, by s (measured: 1000 diverges on real data)."""
+
+    def __post_init__(self) -> None:
+        positive("method.sct.p_std", self.p_std)
+        positive("method.sct.tangent_warmup", self.tangent_warmup, allow_zero=True)
+        positive("method.sct.g_norm_c", self.g_norm_c)
+        choice("method.sct.jvp_dtype", self.jvp_dtype, ["fp32", "bf16", "fp16"])
+        choice("method.sct.distance", self.distance, ["l2", "cauchy"])
+        positive("method.sct.cauchy_c", self.cauchy_c, allow_zero=True)
+        if not 0.0 < self.t_mid < math.pi / 2:
+            raise ConfigError(f"method.sct.t_mid: expected in (0, pi/2), got {self.t_mid}")
+        positive("method.sct.time_scale", self.time_scale)
+
+
 
 _JVP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -144,7 +191,7 @@ def derivative_split(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, 
     return out[0], out[1]
 
 
-class SCTLoss:
+class SCTLoss(MethodLoss):
     """sCT loss (TrigFlow, adaptive weighting, tangent warm-up and normalisation) with optional OT / Cauchy.
 
     Explicit arguments (:meth:`from_config` reads them from ``MethodConfig.sct``).
@@ -161,12 +208,9 @@ class SCTLoss:
                  jvp_dtype: str, distance: str, cauchy_c: float = 0.0, coupler: Optional[Coupler] = None,
                  teacher: Optional[nn.Module] = None, guidance: float = 1.0,
                  guidance_range: Optional[Tuple[float, float]] = None) -> None:
-        if data_dim < 1:
-            raise ValueError(f"SCTLoss: data_dim must be >= 1, got {data_dim}")
-        self.data_dim = int(data_dim)
+        super().__init__(data_dim=data_dim, sigma_data=sigma_data, label_dropout=label_dropout,
+                         noise_std=sigma_data, coupler=coupler)
         self.total_steps = int(total_steps)
-        self.sigma_data = float(sigma_data)
-        self.label_dropout = float(label_dropout)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.tangent_warmup = int(tangent_warmup)
         self.g_norm_c = float(g_norm_c)
@@ -179,9 +223,6 @@ class SCTLoss:
         if self.jvp_dtype not in _JVP_DTYPES:
             raise ValueError(f"SCTLoss: sct.jvp_dtype must be one of {sorted(_JVP_DTYPES)}, got {self.jvp_dtype!r}")
         self.cauchy_c = float(cauchy_c) if cauchy_c > 0 else schedules.fixed_c(self.data_dim)
-        # (x0, z, labels) -> (z paired with x0, cost ratio vs identity): per micro-batch (methods.common.couple_noise)
-        # or across ranks (lct_fast.ot_global); None pairs z with x0 as drawn.
-        self.coupler = coupler or identity_coupler
         # sCD: the frozen teacher whose (guided) velocity replaces the data velocity in the tangent; with
         # ``guidance_range`` (lo, hi) the scale is drawn per sample and is also the student's input.
         self.teacher, self.guidance = teacher, float(guidance)
@@ -193,26 +234,21 @@ class SCTLoss:
                 raise ValueError(f"SCTLoss: guidance_range must satisfy 0 < lo <= hi, got {guidance_range}")
             guidance_range = (lo, hi)
         self.guidance_range = guidance_range
-        self.metrics: Dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None,
-                    teacher: Optional[nn.Module] = None) -> "SCTLoss":
-        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``sct``; for ``scd`` also ``scd.guidance``
-        and the ``teacher`` module); ``coupler`` from :func:`lct_fast.methods.build_loss` (default: the
-        per-micro-batch coupling of ``cfg.ot``)."""
-        if cfg.name == "scd" and teacher is None:
-            raise ValueError("method scd needs the teacher module (lct_fast.distill.load_teacher)")
+                    teacher: Optional[nn.Module] = None, guidance: float = 1.0,
+                    guidance_range: Optional[Tuple[float, float]] = None) -> "SCTLoss":
+        """From a ``MethodConfig`` (``sigma_data``, ``label_dropout``, ``sct``); ``coupler``: the trainer's
+        (default: the per-micro-batch coupling of ``cfg.ot``); ``teacher`` / ``guidance`` / ``guidance_range``:
+        distillation (``lct_fast.methods.scd``)."""
         s = cfg.sct
         return cls(data_dim=data_dim, total_steps=total_steps, sigma_data=cfg.sigma_data,
                    label_dropout=cfg.label_dropout, p_mean=s.p_mean, p_std=s.p_std, tangent_warmup=s.tangent_warmup,
                    g_norm_c=s.g_norm_c, prior_weight=s.prior_weight, adaptive_weight=s.adaptive_weight,
                    jvp_dtype=s.jvp_dtype, distance=s.distance, cauchy_c=s.cauchy_c,
                    coupler=coupler if coupler is not None else config_coupler(cfg.ot),
-                   teacher=teacher if cfg.name == "scd" else None,
-                   guidance=cfg.scd.guidance if cfg.name == "scd" else 1.0,
-                   guidance_range=((cfg.scd.guidance_min, cfg.scd.guidance_max)
-                                   if cfg.name == "scd" and cfg.scd.guidance_conditioned else None))
+                   teacher=teacher, guidance=guidance, guidance_range=guidance_range)
 
     def velocity(self, x0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                  labels: Optional[torch.Tensor], null_label: Optional[int] = None,
@@ -259,22 +295,16 @@ class SCTLoss:
             return two_c2 * torch.log1p(m / two_c2)   # eq. 6, rescaled to match L2 for small m
         return m
 
-    def __call__(self, net: nn.Module, x0: torch.Tensor, labels: Optional[torch.Tensor], *, step: int,
-                 generator: torch.Generator, target_net: Optional[nn.Module] = None) -> torch.Tensor:
-        """Per-sample loss [B] (float32, or float64 for float64 inputs)."""
-        target_net = net if target_net is None else target_net
-        x0, bshape = prepare_batch("SCTLoss", x0, self.data_dim)
-        batch, dev = x0.shape[0], x0.device
-        sd = self.sigma_data
+    def draw_times(self, batch: int, generator: torch.Generator, x0: torch.Tensor, step: int) -> torch.Tensor:
+        """t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²)."""
+        return schedules.sample_sct_times(batch, self.p_mean, self.p_std, self.sigma_data, generator,
+                                          device=x0.device).to(x0.dtype)
 
-        t = schedules.sample_sct_times(batch, self.p_mean, self.p_std, sd, generator, device=dev).to(x0.dtype)
-        z = randn_like_gen(x0, generator) * sd
-        dropout_seed = draw_seed(generator)
-        if self.label_dropout > 0 and labels is not None:
-            labels = drop_labels(labels, self.label_dropout, null_class(target_net), generator)
-        with phase("ot"):
-            z, ot_ratio = self.coupler(x0, z, labels)
-
+    def loss(self, net: nn.Module, target_net: nn.Module, d: Draw, *, step: int,
+             generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss [B] (see the module docstring)."""
+        x0, bshape, labels, z, t, dropout_seed = d.x0, d.bshape, d.labels, d.z, d.t, d.dropout_seed
+        batch, dev, sd = x0.shape[0], x0.device, self.sigma_data
         ct, st = torch.cos(t).view(bshape), torch.sin(t).view(bshape)
         x_t = ct * x0 + st * z
         s_cfg = None                                           # per-sample guidance of a conditioned student
@@ -300,12 +330,12 @@ class SCTLoss:
         # ∇θ ‖F_θ − sg(F_θ) − g‖² = −2 gᵀ∇θF_θ. td_abs below reports the size of that mismatch.
         resid = f_theta - f_theta.detach() - g
         m = resid.flatten(1).square().mean(dim=1)             # ‖·‖²/D
-        d = self._distance(m)
+        dist = self._distance(m)
         if self.prior_weight:
             # Prior weight λ(t) = 1/(σ_d tan t) on the squared term only (EDM2 / sCM: e^{−w}·λ·d + w): the
             # learned w then absorbs λ instead of having its own +w term rescaled.
-            d = d / (sd * torch.tan(t))
-        loss, w = adaptive_weighting(online, t, d, self.adaptive_weight, "sct.adaptive_weight")
+            dist = dist / (sd * torch.tan(t))
+        loss, w = adaptive_weighting(online, t, dist, self.adaptive_weight, "sct.adaptive_weight")
 
         with torch.no_grad():
             self.metrics = {
@@ -319,6 +349,85 @@ class SCTLoss:
                 "r": torch.tensor(r, dtype=torch.float32, device=dev),
                 "logvar_mean": w.detach().mean().float(),
                 "t_mean": t.mean().float(),
-                "ot_cost_ratio": ot_ratio.detach().float(),
+                "ot_cost_ratio": d.ot_ratio.detach().float(),
             }
         return loss
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def sct_times(steps: int, *, t_mid: float = 1.1, t_max: float = math.pi / 2) -> tuple[float, ...]:
+    """Times of ``steps``-step sCT sampling: (π/2,), (π/2, t_mid), and for k > 2 steps π/2 followed by k−1
+    times evenly spaced from t_mid towards 0 (0 excluded — f there is the identity)."""
+    check_steps(steps)
+    if not 0.0 < t_mid < t_max:
+        raise ValueError(f"sample: need 0 < t_mid < {t_max}, got t_mid={t_mid}")
+    k = steps - 1
+    return (float(t_max),) + tuple(float(t_mid * (1.0 - j / k)) for j in range(k))
+
+
+
+def sct_sample(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+               ts: Sequence[float] = (math.pi / 2,), sigma_data: float = 0.5,
+               noise: Optional[Sequence[torch.Tensor]] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """sCT / TrigFlow sampling (SPEC §3) from standard-normal ``z`` through the times ``ts`` (first = π/2).
+
+    x = f(σ_d·z, t_0) (at t_0 = π/2 this is −σ_d·F(z, π/2)); x = f(cos t_i·x + sin t_i·σ_d·z_i, t_i) for
+    i ≥ 1. Runs under no_grad in eval mode; returns float32.
+    """
+    if len(ts) < 1:
+        raise ValueError("sample: ts must hold at least one time")
+    if any(not 0.0 < t <= math.pi / 2 + 1e-12 for t in ts):
+        raise ValueError(f"sample: every t must be in (0, pi/2], got {tuple(ts)}")
+    z = z.float()
+    with eval_no_grad(net):
+        x = net(sigma_data * z, float(ts[0]), labels).float()
+        for i, t in enumerate(ts[1:]):
+            zi = next_noise(i, z, noise, generator)
+            x = net(math.cos(t) * x + math.sin(t) * sigma_data * zi, float(t), labels).float()
+    return x
+
+
+def sct_sampler(method_cfg: Any, steps: int, *, schedule: Optional[Sequence[float]] = None, cfg_scale: float = 1.0,
+                null_label: int = 0) -> Sampler:
+    """``steps``-step sCT sampling (t_mid from the config; explicit ``schedule`` = the times). An sCD student
+    samples the same way."""
+    ts = tuple(schedule) if schedule is not None else sct_times(steps, t_mid=method_cfg.sct.t_mid)
+    sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
+
+    def run(net: nn.Module, noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        return sct_sample(guided(net, cfg_scale, null_label), noise[0], labels, ts=ts, sigma_data=sigma_data,
+                          noise=noise[1:])
+
+    return Sampler(schedule=ts, draws=len(ts), run=run)
+
+
+# ------------------------------------------------------------------------------------------ registration
+def trigflow_precond(backbone: nn.Module, sigma_data: float, time_scale: float) -> nn.Module:
+    from ..models.precond import TrigFlowPrecond
+
+    return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=time_scale)
+
+
+def check_adaptive_weight(cfg: Any, enabled: bool, key: str) -> None:
+    """A learned adaptive weight (``key`` = true) needs the network's head (``model.adaptive_weight``)."""
+    if enabled and not cfg.model.adaptive_weight:
+        raise ConfigError(f"model.adaptive_weight: {key}=true needs model.adaptive_weight=true")
+
+
+def _precond(backbone: nn.Module, method_cfg: Any) -> nn.Module:
+    return trigflow_precond(backbone, float(getattr(method_cfg, "sigma_data", 0.5)),
+                            float(getattr(getattr(method_cfg, "sct", None), "time_scale", 1.0)))
+
+
+def _loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None,
+          teacher: Any = None) -> SCTLoss:
+    return SCTLoss.from_config(method_cfg, data_dim=data_dim, total_steps=total_steps, coupler=coupler)
+
+
+SPEC = register(MethodSpec(
+    name="sct", summary="continuous-time consistency training in TrigFlow (sCT)",
+    sections=(("sct", SCTConfig),), precond=_precond, loss=_loss, sampler=sct_sampler,
+    nfe=lambda method_cfg, steps: steps, probe_level=0.7, jvp=True, jvp_dtype=lambda m: m.sct.jvp_dtype,
+    sampler_keys=("sct.t_mid",),
+    check=lambda cfg: check_adaptive_weight(cfg, cfg.method.sct.adaptive_weight, "method.sct.adaptive_weight")))

@@ -3,12 +3,11 @@
 Public API::
 
     build_backbone(model_cfg) -> DiT | UNet
-    build_model(model_cfg, method_cfg) -> VEPrecond ("ict") | TrigFlowPrecond ("sct", "trigflow")
     count_parameters(model_cfg) -> int      # built on the meta device, nothing allocated
     DiT, UNet, VEPrecond, TrigFlowPrecond, NsLN, NsLN2d, DIT_PRESETS
 
-``model_cfg`` / ``method_cfg`` are read by attribute (``lct_fast.config.ModelConfig`` /
-``MethodConfig`` or any object with the same fields).
+``model_cfg`` is read by attribute (``lct_fast.config.ModelConfig`` or any object with the same fields). Which
+preconditioning wraps a backbone is the method's choice: ``lct_fast.methods.build_model``.
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ __all__ = [
     "VEPrecond",
     "build_backbone",
     "classifier_free_guidance",
-    "build_model",
     "count_parameters",
     "make_norm2d",
     "resolve_dit_dims",
@@ -77,24 +75,6 @@ def build_backbone(model_cfg: Any) -> nn.Module:
                     attn_resolutions=tuple(_get(model_cfg, "attn_resolutions", (16, 8))),
                     head_channels=int(_get(model_cfg, "head_channels", 64)), **common)
     raise ValueError(f"model.arch={arch!r} is not one of ['dit', 'unet']")
-
-
-def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
-    """Backbone wrapped in the preconditioning of the method: VEPrecond for "ict", TrigFlow for "sct" and
-    "trigflow" (diffusion in TrigFlow form: the same F, c_noise = t)."""
-    name = _get(method_cfg, "name")
-    sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
-    backbone = build_backbone(model_cfg)
-    if name == "ict":
-        ict = getattr(method_cfg, "ict", None)
-        return VEPrecond(backbone, sigma_data=sigma_data, sigma_min=float(getattr(ict, "sigma_min", 0.002)),
-                         noise_scale=float(getattr(ict, "noise_scale", 250.0)))
-    if name in ("sct", "scd"):
-        time_scale = float(getattr(getattr(method_cfg, "sct", None), "time_scale", 1.0))
-        return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=time_scale)
-    if name == "trigflow":
-        return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=1.0)
-    raise ValueError(f"method.name={name!r} is not one of ['ict', 'sct', 'trigflow', 'scd']")
 
 
 def count_parameters(model_cfg: Any) -> int:

@@ -60,7 +60,7 @@ from lct_fast.config import Config, load_config  # noqa: E402
 from lct_fast.distributed import init_distributed  # noqa: E402
 from lct_fast.ema import EMA, consolidate  # noqa: E402
 from lct_fast.methods import build_loss  # noqa: E402
-from lct_fast.models import build_model  # noqa: E402
+from lct_fast.methods import build_model  # noqa: E402
 from lct_fast.optim import build_optimizer  # noqa: E402
 from lct_fast.trainer import step_seed  # noqa: E402
 
