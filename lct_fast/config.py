@@ -164,7 +164,7 @@ class _MethodCommon:
 # are declared beside their methods (lct_fast/methods/<name>.py), so a new method adds its keys without an edit
 # here. Each section's dataclass documents its fields.
 MethodConfig = dataclasses.make_dataclass(
-    "MethodConfig", [(key, cls, field(default_factory=cls)) for key, cls in method_sections()]
+    "MethodConfig", [(key, cls, field(default_factory=cls)) for key, cls in method_sections(sealed_by=__name__)]
     + [("ot", OTConfig, field(default_factory=OTConfig))],  # minibatch OT coupling (OTConfig)
     bases=(_MethodCommon,))
 MethodConfig.__module__ = __name__

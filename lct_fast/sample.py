@@ -166,12 +166,12 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
     spec = get_method(getattr(method_cfg, "name", None))
     if cfg_scale is None:
         cfg_scale = spec.default_cfg_scale(method_cfg)
-    conditions = spec.conditions(method_cfg)
+    conditions = {name: c.sample_at for name, c in spec.conditions(method_cfg).items()}
     if guidance is not None and "guidance" not in conditions:
         raise ValueError(f"sample: guidance={guidance} is for a guidance-conditioned sCD student "
                          "(method.scd.guidance_conditioned=true); use cfg_scale for classifier-free guidance")
     if guidance is not None:
-        conditions = {**conditions, "guidance": float(guidance)}
+        conditions["guidance"] = float(guidance)
     if conditions:
         net = Conditioned(net, conditions)
     if cfg_scale != 1.0 and num_classes <= 0:

@@ -81,7 +81,7 @@ def test_teacher_loading_and_clear_errors(tmp_path):
     torch.testing.assert_close(teacher.F(x, t, y), ref.F(x, t, y))
     student = build_model(student_cfg.model, student_cfg.method)
     kept = init_student_from_teacher(student, teacher)
-    assert kept and all("logvar_head" in k or ".g_embed." in k for k in kept)       # what the teacher lacks
+    assert kept and all("logvar_head" in k or ".guidance_embed." in k for k in kept)       # what the teacher lacks
     torch.testing.assert_close(student.F(x, t, y), teacher.F(x, t, y))           # the student starts as the teacher
     assert torch.count_nonzero(student.logvar(t)) == 0                            # its own w(t) starts at zero
 
@@ -199,7 +199,7 @@ def test_guidance_conditioned_student_starts_as_teacher_and_learns_its_scale_inp
     torch.manual_seed(0)
     student = build_model(cfg.model, cfg.method)
     kept = init_student_from_teacher(student, teacher)
-    assert any(k.startswith("backbone.g_embed.") for k in kept)
+    assert any(k.startswith("backbone.guidance_embed.") for k in kept)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 1.2]), torch.tensor([1, 2])
     for s in (1.0, 1.7, 2.0):
         torch.testing.assert_close(student.F(x, t, y, guidance=s), teacher.F(x, t, y))
@@ -207,7 +207,7 @@ def test_guidance_conditioned_student_starts_as_teacher_and_learns_its_scale_inp
     loss = build_loss(cfg.method, data_dim=256, total_steps=10, teacher=teacher)
     gen = torch.Generator().manual_seed(0)
     loss(student, torch.randn(8, 4, 8, 8) * SD, torch.arange(8) % 8 % 4, step=5, generator=gen).mean().backward()
-    out_layer = student.backbone.g_embed.mlp[2]
+    out_layer = student.backbone.guidance_embed.mlp[2]
     assert out_layer.weight.grad is not None and out_layer.weight.grad.abs().sum() > 0
 
     with torch.no_grad():  # a student whose scale input is no longer zero: the sampler's guidance matters

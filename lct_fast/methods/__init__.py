@@ -44,4 +44,5 @@ def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
     from ..models import build_backbone
 
     spec = get_method(getattr(method_cfg, "name", None))
-    return spec.precond(build_backbone(model_cfg), method_cfg)
+    conditions = {name: c.neutral for name, c in spec.conditions(method_cfg).items()}
+    return spec.precond(build_backbone(model_cfg, conditions), method_cfg)

@@ -13,10 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
-__all__ = ["MethodSpec", "register", "get_method", "method_names", "method_specs", "sections"]
+__all__ = ["Condition", "MethodSpec", "register", "get_method", "method_names", "method_specs", "sections"]
 
 
-def _none(_: Any) -> Dict[str, float]:
+@dataclass(frozen=True)
+class Condition:
+    """An extra scalar input of a method's network (beside the time and the label)."""
+
+    neutral: float
+    """The value the embedding is centred on (it sees s − neutral) and the value of a call that gives none."""
+    sample_at: float
+    """The value a sampler uses unless asked for another."""
+
+
+def _none(_: Any) -> Dict[str, Condition]:
     return {}
 
 
@@ -58,9 +68,10 @@ class MethodSpec:
     """(section, teacher method) when the method distils a frozen teacher: the section holds ``teacher`` /
     ``teacher_config`` / ``init_from_teacher`` (:func:`lct_fast.distill.load_teacher`), the teacher is a run of
     the teacher method; else None."""
-    conditions: Callable[[Any], Dict[str, float]] = _none
-    """(method_cfg) -> the network's extra scalar conditions beside the time and the label, each with the value
-    a sampler uses when asked for none (e.g. a guidance-conditioned student: ``{"guidance": 1.0}``)."""
+    conditions: Callable[[Any], Dict[str, Condition]] = _none
+    """(method_cfg) -> the network's extra scalar conditions beside the time and the label, by name (e.g. a
+    guidance-conditioned student: ``{"guidance": Condition(neutral=1, sample_at=scd.guidance)}``). The backbone
+    embeds each one (``lct_fast.models.layers.ScalarEmbed``); no model code names them."""
     default_cfg_scale: Callable[[Any], float] = _unguided
     """(method_cfg) -> the classifier-free guidance scale a sampler applies unless told otherwise."""
     sampler_keys: Tuple[str, ...] = ()
@@ -72,12 +83,17 @@ class MethodSpec:
 
 
 _REGISTRY: Dict[str, MethodSpec] = {}
+_SEALED: list = []  # set once lct_fast.config has built MethodConfig from the sections
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add ``spec`` (its module calls this at import); a second spec under one name is an error."""
+    """Add ``spec`` (its module calls this at import, before :mod:`lct_fast.config` is imported: the config's
+    ``MethodConfig`` is built from the registered sections then); a second spec under one name is an error."""
     if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
         raise ValueError(f"method {spec.name!r} is registered twice")
+    if _SEALED and spec.name not in _REGISTRY:
+        raise ValueError(f"method {spec.name!r}: register it before importing lct_fast.config (imported by "
+                         f"{_SEALED[0]}), whose MethodConfig holds one section per method")
     taken = {key: s.name for s in _REGISTRY.values() for key, _ in s.sections if s.name != spec.name}
     for key, _ in spec.sections:
         if key in taken or key in ("name", "sigma_data", "label_dropout", "ot"):
@@ -103,6 +119,9 @@ def method_specs() -> list:
     return list(_REGISTRY.values())
 
 
-def sections() -> list:
-    """Every registered (section key, dataclass), in registration order."""
+def sections(sealed_by: str = "") -> list:
+    """Every registered (section key, dataclass), in registration order; ``sealed_by`` (the config module)
+    closes the registry to new methods."""
+    if sealed_by:
+        _SEALED.append(sealed_by)
     return [sec for spec in _REGISTRY.values() for sec in spec.sections]

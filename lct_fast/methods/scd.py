@@ -12,7 +12,7 @@ from torch import nn
 
 from ..validate import ConfigError, positive
 from .common import Coupler
-from .registry import MethodSpec, register
+from .registry import Condition, MethodSpec, register
 from .sct import SCTLoss, check_adaptive_weight, sct_sampler, trigflow_precond
 
 __all__ = ["SCDConfig", "SPEC"]
@@ -62,10 +62,13 @@ def _loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional
                                                else None))
 
 
-def _conditions(method_cfg: Any) -> Dict[str, float]:
-    """The guidance-conditioned student takes s as an input; sampled at ``scd.guidance`` unless asked."""
+def _conditions(method_cfg: Any) -> Dict[str, Condition]:
+    """The guidance-conditioned student takes s as an input (s = 1: no guidance); sampled at ``scd.guidance``
+    unless asked."""
     scd = getattr(method_cfg, "scd", None)
-    return {"guidance": float(scd.guidance)} if scd is not None and scd.guidance_conditioned else {}
+    if scd is None or not scd.guidance_conditioned:
+        return {}
+    return {"guidance": Condition(neutral=1.0, sample_at=float(scd.guidance))}
 
 
 def _check(cfg: Any) -> None:

@@ -11,7 +11,7 @@ preconditioning wraps a backbone is the method's choice: ``lct_fast.methods.buil
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -48,9 +48,12 @@ def _get(cfg: Any, name: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def build_backbone(model_cfg: Any) -> nn.Module:
-    """Build the backbone named by ``model_cfg.arch`` ("dit" | "unet")."""
+def build_backbone(model_cfg: Any, conditions: Optional[Dict[str, float]] = None) -> nn.Module:
+    """Build the backbone named by ``model_cfg.arch`` ("dit" | "unet") with an embedding for each extra scalar
+    condition ``{name: neutral value}`` (the method's; None: a guidance scale where ``model.guidance_embed``)."""
     arch = _get(model_cfg, "arch")
+    if conditions is None:
+        conditions = {"guidance": 1.0} if bool(_get(model_cfg, "guidance_embed", False)) else {}
     common = dict(
         in_channels=int(_get(model_cfg, "in_channels", 4)),
         resolution=int(_get(model_cfg, "resolution", 32)),
@@ -61,7 +64,7 @@ def build_backbone(model_cfg: Any) -> nn.Module:
         adaptive_double_norm=bool(_get(model_cfg, "adaptive_double_norm", False)),
         checkpointing=bool(_get(model_cfg, "checkpointing", False)),
         ops_backend=str(_get(model_cfg, "ops_backend", "auto")),
-        guidance_embed=bool(_get(model_cfg, "guidance_embed", False)),
+        conditions=dict(conditions),
     )
     if arch == "dit":
         dims = resolve_dit_dims(str(_get(model_cfg, "size", "S")), int(_get(model_cfg, "width", 0)),

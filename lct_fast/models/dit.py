@@ -1,8 +1,9 @@
 """DiT backbone for latents: patchify → adaLN-zero transformer blocks with NsLN → unpatchify.
 
-Interface (contract): ``DiT(...)(x_in, c_noise, labels=None, *, dropout_seed=None, guidance=None) -> F`` with
-x_in [B, C, H, W], c_noise [B] (fp32 positional time embedding), labels [B] or None (null class), guidance
-[B] or None the CFG scale of a guidance-conditioned student (``guidance_embed``; None = 1);
+Interface (contract): ``DiT(...)(x_in, c_noise, labels=None, *, dropout_seed=None, **conditions) -> F`` with
+x_in [B, C, H, W], c_noise [B] (fp32 positional time embedding), labels [B] or None (null class), and the
+method's extra scalar conditions by name, [B] or None (e.g. ``guidance``, the CFG scale of a
+guidance-conditioned student; None = the condition's neutral value, see ``layers.ScalarEmbed``);
 ``logvar(c_noise) -> [B]`` is the adaptive weight head w_φ when ``adaptive_weight`` is set.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from lct_fast import ops
 
 from .layers import (
     Conv2d,
-    GuidanceEmbed,
+    add_condition_embeds,
+    embed_conditions,
     Linear,
     LogVarHead,
     NsLN,
@@ -180,7 +182,7 @@ class DiT(nn.Module):
         checkpointing: bool = False,
         ops_backend: str = "auto",
         eps: float = 1e-6,
-        guidance_embed: bool = False,
+        conditions: Optional[Dict[str, float]] = None,
     ) -> None:
         super().__init__()
         if patch_size not in (1, 2):
@@ -201,7 +203,7 @@ class DiT(nn.Module):
         self.t_embed = nn.Sequential(Linear(FREQ_DIM, width), nn.SiLU(), Linear(width, width))
         # num_classes + 1 rows: the last one is the null class used for label dropout
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
-        self.g_embed = GuidanceEmbed(FREQ_DIM, width) if guidance_embed else None
+        self.condition_names = add_condition_embeds(self, conditions, FREQ_DIM, width)
         self.adaptive_double_norm = adaptive_double_norm
         self.blocks = nn.ModuleList(
             DiTBlock(width, heads, mlp_ratio, dropout, norm, eps, ops_backend, adaptive_double_norm)
@@ -236,8 +238,8 @@ class DiT(nn.Module):
         if self.logvar_head is not None:
             nn.init.zeros_(self.logvar_head.weight)
             nn.init.zeros_(self.logvar_head.bias)
-        if self.g_embed is not None:
-            self.g_embed.reset_parameters()
+        for name in self.condition_names:
+            getattr(self, f"{name}_embed").reset_parameters()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % self.patch or x.shape[3] % self.patch:
@@ -245,7 +247,7 @@ class DiT(nn.Module):
                              f"{self.patch}; got {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                dropout_seed: Optional[int] = None, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+                dropout_seed: Optional[int] = None, **conditions: Optional[torch.Tensor]) -> torch.Tensor:
         self._check_input(x)
         b, _, h, w = x.shape
         p = self.patch
@@ -253,11 +255,7 @@ class DiT(nn.Module):
         c = self.t_embed(sinusoidal_embedding(c_noise, FREQ_DIM).to(self.t_embed[0].weight.dtype))
         if self.y_embed is not None:
             c = c + self.y_embed(label_or_null(labels, b, self.num_classes, x.device))
-        if self.g_embed is not None:
-            c = c + self.g_embed(guidance, b, x.device, c.dtype)
-        elif guidance is not None:
-            raise ValueError("DiT: a guidance scale was given but the model has no guidance embedding "
-                             "(model.guidance_embed=false)")
+        c = embed_conditions(self, c, conditions, b)
 
         tok = self.x_embed(x).flatten(2).transpose(1, 2)
         pos = _sincos_2d(h // p, w // p, self.width, x.device, torch.promote_types(tok.dtype, torch.float32))

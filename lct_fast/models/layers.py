@@ -6,7 +6,7 @@ Everything here is free of in-place ops so that it is safe under ``torch.func.jv
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -217,17 +217,18 @@ class LogVarHead(nn.Module):
             return F.linear(emb, self.weight.to(emb.dtype), self.bias.to(emb.dtype)).reshape(-1)
 
 
-class GuidanceEmbed(nn.Module):
-    """Embedding of a classifier-free-guidance scale s for a guidance-conditioned student (sCM §4, sCD with the
-    scale as an input): an MLP on the positional embedding of s − 1, added to the conditioning vector.
+class ScalarEmbed(nn.Module):
+    """Embedding of one extra scalar condition s of a method (a guidance scale of a guidance-conditioned
+    student, sCM §4; a second time): an MLP on the positional embedding of s − ``neutral``, added to the
+    conditioning vector.
 
-    The output layer starts at zero, so a student initialised from its teacher (which has no such input) is
-    exactly the teacher at every s; the gradient still reaches the output layer (its input is non-zero).
-    ``scale`` None means s = 1 (no guidance)."""
+    The output layer starts at zero, so a network initialised from one without the input (an sCD student from
+    its teacher) is exactly that network at every s; the gradient still reaches the output layer (its input is
+    non-zero). ``value`` None means s = ``neutral``."""
 
-    def __init__(self, freq_dim: int, width: int) -> None:
+    def __init__(self, freq_dim: int, width: int, neutral: float = 0.0, name: str = "condition") -> None:
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.neutral, self.name = freq_dim, float(neutral), name
         self.mlp = nn.Sequential(Linear(freq_dim, width), nn.SiLU(), Linear(width, width))
         self.reset_parameters()
 
@@ -237,11 +238,45 @@ class GuidanceEmbed(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, scale: Optional[torch.Tensor], batch: int, device: torch.device,
+    def forward(self, value: Optional[torch.Tensor], batch: int, device: torch.device,
                 dtype: torch.dtype) -> torch.Tensor:
-        s = torch.ones(batch, device=device) if scale is None else broadcast_batch(
-            torch.as_tensor(scale, device=device), batch, "guidance")
-        return self.mlp(sinusoidal_embedding(s - 1.0, self.freq_dim).to(dtype))
+        s = torch.full((batch,), self.neutral, device=device) if value is None else broadcast_batch(
+            torch.as_tensor(value, device=device), batch, self.name)
+        return self.mlp(sinusoidal_embedding(s - self.neutral, self.freq_dim).to(dtype))
+
+
+def add_condition_embeds(module: nn.Module, conditions: Any, freq_dim: int, width: int) -> Tuple[str, ...]:
+    """Give a backbone one :class:`ScalarEmbed` per extra condition (``{name: neutral value}``, declared by the
+    method), as the attribute ``<name>_embed``; returns the names. A backbone then takes them as keyword
+    arguments of ``forward`` (:func:`embed_conditions`)."""
+    names = tuple(conditions or ())
+    for name in names:
+        attr = f"{name}_embed"
+        if not name.isidentifier() or hasattr(module, attr):
+            raise ValueError(f"{type(module).__name__}: condition name {name!r} is not usable ({attr} is taken or "
+                             f"not an identifier)")
+        setattr(module, attr, ScalarEmbed(freq_dim, width, conditions[name], name))
+    # Checkpoints written before the conditions were generic call the guidance embedding g_embed.
+    module._register_load_state_dict_pre_hook(_legacy_condition_keys)
+    return names
+
+
+def _legacy_condition_keys(state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "g_embed.")]:
+        state_dict[prefix + "guidance_embed." + key[len(prefix + "g_embed."):]] = state_dict.pop(key)
+
+
+def embed_conditions(module: nn.Module, c: torch.Tensor, values: Dict[str, Any], batch: int) -> torch.Tensor:
+    """``c`` plus the embedding of every condition of ``module`` (a missing one at its neutral value); a value
+    for a condition the backbone was not built with is an error."""
+    for name in module.condition_names:
+        c = c + getattr(module, f"{name}_embed")(values.get(name), batch, c.device, c.dtype)
+    extra = sorted(set(values) - set(module.condition_names))
+    if extra:
+        raise ValueError(f"{type(module).__name__}: got the condition(s) {extra} but the model embeds "
+                         f"{list(module.condition_names) or 'none'} (a guidance scale needs model.guidance_embed=true "
+                         "and a guidance-conditioned method)")
+    return c
 
 
 # ---------------------------------------------------------------------------------------------

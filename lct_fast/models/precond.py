@@ -67,12 +67,13 @@ class VEPrecond(nn.Module):
         return c_skip, c_out, c_in, c_noise
 
     def forward(self, x: torch.Tensor, sigma: Scalar, labels: Optional[torch.Tensor] = None, *,
-                dropout_seed: Optional[int] = None) -> torch.Tensor:
+                dropout_seed: Optional[int] = None, **conditions: Optional[Scalar]) -> torch.Tensor:
         dt = _coef_dtype(x)
         x = x.to(dt)
         sigma = _as_batch(sigma, x, "sigma")
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        out = self.backbone(_bcast(c_in, x) * x, c_noise, labels, dropout_seed=dropout_seed).to(dt)
+        kw = {k: _as_batch(v, x, k) for k, v in conditions.items() if v is not None}
+        out = self.backbone(_bcast(c_in, x) * x, c_noise, labels, dropout_seed=dropout_seed, **kw).to(dt)
         return _bcast(c_skip, x) * x + _bcast(c_out, x) * out
 
     def logvar(self, sigma: Scalar) -> torch.Tensor:
@@ -97,21 +98,21 @@ class TrigFlowPrecond(nn.Module):
         self.time_scale = float(time_scale)
 
     def F(self, x_in: torch.Tensor, t: Scalar, labels: Optional[torch.Tensor] = None, *,
-          dropout_seed: Optional[int] = None, guidance: Optional[Scalar] = None) -> torch.Tensor:
+          dropout_seed: Optional[int] = None, **conditions: Optional[Scalar]) -> torch.Tensor:
         """Raw network F_θ(x_in, t) = backbone(x_in, time_scale·t) in (≥)fp32; sCT takes its JVP
-        with respect to (x_in, t). ``guidance``: the CFG scale of a guidance-conditioned backbone (a
-        condition like the label, so it carries no tangent)."""
+        with respect to (x_in, t). ``conditions``: the method's extra scalar inputs by name (e.g. the CFG scale
+        ``guidance`` of a guidance-conditioned student), passed as given; the JVP gives them no tangent."""
         dt = _coef_dtype(x_in)
         t = _as_batch(t, x_in, "t")
-        kw = {} if guidance is None else {"guidance": _as_batch(guidance, x_in, "guidance")}
+        kw = {k: _as_batch(v, x_in, k) for k, v in conditions.items() if v is not None}
         return self.backbone(x_in.to(dt), self.time_scale * t, labels, dropout_seed=dropout_seed, **kw).to(dt)
 
     def forward(self, x_t: torch.Tensor, t: Scalar, labels: Optional[torch.Tensor] = None, *,
-                dropout_seed: Optional[int] = None, guidance: Optional[Scalar] = None) -> torch.Tensor:
+                dropout_seed: Optional[int] = None, **conditions: Optional[Scalar]) -> torch.Tensor:
         dt = _coef_dtype(x_t)
         x_t = x_t.to(dt)
         t = _as_batch(t, x_t, "t")
-        out = self.F(x_t / self.sigma_data, t, labels, dropout_seed=dropout_seed, guidance=guidance)
+        out = self.F(x_t / self.sigma_data, t, labels, dropout_seed=dropout_seed, **conditions)
         return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_data * out
 
     def logvar(self, t: Scalar) -> torch.Tensor:

@@ -7,7 +7,7 @@ groupnorm | instancenorm | layernorm | rmsnorm | nsln (see ``layers.make_norm2d`
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,8 @@ from lct_fast import ops
 
 from .layers import (
     Conv2d,
-    GuidanceEmbed,
+    add_condition_embeds,
+    embed_conditions,
     Linear,
     LogVarHead,
     SeededDropout,
@@ -91,8 +92,8 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """ADM UNet backbone: ``UNet(...)(x_in, c_noise, labels=None, *, dropout_seed=None, guidance=None) -> F``
-    (``guidance``: see :class:`lct_fast.models.layers.GuidanceEmbed`)."""
+    """ADM UNet backbone: ``UNet(...)(x_in, c_noise, labels=None, *, dropout_seed=None, **conditions) -> F``
+    (the method's extra scalar conditions: see :class:`lct_fast.models.layers.ScalarEmbed`)."""
 
     BLOCK_LISTS = ("enc", "dec")  # the units of activation checkpointing and of train.compile
 
@@ -114,7 +115,7 @@ class UNet(nn.Module):
         checkpointing: bool = False,
         ops_backend: str = "auto",
         eps: float = 1e-6,
-        guidance_embed: bool = False,
+        conditions: Optional[Dict[str, float]] = None,
     ) -> None:
         super().__init__()
         if resolution % (2 ** (len(channel_mult) - 1)):
@@ -132,7 +133,7 @@ class UNet(nn.Module):
 
         self.map = nn.Sequential(Linear(model_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         self.y_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
-        self.g_embed = GuidanceEmbed(model_channels, emb_dim) if guidance_embed else None
+        self.condition_names = add_condition_embeds(self, conditions, model_channels, emb_dim)
 
         cout = model_channels * channel_mult[0]
         self.conv_in = Conv2d(in_channels, cout, 3, padding=1)
@@ -184,11 +185,11 @@ class UNet(nn.Module):
         if self.logvar_head is not None:
             nn.init.zeros_(self.logvar_head.weight)
             nn.init.zeros_(self.logvar_head.bias)
-        if self.g_embed is not None:
-            self.g_embed.reset_parameters()
+        for name in self.condition_names:
+            getattr(self, f"{name}_embed").reset_parameters()
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                dropout_seed: Optional[int] = None, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+                dropout_seed: Optional[int] = None, **conditions: Optional[torch.Tensor]) -> torch.Tensor:
         f = self.down_factor
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"UNet expects x of shape [B, {self.in_channels}, H, W] with H, W divisible by {f}, "
@@ -198,11 +199,7 @@ class UNet(nn.Module):
         emb = self.map(sinusoidal_embedding(c_noise, self.model_channels).to(self.map[0].weight.dtype))
         if self.y_embed is not None:
             emb = emb + self.y_embed(label_or_null(labels, b, self.num_classes, x.device))
-        if self.g_embed is not None:
-            emb = emb + self.g_embed(guidance, b, x.device, emb.dtype)
-        elif guidance is not None:
-            raise ValueError("UNet: a guidance scale was given but the model has no guidance embedding "
-                             "(model.guidance_embed=false)")
+        emb = embed_conditions(self, emb, conditions, b)
         emb = F.silu(emb)
 
         h = self.conv_in(x)
