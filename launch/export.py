@@ -22,10 +22,12 @@ import torch  # noqa: E402
 
 from lct_fast import checkpoint as ckpt  # noqa: E402
 from lct_fast.ema import consolidate  # noqa: E402
+from lct_fast.run_dir import RunDir  # noqa: E402
 
 
 def export(run_dir: str, tag: str | None = None, out: str | None = None) -> list[str]:
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    run = RunDir(run_dir)
+    ckpt_dir = run.checkpoints
     tag = tag or ckpt.find_resume_tag(ckpt_dir)
     if tag is None or not ckpt.is_complete(ckpt_dir, tag):
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint{' ' + tag if tag else ''} to export")
@@ -33,14 +35,14 @@ def export(run_dir: str, tag: str | None = None, out: str | None = None) -> list
               for f in ckpt.client_state_paths(ckpt_dir, tag)]
     from safetensors.torch import save_file
 
-    out = out or os.path.join(run_dir, "export")
+    out = out or run.export
     os.makedirs(out, exist_ok=True)
     written = []
     for name, tensors in consolidate(states).items():
         path = os.path.join(out, f"{name}.safetensors")
         save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"tag": tag, "ema": name})
         written.append(path)
-    shutil.copyfile(os.path.join(run_dir, "config.json"), os.path.join(out, "config.json"))
+    shutil.copyfile(run.config, os.path.join(out, "config.json"))
     return written
 
 

@@ -13,7 +13,6 @@ The dataclasses double as documentation: the string literal under each field is 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -446,38 +445,6 @@ class Config:
     def zero_stage(self) -> int:
         """``deepspeed.zero_optimization.stage`` (0 when absent)."""
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
-
-    def deepspeed_config(self, world_size: int) -> dict:
-        """The DeepSpeed config for ``world_size`` ranks, batch and clipping keys filled from ``train``."""
-        ds = copy.deepcopy(self.deepspeed)
-        micro, accum = self.train.batch_layout(world_size)
-        derived = {
-            "train_batch_size": self.train.global_batch,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum,
-            # DeepSpeed >= 0.19.3 clips by default: always state it (0 = off).
-            "gradient_clipping": self.train.grad_clip,
-        }
-        for key, value in derived.items():
-            if key in ds and ds[key] != value:
-                raise ConfigError(f"deepspeed.{key}: {ds[key]!r} disagrees with the value {value!r} derived from train.*")
-            ds[key] = value
-        ds.setdefault("bf16", {}).setdefault("enabled", False)
-        if ds["bf16"]["enabled"] and self.train.precision != "bf16":
-            raise ConfigError("deepspeed.bf16.enabled: true needs train.precision=bf16")
-        # Our optimizers are torch's (RAdam, AdamW) in the NaN guard of lct_fast.optim: ZeRO runs them on its
-        # fp32 partitions, which is sound for any element-wise optimizer.
-        ds.setdefault("zero_allow_untested_optimizer", True)
-        zero = ds.setdefault("zero_optimization", {})
-        if zero.get("stage", 0) == 3:
-            # ZeRO-3's "memory efficient linear" swaps torch.nn.functional.linear, process-wide, for an
-            # autograd.Function without a jvp rule: forward-mode AD (the sCT tangent) then fails. Our
-            # parameters are gathered by ZeRO-3's module hooks anyway, so plain F.linear is correct.
-            if zero.get("memory_efficient_linear") and get_method(self.method.name).jvp:
-                raise ConfigError("deepspeed.zero_optimization.memory_efficient_linear: must be false for "
-                                  f"method {self.method.name} (its linear has no forward-mode AD rule)")
-            zero.setdefault("memory_efficient_linear", False)
-        return ds
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from .run_dir import RunDir
+
 __all__ = ["read_metrics", "write_report"]
 
 METHOD_KEYS = ("grad_norm", "c", "td_abs", "jvp_abs", "g_norm_mean", "dFdt_rms", "clip_frac", "ot_cost_ratio")
@@ -58,7 +60,7 @@ def _image(path: Optional[str]):
 
 
 def _real_grid(run_dir: str, n: int = 64) -> Optional[np.ndarray]:
-    ref = os.path.join(run_dir, "eval", "reference-standardised.npy")
+    ref = os.path.join(RunDir(run_dir).eval, "reference-standardised.npy")
     if not os.path.isfile(ref):
         return None
     import torch
@@ -75,20 +77,21 @@ def write_report(run_dir: str, out: Optional[str] = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    run = RunDir(run_dir)
+    rows = read_metrics(run.metrics)
     if not rows:
-        raise FileNotFoundError(f"{run_dir}/metrics.jsonl: no metrics to report")
+        raise FileNotFoundError(f"{run.metrics}: no metrics to report")
     cfg = {}
-    if os.path.isfile(os.path.join(run_dir, "config.json")):
-        with open(os.path.join(run_dir, "config.json")) as f:
+    if os.path.isfile(run.config):
+        with open(run.config) as f:
             cfg = json.load(f)
-    eval_dir = os.path.join(run_dir, "eval")
+    eval_dir = run.eval
     ref = os.path.join(eval_dir, "reference-standardised.npy")
     sample = os.path.join(eval_dir, "latest-1step-standardised.npy")
     latent = os.path.isfile(ref) and os.path.isfile(sample)
     grid = os.path.join(eval_dir, "latest-1step.png")
     if not os.path.isfile(grid):
-        grids = sorted(glob.glob(os.path.join(run_dir, "samples", "*-1step.png")))
+        grids = sorted(glob.glob(os.path.join(run.samples, "*-1step.png")))
         grid = grids[-1] if grids else None
 
     panels = ["loss", "method", "eval", "samples"] + (["hist", "proj"] if latent else [])
@@ -167,7 +170,7 @@ def write_report(run_dir: str, out: Optional[str] = None) -> str:
         ax.set(title="projection on the data's first two principal axes", xlabel="PC 1", ylabel="PC 2")
         ax.legend(fontsize=8, markerscale=4)
 
-    out = out or os.path.join(run_dir, "report.png")
+    out = out or run.report
     fig.tight_layout()
     tmp = f"{out}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=80)

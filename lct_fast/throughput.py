@@ -30,7 +30,7 @@ import signal
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -207,10 +207,7 @@ def profile_trainer(trainer: Any, opts: ProfileOptions, *, clock: Optional[Calla
     """Profile ``trainer`` on this rank: ``{"steps": [{phase: s, ..., "step": s}], "flops": {phase: n},
     "wasted_flops": {...}, "forward_flops_per_sample", "memory"}``. Every rank must call it (collectives)."""
     dev = trainer.dist.device
-    st = trainer.begin()
-    # A profile is never at the end of training: past train.total_samples an iteration would checkpoint and
-    # log every step.
-    st.total = 2 ** 62
+    st = trainer.begin(endless=True)
     timer = PhaseTimer(dev.type, clock=clock)
     out: Dict[str, Any] = {"rank": trainer.dist.rank}
     try:

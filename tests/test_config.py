@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from lct_fast.parallel import deepspeed_config
 from lct_fast.config import (CONFIG_DIR, Config, ConfigError, _base_path, config_to_dict, load_config,
                              parse_overrides, save_config)
 
@@ -99,14 +100,14 @@ def test_batch_arithmetic():
 
 def test_deepspeed_block_derived_and_conflicts_caught():
     cfg = load_config("tiny", ["train.grad_clip=0.5"])
-    ds = cfg.deepspeed_config(2)
+    ds = deepspeed_config(cfg, 2)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False
     assert "train_batch_size" not in cfg.deepspeed  # the stored block is not mutated
     cfg = load_config("tiny", ["deepspeed.train_batch_size=64"])
     with pytest.raises(ConfigError, match="deepspeed.train_batch_size: 64 disagrees"):
-        cfg.deepspeed_config(1)
+        deepspeed_config(cfg, 1)
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -137,11 +138,11 @@ def test_ablation_presets_follow_table_2a():
 
 
 def test_bf16_weights_need_bf16_precision():
-    assert load_config("tiny", ["train.precision=bf16"]).deepspeed_config(1)["bf16"]["enabled"] is False
+    assert deepspeed_config(load_config("tiny", ["train.precision=bf16"]), 1)["bf16"]["enabled"] is False
     cfg = load_config("tiny", ["train.precision=bf16", "deepspeed.bf16.enabled=true"])
-    assert cfg.deepspeed_config(1)["bf16"]["enabled"] is True
+    assert deepspeed_config(cfg, 1)["bf16"]["enabled"] is True
     with pytest.raises(ConfigError, match="deepspeed.bf16.enabled: true needs train.precision=bf16"):
-        load_config("tiny", ["deepspeed.bf16.enabled=true"]).deepspeed_config(1)
+        deepspeed_config(load_config("tiny", ["deepspeed.bf16.enabled=true"]), 1)
 
 
 def test_extends_chain_deep_merges(tmp_path):

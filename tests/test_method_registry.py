@@ -166,7 +166,10 @@ DRIVER = textwrap.dedent('''
 def test_a_new_method_is_one_module_and_its_registration(tmp_path):
     (tmp_path / "toy_method.py").write_text(TOY)
     (tmp_path / "driver.py").write_text(DRIVER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]), OMP_NUM_THREADS="1")
+    # the child picks its own rendezvous (an in-process trainer test leaves MASTER_PORT etc. behind)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "run")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]

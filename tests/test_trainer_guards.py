@@ -149,7 +149,7 @@ def test_pre_clip_grad_norm_and_clip_fraction_are_logged(tmp_path, stage):
 
 
 def test_divergence_watch_warns_once_per_runaway_metric():
-    from lct_fast.trainer import _DivergenceWatch
+    from lct_fast.train_hooks import DivergenceWatch as _DivergenceWatch
 
     w = _DivergenceWatch({"jvp_abs": 0.25, "g_norm_mean": 8.0}, factor=10.0, range_factor=2.0)
     assert w.check({"jvp_abs": 1e-9, "g_norm_mean": 4.0, "sample_absmax": 1.0, "data_absmax": 2.0}) == []

@@ -19,7 +19,7 @@ Rank 0 writes every measured error to ``--out`` (JSON); the pytest wrapper
 (``tests/test_trainer_zero.py``) asserts on it. The script itself never asserts, so one failing case
 still reports the others.
 
-Every engine is built as the trainer builds it (``Config.deepspeed_config(world)`` as is, the
+Every engine is built as the trainer builds it (``parallel.deepspeed_config(cfg, world)`` as is, the
 NaN-guarded optimizer of :mod:`lct_fast.optim`, the trainer's ``target_net`` wrapper); ZeRO-3 cases
 only add persistence thresholds of 0 so that the tiny model is really partitioned. A failing case is
 recorded (error and traceback) instead of killing the launch, and the report is rewritten after every
@@ -213,15 +213,15 @@ def _float_metrics(metrics: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- cases
 def build_engine(cfg: Config):
-    """The trainer's construction: module, lct_fast.optim optimizer, Config.deepspeed_config unchanged, wrapped
+    """The trainer's construction: module, lct_fast.optim optimizer, parallel.deepspeed_config unchanged, wrapped
     by lct_fast.parallel.wrap (engine, the target_net view Trainer.train_step passes -- under ZeRO-3 its
     no-grad/JVP pass bypasses DeepSpeed's backward-hook autograd.Functions, which have no jvp -- and the
     per-micro-step hook); for sCD the teacher goes in as wrap's frozen module (partitioned under ZeRO-3)."""
-    from lct_fast.parallel import wrap
+    from lct_fast.parallel import deepspeed_config, wrap
 
     module = make_module(cfg)
     optimizer = build_optimizer(module.parameters(), cfg.optim, torch.device("cpu"))
-    return wrap(module, optimizer, cfg.deepspeed_config(WORLD), frozen=make_teacher(cfg),
+    return wrap(module, optimizer, deepspeed_config(cfg, WORLD), frozen=make_teacher(cfg),
                 compile=cfg.train.compile), optimizer
 
 
@@ -267,7 +267,7 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
     per_rank = GLOBAL_BATCH // WORLD
     halves = [(x[r * per_rank:(r + 1) * per_rank], labels[r * per_rank:(r + 1) * per_rank]) for r in range(WORLD)]
     result: dict[str, Any] = {"method": method, "stage": stage, "compile": compile, "steps": [],
-                              "memory_efficient_linear": cfg.deepspeed_config(WORLD)["zero_optimization"].get(
+                              "memory_efficient_linear": deepspeed_config(cfg, WORLD)["zero_optimization"].get(
                                   "memory_efficient_linear")}
 
     wrapped, optimizer = build_engine(cfg)
@@ -309,10 +309,10 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
             xr, lr_ = halves[rank]
             wrapped.before_micro_step()
             gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, rank, samples))
-            per_sample = ds_loss(engine, xr, lr_, step=k, generator=gen, target_net=target)
+            per_sample = ds_loss(wrapped.online, xr, lr_, step=k, generator=gen, target_net=target)
             row["metrics_rank"] = _float_metrics(ds_loss.metrics)
             loss = per_sample.mean()
-            engine.backward(loss)
+            wrapped.backward(loss)
             ds_grads = {}
             for n, p in engine.module.named_parameters():
                 g = deepspeed.utils.safe_get_full_grad(p)
@@ -321,8 +321,8 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
             global_loss = loss.detach().clone()
             torch.distributed.all_reduce(global_loss)
             global_loss /= WORLD
-            engine.step()
-            row["overflow"] = not engine.was_step_applied() or bool(getattr(optimizer, "overflow", False))
+            wrapped.step()
+            row["overflow"] = not wrapped.step_applied()
             if not row["overflow"]:
                 ds_ema.update()
 
