@@ -406,9 +406,7 @@ def sample_row(export_dir: str, ema: str, steps: int, n: int, seed: int, stats,
                sample_overrides: tuple = ()) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """n latents (VAE space) and their labels from an exported EMA (``sample_overrides``: sampler settings
     such as method.ict.sigma_mid applied to the run's config)."""
-    if os.path.join(ROOT, "launch") not in sys.path:
-        sys.path.insert(0, os.path.join(ROOT, "launch"))
-    from sample import load_model  # launch/sample.py
+    from lct_fast.weights import load_model
 
     from lct_fast.config import load_config
     from lct_fast.sample import denormalize_latents, generate

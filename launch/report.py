@@ -6,33 +6,8 @@
 
 launch/train.py writes the same report at the end of every run.
 """
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory (holds metrics.jsonl)")
-    p.add_argument("--out", default=None, help="output PNG (default <run>/report.png)")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from lct_fast.report import write_report
-
-    try:
-        print(write_report(args.run, args.out))
-    except FileNotFoundError as e:
-        print(f"lct_fast.report: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from lct_fast.cli.report import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.report)
+from lct_fast.cli.report import console, main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -9,69 +9,8 @@
 ``--set KEY=VALUE`` overrides any config key (dotted, repeatable); ``--dry-run`` prints the resolved
 config and the parameter count (model built on the meta device) and exits.
 """
-
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lct_fast.config import ConfigError, config_to_dict, load_config  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="preset name or path, e.g. configs/tiny.json")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted; VALUE parsed as JSON when possible); repeatable")
-    p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in --out) or a tag")
-    p.add_argument("--max-samples", type=int, default=None,
-                   help="end this invocation (with a checkpoint) once this many samples are seen, without "
-                        "changing the schedule; e.g. to fit a cluster time limit, then --resume auto")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        from lct_fast.models import count_parameters
-
-        print(json.dumps(config_to_dict(cfg), indent=2))
-        print(f"parameters: {count_parameters(cfg.model):,}")
-        return 0
-    if args.resume and not args.out:
-        print("--resume needs --out (the run directory to resume)", file=sys.stderr)
-        return 2
-    # Deterministic default so every rank (and a later --resume auto) agrees on it without a collective.
-    run_dir = args.out or os.path.join("runs", cfg.name)
-
-    from lct_fast.trainer import Trainer, TrainingStopped
-
-    try:
-        Trainer(cfg, run_dir, resume=args.resume).run(max_samples=args.max_samples)
-    except TrainingStopped as e:
-        print(f"lct_fast: stopped: {e}", file=sys.stderr)
-        return 3
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from lct_fast.cli.train import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.train)
+from lct_fast.cli.train import console, main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -46,9 +46,8 @@ def _teacher_config(scd: Any, key: str, method: str, teacher_method: str) -> tup
 def load_teacher(scd: Any, student: Config, device: torch.device | str = "cpu") -> nn.Module:
     """The frozen teacher for ``student`` (a ``Config`` of a distilling method, ``scd`` its teacher section);
     see the module docstring."""
-    from safetensors.torch import load_file
-
     from .methods import build_model, get_method
+    from .weights import load_weights
 
     spec = get_method(student.method.name)
     if spec.teacher is None:
@@ -66,14 +65,8 @@ def load_teacher(scd: Any, student: Config, device: torch.device | str = "cpu") 
     if tcfg.method.sigma_data != student.method.sigma_data:
         raise ConfigError(f"{path}: method.sigma_data = {tcfg.method.sigma_data} but the student's is "
                           f"{student.method.sigma_data}")
-    teacher = build_model(tcfg.model, tcfg.method)
-    state = load_file(scd.teacher, device="cpu")
-    expected = set(teacher.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ConfigError(f"{scd.teacher}: weights do not match the teacher config {path} (missing {missing[:4]}, "
-                          f"unexpected {unexpected[:4]})")
-    teacher.load_state_dict(state, strict=True)
+    teacher = load_weights(build_model(tcfg.model, tcfg.method), scd.teacher, against=f"the teacher config {path}",
+                           error=ConfigError)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()

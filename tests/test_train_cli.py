@@ -115,8 +115,7 @@ def test_resume_is_exact(tmp_path, preset, ranks, stage, compiled):
     assert [r["samples"] for r in b] == [r["samples"] for r in a]
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
 
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    from export import export
+    from lct_fast.cli.export import export
     from safetensors.torch import load_file
 
     from lct_fast.config import load_config

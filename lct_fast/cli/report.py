@@ -1,0 +1,40 @@
+"""Draw a run's report.png: training curves, evaluation figures, samples beside real data.
+
+    python launch/report.py --run runs/tiny                   # writes runs/tiny/report.png
+    python launch/report.py --run runs/xxl --out xxl-report.png
+
+launch/train.py writes the same report at the end of every run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="output PNG (default <run>/report.png)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from lct_fast.report import write_report
+
+    try:
+        print(write_report(args.run, args.out))
+    except FileNotFoundError as e:
+        print(f"lct_fast.report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def console() -> None:
+    """The ``lct-report`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()
