@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from .backends import BACKENDS
 from .methods import get_method, method_names
 from .methods.registry import sections as method_sections
+from .models.config import ModelConfig
 from .validate import ConfigError, choice, positive, unit
 
 __all__ = [
@@ -37,85 +38,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 _choice, _positive, _unit = choice, positive, unit
-
-
-# --------------------------------------------------------------------------------------------- model
-@dataclass
-class ModelConfig:
-    arch: str = "dit"
-    """Backbone family: ``dit`` (latent DiT, adaLN-zero) or ``unet`` (the paper's ADM UNet)."""
-    size: str = "S"
-    """DiT preset S|B|L|XL|XXL (width/depth/heads from the preset table) or ``custom``."""
-    width: int = 0
-    """DiT hidden size; 0 takes the preset's."""
-    depth: int = 0
-    """DiT number of blocks; 0 takes the preset's."""
-    heads: int = 0
-    """DiT attention heads; 0 takes the preset's."""
-    patch_size: int = 2
-    """DiT patch size on the latent grid (1 or 2)."""
-    mlp_ratio: float = 4.0
-    """DiT MLP hidden size as a multiple of the width."""
-    in_channels: int = 4
-    """Latent channels C (must match the dataset's stats.json shape)."""
-    resolution: int = 32
-    """Latent height = width H (must match the dataset's stats.json shape)."""
-    num_classes: int = 0
-    """Number of classes; 0 = unconditional. Label id ``num_classes`` is the null class."""
-    dropout: float = 0.0
-    """Dropout probability inside the backbone (masks drawn from an explicit generator)."""
-    norm: str = "nsln"
-    """Normalisation: nsln (Non-scaling LayerNorm, eq. 12) | layernorm; the UNet also groupnorm | instancenorm |
-    rmsnorm (the paper's Table 2d ablation)."""
-    unet_channels: int = 128
-    """UNet base channels."""
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    """UNet channel multipliers per resolution level."""
-    num_res_blocks: int = 4
-    """UNet residual blocks per level."""
-    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
-    """UNet resolutions (in latent pixels) that get self-attention."""
-    head_channels: int = 64
-    """UNet channels per attention head."""
-    adaptive_weight: bool = False
-    """Build the scalar head w_phi(t) used by sCT's adaptive loss weighting."""
-    adaptive_double_norm: bool = False
-    """Adaptive double normalization (sCM sec. 4.1): every conditioned norm computes
-    norm(x) * pnorm(1 + scale(emb)) + pnorm(shift(emb)), pnorm = unit RMS over the feature dim, bounding the
-    conditioning's scale. On in the continuous-time presets (Tables 3-4: every size)."""
-    guidance_embed: bool = False
-    """A classifier-free-guidance-scale input (an MLP on the embedding of s - 1, added to the conditioning, its
-    output layer zero at init): the guidance-conditioned sCD student (method.scd.guidance_conditioned)."""
-    checkpointing: bool = False
-    """Activation checkpointing per block (only in grad-enabled passes, never in the JVP pass)."""
-    ops_backend: str = "auto"
-    """Default backend for lct_fast.ops (norm, attention): auto | reference | triton | cuda."""
-
-    def __post_init__(self) -> None:
-        _choice("model.arch", self.arch, ["dit", "unet"])
-        _choice("model.size", self.size, ["S", "B", "L", "XL", "XXL", "custom"])
-        for k in ("width", "depth", "heads"):
-            _positive(f"model.{k}", getattr(self, k), allow_zero=True)
-        if self.arch == "dit" and self.size == "custom" and 0 in (self.width, self.depth, self.heads):
-            raise ConfigError("model.size: 'custom' needs model.width, model.depth and model.heads > 0")
-        if self.width and self.heads and self.width % self.heads:
-            raise ConfigError(f"model.width: {self.width} is not divisible by model.heads={self.heads}")
-        _choice("model.patch_size", self.patch_size, [1, 2, 4])
-        _positive("model.mlp_ratio", self.mlp_ratio)
-        _positive("model.in_channels", self.in_channels)
-        _positive("model.resolution", self.resolution)
-        if self.arch == "dit" and self.resolution % self.patch_size:
-            raise ConfigError(f"model.resolution: {self.resolution} is not divisible by model.patch_size={self.patch_size}")
-        _positive("model.num_classes", self.num_classes, allow_zero=True)
-        _unit("model.dropout", self.dropout)
-        _choice("model.norm", self.norm, ["nsln", "layernorm", "groupnorm", "instancenorm", "rmsnorm"]
-                if self.arch == "unet" else ["nsln", "layernorm"])
-        _positive("model.unet_channels", self.unet_channels)
-        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
-            raise ConfigError(f"model.channel_mult: expected a non-empty list of positive ints, got {self.channel_mult!r}")
-        _positive("model.num_res_blocks", self.num_res_blocks)
-        _positive("model.head_channels", self.head_channels)
-        _choice("model.ops_backend", self.ops_backend, BACKENDS)
 
 
 # -------------------------------------------------------------------------------------------- method

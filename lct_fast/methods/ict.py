@@ -273,10 +273,9 @@ def ict_sigmas(steps: int, *, sigma_max: float = 80.0, sigma_mid: float = 0.821,
         raise ValueError(f"sample: need sigma_min < sigma_mid < sigma_max, got {sigma_min}, {sigma_mid}, {sigma_max}")
     if steps == 1:
         return (float(sigma_max),)
-    a, b = sigma_mid ** (1.0 / rho), sigma_min ** (1.0 / rho)
-    k = steps - 1
-    rest = tuple(float((a + j / k * (b - a)) ** rho) for j in range(1, k))
-    return (float(sigma_max), float(sigma_mid)) + rest
+    # the training grid's ρ-spacing (schedules.karras_sigmas) from σ_min to σ_mid, its interior descending
+    grid = schedules.karras_sigmas(steps, sigma_min, sigma_mid, rho).tolist()
+    return (float(sigma_max), float(sigma_mid)) + tuple(reversed(grid[1:-1]))
 
 
 def ict_sample(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *,

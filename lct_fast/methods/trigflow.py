@@ -136,13 +136,10 @@ def trigflow_times(steps: int, *, spacing: str = "uniform", sigma_data: float = 
         return tuple(math.pi / 2 * (1 - i / steps) for i in range(steps)) + (0.0,)
     if spacing != "edm":
         raise ValueError(f"sample: trigflow time spacing must be uniform | edm, got {spacing!r}")
-    inner = []
-    if steps > 1:
-        k = steps - 1
-        ramp = [i / max(k - 1, 1) for i in range(k)] if k > 1 else [0.0]
-        inner = [math.atan(((sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho)
-                           / sigma_data) for r in ramp]
-    return (math.pi / 2, *inner, 0.0)
+    k = steps - 1  # σ_max … σ_min, ρ-spaced as the iCT training grid (schedules.karras_sigmas), descending
+    sigmas = [] if k == 0 else [sigma_max] if k == 1 else reversed(
+        schedules.karras_sigmas(k, sigma_min, sigma_max, rho).tolist())
+    return (math.pi / 2, *(math.atan(s / sigma_data) for s in sigmas), 0.0)
 
 
 def trigflow_ode(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor], *, sigma_data: float,
