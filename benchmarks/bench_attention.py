@@ -9,7 +9,7 @@ Providers
   fwd+bwd   ours (Triton FA2 backward) · SDPA flash
 on [B, H, L, Dh] bf16 with B·L tokens fixed, L = 256 / 1024 / 4096, Dh = 64 / 128.
 
-FLOPs: ``lct_fast.flops.attention_flops`` (one definition for this benchmark, ``launch/profile.py`` and
+FLOPs: ``lct_fast.profiler.flops.attention_flops`` (one definition for this benchmark, ``launch/profile.py`` and
 SPEC §5): forward = 4·B·H·L²·Dh; the JVP pass = primal + tangent = 3× that; forward+backward 3.5× (backward
 2.5×, as FlashAttention-2 counts it). Peak memory is the allocation high-water mark above the inputs.
 Targets (H100/H200): JVP ≥ 4× faster than math-SDPA JVP at L = 1024 with O(L) memory, ≥ 450 TFLOP/s
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import machine_string, write_results  # noqa: E402
-from lct_fast.flops import attention_flops, peak_tflops  # noqa: E402
+from lct_fast.profiler.flops import attention_flops, peak_tflops  # noqa: E402
 
 
 def _measure(fn: Callable[[], object], warmup: int, rep: int) -> Dict[str, float]:

@@ -36,7 +36,7 @@ if ROOT not in sys.path:
 from benchmarks.harness import RESULTS_DIR, write_results  # noqa: E402
 from benchmarks.quality_assets import VAE_DIR, VAE_KW, encode_means, recon_psnr, train_vae  # noqa: E402
 from lct_fast.quality.metrics import tail_stats  # noqa: E402
-from lct_fast.quality.patches import PatchSpec, ensure_patches  # noqa: E402
+from benchmarks.patches import PatchSpec, ensure_patches  # noqa: E402
 
 FIG1 = {"variant": "SD-VAE, CelebA-HQ 256 (paper Fig. 1)", "channels": 4, "latent": "32x32", "q1": -1.4, "q3": 1.4,
         "min": -9.0, "max": 7.0}

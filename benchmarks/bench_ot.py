@@ -151,9 +151,9 @@ def bench_global(per_rank, worlds, d, device, eps, iters) -> list[dict]:
 
 def bench_overhead(config_path: str, device: str, repeats: int, eps: float, iters: int) -> list[dict]:
     """Coupling time against one step of the preset, measured by the profile tool on the trainer's own step
-    (``lct_fast.throughput.measure_step_ms``: DeepSpeed engine, loss incl. the JVP pass, backward, optimizer,
+    (``lct_fast.profiler.measure_step_ms``: DeepSpeed engine, loss incl. the JVP pass, backward, optimizer,
     EMA; the embedded data shaped like the model), at the preset's micro-batch."""
-    from lct_fast.throughput import measure_step_ms
+    from lct_fast.profiler import measure_step_ms
 
     step_ms, n, d, _ = measure_step_ms(config_path)
     x, z = make_batch(n, d, device, seed=n + d)
@@ -229,7 +229,7 @@ def main() -> None:
         if orows and save:
             print("results:", *write_results(
                 "bench_ot_overhead", orows,
-                notes="one optimizer step of the preset (the trainer's step through lct_fast.throughput: DeepSpeed "
+                notes="one optimizer step of the preset (the trainer's step through lct_fast.profiler: DeepSpeed "
                       "engine, loss incl. JVP pass, backward, optimizer, EMA; 1 device) vs one coupling at its "
                       "micro-batch"))
 

@@ -3,7 +3,7 @@
 
 Data nobody here wrote, no download: 32x32 RGB patches of the eight colour photographs that ship inside
 scikit-image, train, validation and test cut from spatially disjoint regions, one class per photograph
-(:mod:`lct_fast.quality.patches`). Every choice is made on ``--split val`` (the default), which also writes
+(:mod:`benchmarks.patches`). Every choice is made on ``--split val`` (the default), which also writes
 ``<name>-selection.json``: per row and step count, the EMA with the lowest validation FD. ``--split test
 --selection FILE`` scores only those choices, once, on the test split: the committed table. They go through
 the user's path end to end:
@@ -68,8 +68,8 @@ from benchmarks.quality_assets import DIGIT_FEATURES, DIGIT_VAE_DIR, FEATURES, V
 from lct_fast.data.synthetic import default_cache_root  # noqa: E402
 from lct_fast.quality import metrics as qm  # noqa: E402
 from lct_fast.quality.features import extract_features, load_feature_net  # noqa: E402
-from lct_fast.quality.digits import DigitSpec  # noqa: E402
-from lct_fast.quality.patches import PHOTOS, PatchSpec  # noqa: E402
+from benchmarks.digits import DigitSpec  # noqa: E402
+from benchmarks.patches import PHOTOS, PatchSpec  # noqa: E402
 
 CACHE = os.path.join(default_cache_root(), "quality")
 SELECTION = os.path.join(RESULTS_DIR, "quality-val-selection.json")
@@ -198,8 +198,8 @@ EVAL_CODE = ["lct_fast/quality", "benchmarks/bench_quality.py", "benchmarks/asse
 # Source whose change invalidates a cached row (the row's own config is hashed too): what a training run and its
 # export execute — the package but the evaluation, reporting and profiling tools, and the two launchers it runs.
 CODE = ["lct_fast", "launch/train.py", "launch/export.py"]
-CODE_EXCLUDE = ("lct_fast/quality", "lct_fast/evaluate.py", "lct_fast/report.py", "lct_fast/throughput.py",
-                "lct_fast/flops.py")
+CODE_EXCLUDE = ("lct_fast/quality", "lct_fast/evaluate.py", "lct_fast/report.py", "lct_fast/profiler/step.py",
+                "lct_fast/profiler/summary.py", "lct_fast/profiler/sweep.py", "lct_fast/profiler/flops.py")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -696,7 +696,7 @@ def write_selection(args, table: list[dict]) -> str:
 
 def write_report(args, table, curves, sheets, train_lat, train_lab, budget, n_eval, seconds) -> None:
     from benchmarks.harness import write_results
-    from lct_fast.quality.plots import sample_sheet, training_curves
+    from benchmarks.quality_plots import sample_sheet, training_curves
 
     info = machine_info()
     tail_md = ["| latents | channel | q1 | median | q3 | min | max | excess kurtosis | beyond 4 std |",

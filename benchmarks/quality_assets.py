@@ -9,7 +9,7 @@ assets (``benchmarks/assets/``):
 * ``digit_vae/`` — the same autoencoder trained on the digits' training split (the photographs' VAE loses a
   quarter of the digits' identities in reconstruction: classifier accuracy 0.75 on decoded training latents).
 * ``digit_features.safetensors`` — the same network trained to tell the ten digits of the second data set
-  (:mod:`lct_fast.quality.digits`) apart, on its training split only, without flips.
+  (:mod:`benchmarks.digits`) apart, on its training split only, without flips.
 * ``patch_features.safetensors`` — the feature network of :mod:`lct_fast.quality.features` (a small CNN
   classifier of which photograph a patch comes from), whose penultimate layer is the nonlinear feature space
   of the benchmark's Fréchet / kernel distances and k-NN precision/recall.
@@ -38,7 +38,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lct_fast.quality.features import train_feature_net, save_feature_net  # noqa: E402
-from lct_fast.quality.patches import PatchSpec, ensure_patches  # noqa: E402
+from benchmarks.patches import PatchSpec, ensure_patches  # noqa: E402
 
 ASSETS = os.path.join(ROOT, "benchmarks", "assets")
 VAE_DIR = os.path.join(ASSETS, "tiny_vae")
@@ -153,7 +153,7 @@ def main() -> None:
         save_feature_net(net, FEATURES, meta={"train_steps": str(args.feature_steps), "test_accuracy": f"{acc:.4f}"})
         print(f"feature network: test accuracy {acc:.4f} -> {FEATURES}")
     if args.only in (None, "digit-vae", "digit-features"):
-        from lct_fast.quality.digits import DigitSpec, make_digits
+        from benchmarks.digits import DigitSpec, make_digits
 
         digits = make_digits(DigitSpec())
     if args.only in (None, "digit-vae"):

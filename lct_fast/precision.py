@@ -5,7 +5,7 @@ they are mixed, so we set it through ``torch.set_float32_matmul_precision``, aft
 It covers matrix products only: cuDNN convolutions keep PyTorch's own default (TF32 allowed). TF32 rounds the
 product inputs to a 10-bit mantissa (about bf16's 8 bits plus two) and keeps fp32 accumulation; on an
 H100/H200 it runs at half the bf16 tensor-core rate against 1/15 of it for plain fp32
-(lct_fast.flops.PEAK_TFLOPS). Where fp32 is a requirement, not a default (the OT cost, SPEC §4), code runs
+(lct_fast.profiler.flops.PEAK_TFLOPS). Where fp32 is a requirement, not a default (the OT cost, SPEC §4), code runs
 under :func:`ieee_fp32`.
 """
 
@@ -20,7 +20,7 @@ from .methods.registry import get_method
 
 __all__ = ["PLAN_PHASES", "precision_plan", "tf32_allowed", "set_tf32", "ieee_fp32"]
 
-#: The step's phases that do model work (lct_fast.throughput.STEP_PHASES less the diagnostics, the recompute
+#: The step's phases that do model work (lct_fast.profiler.STEP_PHASES less the diagnostics, the recompute
 #: of activation checkpointing and untracked time): the keys of a precision plan.
 PLAN_PHASES = ("data", "ot", "teacher_forward", "target_forward", "jvp", "online_forward", "loss", "backward",
                "optimizer", "ema")

@@ -28,7 +28,7 @@ from .methods import get_method
 from .optim import build_optimizer, build_scheduler
 from .parallel import deepspeed_config, wrap
 from .precision import precision_plan, set_tf32
-from .profiling import phase
+from .profiler.phases import phase
 from .run_dir import RunDir
 from .seeding import derive_seed
 from .train_hooks import (DivergenceWatch, EvalHook, MetricsLog, RunState, Window, divergence_floors,

@@ -1,4 +1,4 @@
-"""FLOP counting (lct_fast.flops): the dispatcher count against closed forms -- the DiT forward and JVP pass,
+"""FLOP counting (lct_fast.profiler.flops): the dispatcher count against closed forms -- the DiT forward and JVP pass,
 attention's JVP factor (the one definition bench_attention.py and launch/profile.py share) -- and the
 materialised zero weight tangents of forward-mode AD kept out of the model FLOPs."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from lct_fast.config import load_config
-from lct_fast.flops import (ATTENTION_PASS_FACTOR, FlopCounter, attention_flops, count_flops, dit_forward_flops,
+from lct_fast.profiler.flops import (ATTENTION_PASS_FACTOR, FlopCounter, attention_flops, count_flops, dit_forward_flops,
                             dit_jvp_flops, peak_tflops)
 from lct_fast.methods import build_model
 from lct_fast.ops import attention_reference

@@ -1,4 +1,4 @@
-"""The activation memory model (lct_fast.memory) against the bytes autograd actually saves for backward
+"""The activation memory model (lct_fast.profiler.memory) against the bytes autograd actually saves for backward
 (saved-tensor hooks), for the DiT in the precisions and options the presets use."""
 
 import contextlib
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lct_fast.config import load_config
-from lct_fast.memory import SavedTensorMeter, activation_model, dit_activation_bytes
+from lct_fast.profiler.memory import SavedTensorMeter, activation_model, dit_activation_bytes
 from lct_fast.models import build_backbone
 
 BASE = ["model.depth=3", "model.width=128", "model.heads=2", "model.resolution=16", "model.dropout=0"]

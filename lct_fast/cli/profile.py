@@ -121,7 +121,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from lct_fast.throughput import run_sweep
+    from lct_fast.profiler import run_sweep
 
     argv = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.peak_tflops:
@@ -154,7 +154,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
     import torch
     from lct_fast.distributed import init_distributed
-    from lct_fast.throughput import (ProfileOptions, device_name, expected_state_bytes, format_table,
+    from lct_fast.profiler import (ProfileOptions, device_name, expected_state_bytes, format_table,
                                      is_oom_error, kernel_backends, profile_trainer, summarise)
     from lct_fast.trainer import Trainer
 
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     try:
         if args.sweep:
             return _sweep(args)
-        from lct_fast.throughput import profile_overrides
+        from lct_fast.profiler import profile_overrides
 
         overrides = profile_overrides(args.config, args.overrides, synthetic_data=args.synthetic_data)
         cfg = load_config(args.config, overrides)  # a bad key fails here, before any process group starts

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..profiling import phase
+from ..profiler.phases import phase
 from .common import Coupler, draw_seed, drop_labels, identity_coupler, null_class, prepare_batch, randn_like_gen
 
 __all__ = ["Draw", "MethodLoss"]

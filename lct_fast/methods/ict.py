@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..profiling import phase
+from ..profiler.phases import phase
 from ..validate import ConfigError, choice, positive, unit
 from . import schedules
 from .base import Draw, MethodLoss

@@ -48,7 +48,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ..profiling import phase
+from ..profiler.phases import phase
 from ..validate import ConfigError, choice, positive
 from . import schedules
 from .base import Draw, MethodLoss

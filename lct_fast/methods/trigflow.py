@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..profiling import phase
+from ..profiler.phases import phase
 from ..validate import choice, positive
 from . import schedules
 from .base import Draw, MethodLoss

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lct_fast import ops
-from lct_fast.profiling import phase
+from lct_fast.profiler.phases import phase
 
 # ---------------------------------------------------------------------------------------------
 # Linear maps

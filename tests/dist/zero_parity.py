@@ -367,7 +367,7 @@ def run_case(method: str, stage: int, rank: int, *, steps: int, k0: int, grad_cl
             cmp["num_updates"] = ds_ema.num_updates
             result["ema"][key] = cmp
         if compile:  # what was compiled, and whether dynamo gave up anywhere (counters are per process)
-            from lct_fast.throughput import compile_report
+            from lct_fast.profiler import compile_report
 
             result["compiled_blocks"] = wrapped.compiled_blocks
             result["compile_report"] = compile_report(cfg)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import torch
 
-from .methods.registry import get_method
+from ..methods.registry import get_method
 
 __all__ = ["expected_state_bytes", "dit_matrix_params", "dit_activation_bytes", "activation_model",
            "predicted_bytes", "SavedTensorMeter"]
@@ -68,7 +68,7 @@ def expected_state_bytes(num_params: int, *, stage: int, world: int, bf16_weight
 
 
 def _dims(model_cfg: Any) -> tuple[int, int, int, int, int]:
-    from .models.dit import resolve_dit_dims
+    from ..models.dit import resolve_dit_dims
 
     d = resolve_dit_dims(model_cfg.size, model_cfg.width, model_cfg.depth, model_cfg.heads)
     tokens = (model_cfg.resolution // model_cfg.patch_size) ** 2
@@ -172,7 +172,7 @@ class SavedTensorMeter:
     backward has started) closes it, so with gradient accumulation each micro-step's forward is metered on
     its own and :attr:`bytes` is the largest. What a backward itself saves (the recompute of activation
     checkpointing, phases ``backward``/``recompute``) is kept apart, in :attr:`during_backward`.
-    ``by_phase`` splits the largest forward by the innermost open :func:`lct_fast.profiling.phase`."""
+    ``by_phase`` splits the largest forward by the innermost open :func:`lct_fast.profiler.phases.phase`."""
 
     _BACKWARD_PHASES = ("backward", "recompute")
 

