@@ -20,7 +20,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -100,12 +100,12 @@ class LatentEvaluator:
     mode = "latent"
     headline = "mw1"
 
-    def __init__(self, data_path: str, *, n: int, normalize: str = "channel", seed: int = 0):
+    def __init__(self, data_path: str, *, n: int, normalize: str = "channel", seed: int = 0, stats: Any = None):
         from .data.reader import LatentNormalizer, read_all_latents
         from .data.stats import load_stats
         from .quality.latent import LatentReference
 
-        self.stats = load_stats(data_path)
+        self.stats = stats if stats is not None else load_stats(data_path)
         lat, labels, errors = read_all_latents(data_path)
         # sigma_data = 1: unit variance per channel, the space every latent figure is quoted in.
         self.normalizer = LatentNormalizer(self.stats, normalize, sigma_data=1.0)

@@ -167,7 +167,8 @@ class EvalHook:
                                             metrics=ev.metrics, feature_layer=str(ev.feature_layer),
                                             normalize=cfg.data.normalize, device=device)
         else:
-            self.evaluator = LatentEvaluator(data_path, n=ev.n, normalize=cfg.data.normalize, seed=ev.seed)
+            self.evaluator = LatentEvaluator(data_path, n=ev.n, normalize=cfg.data.normalize, seed=ev.seed,
+                                             stats=stats)
 
     def __call__(self, net: torch.nn.Module) -> dict:
         """Evaluate ``net`` (the evaluated EMA, whole, on every rank): {"eval/<k>step/<metric>": value, ...} on

@@ -156,7 +156,7 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         return build_loader(cfg.data, batch_size=self.micro_batch, rank=d.rank, world_size=d.world_size,
                             seed=cfg.train.seed, sigma_data=cfg.method.sigma_data, path=self.data_path,
-                            start_sample=self.samples // d.world_size, device=d.device)
+                            start_sample=self.samples // d.world_size, device=d.device, stats=self.stats)
 
     # -------------------------------------------------------------------------------------------- loop
     def run(self, max_samples: int | None = None) -> dict:

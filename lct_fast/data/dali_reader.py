@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -119,7 +119,8 @@ class DaliLoader:
     def __init__(self, path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  sigma_data: float = 0.5, normalize: str = "channel", shuffle_buffer: int = 1000,
                  num_workers: int = 0, resample: bool = True, start_sample: int = 0, epoch: int = 0,
-                 device: Optional[torch.device] = None, dali_device: str = "cpu", prefetch: int = 2) -> None:
+                 device: Optional[torch.device] = None, dali_device: str = "cpu", prefetch: int = 2,
+                 stats: Any = None) -> None:
         ok, why = dali_available()
         if not ok:
             raise ImportError(f"data.reader=dali: {why}")
@@ -135,7 +136,7 @@ class DaliLoader:
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"latent dataset folder not found: {self.path}")
-        self.stats = load_stats(self.path)
+        self.stats = stats if stats is not None else load_stats(self.path)  # the caller's, when it has read them
         self.normalizer = LatentNormalizer(self.stats, normalize, sigma_data)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.seed, self.epoch = int(seed), int(epoch)

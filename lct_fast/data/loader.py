@@ -37,7 +37,8 @@ class LatentSource(Protocol):
 
 
 #: reader name -> factory(path, *, batch_size, rank, world_size, seed, sigma_data, normalize, shuffle_buffer,
-#: num_workers, resample, start_sample, device) -> LatentSource
+#: num_workers, resample, start_sample, device, stats, data_cfg) -> LatentSource; data_cfg carries a reader's own
+#: settings (dali: data.dali_device)
 READERS: Dict[str, Callable[..., LatentSource]] = {}
 
 
@@ -46,14 +47,14 @@ def register_reader(name: str, factory: Callable[..., LatentSource]) -> None:
     READERS[name] = factory
 
 
-def _webdataset(path: str, *, device: Optional[torch.device] = None, **kw: Any) -> LatentSource:
+def _webdataset(path: str, *, device: Optional[torch.device] = None, data_cfg: Any = None, **kw: Any) -> LatentSource:
     return LatentLoader(path, **kw)
 
 
-def _dali(path: str, **kw: Any) -> LatentSource:
+def _dali(path: str, *, data_cfg: Any = None, **kw: Any) -> LatentSource:
     from .dali_reader import DaliLoader  # optional: nvidia-dali is imported only when asked for
 
-    return DaliLoader(path, **kw)
+    return DaliLoader(path, dali_device=getattr(data_cfg, "dali_device", "cpu"), **kw)
 
 
 register_reader("webdataset", _webdataset)
@@ -70,9 +71,11 @@ def resolve_dataset(data_cfg: Any, root: Optional[str] = None) -> str:
 
 def build_loader(data_cfg: Any, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  sigma_data: float = 0.5, start_sample: int = 0, path: Optional[str] = None,
-                 device: Optional[torch.device] = None, cache_root: Optional[str] = None) -> LatentSource:
+                 device: Optional[torch.device] = None, cache_root: Optional[str] = None,
+                 stats: Any = None) -> LatentSource:
     """This rank's stream for ``data_cfg`` (``DataConfig``: reader, path, normalize, shuffle_buffer, num_workers,
-    resample, synthetic), positioned after ``start_sample`` samples. ``path`` overrides the resolved folder."""
+    resample, synthetic), positioned after ``start_sample`` samples. ``path`` overrides the resolved folder;
+    ``stats``: its statistics when the caller has read them already (else the reader reads stats.json)."""
     name = getattr(data_cfg, "reader", "webdataset")
     if name not in READERS:
         raise ValueError(f"data.reader: {name!r} is not one of {sorted(READERS)}")
@@ -80,5 +83,5 @@ def build_loader(data_cfg: Any, *, batch_size: int, rank: int = 0, world_size: i
         path or resolve_dataset(data_cfg, cache_root), batch_size=batch_size, rank=rank, world_size=world_size,
         seed=seed, sigma_data=sigma_data, normalize=getattr(data_cfg, "normalize", "channel"),
         shuffle_buffer=getattr(data_cfg, "shuffle_buffer", 1000), num_workers=getattr(data_cfg, "num_workers", 0),
-        resample=getattr(data_cfg, "resample", True), start_sample=start_sample, device=device,
-        **({"dali_device": getattr(data_cfg, "dali_device", "cpu")} if name == "dali" else {}))
+        resample=getattr(data_cfg, "resample", True), start_sample=start_sample, device=device, stats=stats,
+        data_cfg=data_cfg)

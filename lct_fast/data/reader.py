@@ -60,7 +60,7 @@ import os
 import random
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -467,6 +467,7 @@ class LatentLoader:
         world_size: int = 1,
         seed: int = 0,
         sigma_data: float = 0.5,
+        stats: Optional[Stats] = None,
         normalize: str = "channel",
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
@@ -494,7 +495,7 @@ class LatentLoader:
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"latent dataset folder not found: {self.path}")
-        self.stats = load_stats(self.path)
+        self.stats = stats if stats is not None else load_stats(self.path)  # the caller's, when it has read them
         self.normalizer = LatentNormalizer(self.stats, normalize, sigma_data)
         shards = list_shards(self.path)
         present = {os.path.basename(s) for s in shards}

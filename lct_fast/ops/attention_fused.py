@@ -258,10 +258,9 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return flash_attention(q, k, v)
 
 
-def register_flash_attention_backend() -> None:
-    """Register :func:`flash_attention` as the ``"triton"`` backend of ``lct_fast.ops.attention``."""
-    register_backend("attention", "triton", _attention_triton, available=flash_attention_available,
-                     supports_forward_ad=True)
+# flash_attention is the "triton" backend of lct_fast.ops.attention
+register_backend("attention", "triton", _attention_triton, available=flash_attention_available,
+                 supports_forward_ad=True)
 
 
 __all__ = [
@@ -272,6 +271,5 @@ __all__ = [
     "flash_attention_jvp",
     "flash_attention_with_lse",
     "get_flash_attention_policy",
-    "register_flash_attention_backend",
     "set_flash_attention_policy",
 ]
