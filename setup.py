@@ -80,7 +80,7 @@ setup(
         "encode": ["diffusers>=0.27", "safetensors>=0.4", "pillow"],
     },
     # lct-train ... lct-encode: the same command lines as python launch/<name>.py and python -m lct_fast.cli.<name>
-    entry_points={"console_scripts": [f"lct-{name} = lct_fast.cli.{name}:console"
+    entry_points={"console_scripts": [f"lct-{name} = lct_fast.cli.{name}:main"
                                       for name in ("train", "sample", "export", "evaluate", "profile", "report",
                                                    "encode")]},
     ext_modules=ext_modules,

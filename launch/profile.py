@@ -1,31 +1,9 @@
 #!/usr/bin/env python
 """Profile the training step: samples/s, step time, phase breakdown, FLOPs, MFU, memory, kernels used.
 
-    python launch/profile.py --config configs/tiny.json --out runs/profile-tiny
-    torchrun --nproc_per_node 8 launch/profile.py --config configs/xl.json --steps 20 --out runs/prof-xl
-    deepspeed launch/profile.py --config configs/xxl.json --set train.micro_batch=16 --trace --out runs/prof-xxl
-    python launch/profile.py --config configs/s.json --synthetic-data \\
-        --sweep size=s,b,l,xl,xxl zero=1,2,3 micro_batch=8,16,32 --out runs/sweep
-    python launch/profile.py --config configs/tiny.json --sweep kernels=reference,fused --out runs/kernels
-
-The step is the trainer's own (``Trainer.iteration``: same config, model, loss, DeepSpeed engine and data
-stream), under phase marks: data wait, OT coupling, target pass (iCT) or JVP pass (sCT), online forward, the
-rest of the loss, backward (with ZeRO 1-2's gradient reduction), activation-checkpoint recompute, optimizer
-step, EMA, logging. CUDA events on GPU, the wall clock on CPU; the phases sum to the step. FLOPs are counted on one extra step
-(``torch.utils.flop_counter``'s formulas at the dispatcher); MFU uses the device's dense peak for the run's
-precision (H100/H200/A100 by name) or ``--peak-tflops``. Periodic evaluation, sample grids and checkpoints
-are off unless ``--set`` turns them on; the log interval's diagnostics stay (phase ``logging``).
-
-``--sweep KEY=V1,V2 ...`` runs every point of the grid in a fresh process (``--launcher``, default this
-Python) and writes ``sweep.md``, ``sweep.csv`` and ``sweep.png``; an out-of-memory point (CUDA OOM, failed
-host allocation, or a child killed by the OOM killer) is recorded as ``oom``. Keys: ``size`` (model.size),
-``zero`` (deepspeed.zero_optimization.stage), ``micro_batch`` (train.micro_batch), ``kernels``
-(reference | fused: model.ops_backend and method.ot.backend together), or any dotted config key.
-
-Writes ``OUT/profile.json`` and the printed table as ``OUT/profile.md`` (rank 0), ``OUT/trace-rank<r>.json``
-with ``--trace`` (chrome://tracing, Perfetto, TensorBoard). On OOM each rank that ran out writes
-``OUT/profile-oom-rank<r>.json`` and exits with status 3.
-"""
+The command line lives in :mod:`lct_fast.cli.profile` (its docstring has the usage), also as
+``python -m lct_fast.cli.profile`` and the console script ``lct-profile``; this file keeps
+``python launch/profile.py``."""
 import sys
 
 if __name__ == "profile":
@@ -43,7 +21,7 @@ if __name__ == "profile":
     globals().update({k: v for k, v in vars(_std).items() if not k.startswith("__")})
 else:
     from lct_fast.cli.profile import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.profile)
-    from lct_fast.cli.profile import console, main  # noqa: F401
+    from lct_fast.cli.profile import main  # noqa: F401
 
     if __name__ == "__main__":
-        console()
+        sys.exit(main())

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Draw a run's report.png: training curves, evaluation figures, samples beside real data.
 
-    python launch/report.py --run runs/tiny                   # writes runs/tiny/report.png
-    python launch/report.py --run runs/xxl --out xxl-report.png
+The command line lives in :mod:`lct_fast.cli.report` (its docstring has the usage), also as
+``python -m lct_fast.cli.report`` and the console script ``lct-report``; this file keeps
+``python launch/report.py``."""
+import sys
 
-launch/train.py writes the same report at the end of every run.
-"""
 from lct_fast.cli.report import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.report)
-from lct_fast.cli.report import console, main  # noqa: F401
+from lct_fast.cli.report import main  # noqa: F401
 
 if __name__ == "__main__":
-    console()
+    sys.exit(main())

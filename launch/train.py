@@ -1,16 +1,13 @@
 #!/usr/bin/env python
 """Train a latent consistency model.
 
-    python launch/train.py --config configs/tiny.json                 # one process
-    torchrun --nproc_per_node 8 launch/train.py --config configs/b.json
-    deepspeed launch/train.py --config configs/xxl.json --set optim.lr=2e-4
-    deepspeed --hostfile launch/hostfile launch/train.py --config configs/xxl.json --resume auto
+The command line lives in :mod:`lct_fast.cli.train` (its docstring has the usage), also as
+``python -m lct_fast.cli.train`` and the console script ``lct-train``; this file keeps
+``python launch/train.py``."""
+import sys
 
-``--set KEY=VALUE`` overrides any config key (dotted, repeatable); ``--dry-run`` prints the resolved
-config and the parameter count (model built on the meta device) and exits.
-"""
 from lct_fast.cli.train import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.train)
-from lct_fast.cli.train import console, main  # noqa: F401
+from lct_fast.cli.train import main  # noqa: F401
 
 if __name__ == "__main__":
-    console()
+    sys.exit(main())

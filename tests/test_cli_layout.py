@@ -17,14 +17,14 @@ def test_every_command_line_is_a_package_module_a_launcher_and_a_console_script(
     for name in NAMES:
         tree = ast.parse(open(os.path.join(ROOT, "lct_fast", "cli", f"{name}.py")).read())
         funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-        assert {"main", "console", "build_parser"} <= funcs, (name, funcs)
+        assert {"main", "build_parser"} <= funcs, (name, funcs)
         launcher = open(os.path.join(ROOT, "launch", f"{name}.py")).read()
         edits = [n for n in ast.walk(ast.parse(launcher)) if isinstance(n, ast.Attribute) and n.attr == "path"
                  and isinstance(n.value, ast.Name) and n.value.id == "sys"]
         assert not edits and f"lct_fast.cli.{name}" in launcher, name
         body = ast.parse(launcher).body[1:]                       # after the docstring (the usage)
         assert len(body) <= 4, f"launch/{name}.py is not thin: {len(body)} statements"
-    assert '"train", "sample", "export", "evaluate", "profile", "report",' in setup and "lct_fast.cli.{name}:console" in setup
+    assert '"train", "sample", "export", "evaluate", "profile", "report",' in setup and "lct_fast.cli.{name}:main" in setup
 
 
 def test_python_dash_m_and_the_launcher_give_the_same_command():

@@ -64,10 +64,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def console() -> None:
-    """The ``lct-encode`` console script."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    console()
+    sys.exit(main())

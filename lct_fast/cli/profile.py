@@ -220,10 +220,5 @@ def main(argv=None) -> int:
         return 2
 
 
-def console() -> None:
-    """The ``lct-profile`` console script."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    console()
+    sys.exit(main())

@@ -31,10 +31,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def console() -> None:
-    """The ``lct-report`` console script."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    console()
+    sys.exit(main())

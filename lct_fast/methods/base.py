@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..profiler.phases import phase
+from . import schedules
 from .common import Coupler, draw_seed, drop_labels, identity_coupler, null_class, prepare_batch, randn_like_gen
 
-__all__ = ["Draw", "MethodLoss"]
+__all__ = ["Draw", "MethodLoss", "TrigFlowTimes"]
 
 
 @dataclass
@@ -94,3 +95,16 @@ class MethodLoss:
         target_net = net if target_net is None else target_net
         d = self.prologue(x0, labels, step=step, generator=generator, target_net=target_net)
         return self.loss(net, target_net, d, step=step, generator=generator)
+
+
+class TrigFlowTimes:
+    """The TrigFlow time draw of sCT, sCD and the diffusion teacher (sCM §2): t = arctan(e^τ/σ_d),
+    τ ~ N(``p_mean``, ``p_std``²)."""
+
+    p_mean: float
+    p_std: float
+    sigma_data: float
+
+    def draw_times(self, batch: int, generator: torch.Generator, x0: torch.Tensor, step: int) -> torch.Tensor:
+        return schedules.sample_sct_times(batch, self.p_mean, self.p_std, self.sigma_data, generator,
+                                          device=x0.device).to(x0.dtype)

@@ -51,7 +51,7 @@ from torch import nn
 from ..profiler.phases import phase
 from ..validate import ConfigError, choice, positive
 from . import schedules
-from .base import Draw, MethodLoss
+from .base import Draw, MethodLoss, TrigFlowTimes
 from .common import Coupler, adaptive_weighting, config_coupler, draw_seed, null_class, prepare_batch, randn_like_gen, unwrap
 from .registry import MethodSpec, register
 from .sampling import Sampler, check_steps, eval_no_grad, guided, next_noise
@@ -191,7 +191,7 @@ def derivative_split(target_net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, 
     return out[0], out[1]
 
 
-class SCTLoss(MethodLoss):
+class SCTLoss(TrigFlowTimes, MethodLoss):
     """sCT loss (TrigFlow, adaptive weighting, tangent warm-up and normalisation) with optional OT / Cauchy.
 
     Explicit arguments (:meth:`from_config` reads them from ``MethodConfig.sct``).
@@ -294,11 +294,6 @@ class SCTLoss(MethodLoss):
             two_c2 = 2.0 * self.cauchy_c ** 2
             return two_c2 * torch.log1p(m / two_c2)   # eq. 6, rescaled to match L2 for small m
         return m
-
-    def draw_times(self, batch: int, generator: torch.Generator, x0: torch.Tensor, step: int) -> torch.Tensor:
-        """t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²)."""
-        return schedules.sample_sct_times(batch, self.p_mean, self.p_std, self.sigma_data, generator,
-                                          device=x0.device).to(x0.dtype)
 
     def loss(self, net: nn.Module, target_net: nn.Module, d: Draw, *, step: int,
              generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from ..profiler.phases import phase
 from ..validate import choice, positive
 from . import schedules
-from .base import Draw, MethodLoss
+from .base import Draw, MethodLoss, TrigFlowTimes
 from .common import Coupler, adaptive_weighting, config_coupler, unwrap
 from .registry import MethodSpec, register
 from .sampling import Sampler
@@ -60,7 +60,7 @@ class TrigFlowConfig:
 
 
 
-class TrigFlowLoss(MethodLoss):
+class TrigFlowLoss(TrigFlowTimes, MethodLoss):
     """TrigFlow velocity-prediction loss with the adaptive weight; ``__call__(net, x0, labels, ...)`` -> [B].
 
     Args:
@@ -92,11 +92,6 @@ class TrigFlowLoss(MethodLoss):
                    label_dropout=cfg.label_dropout, p_mean=tf.p_mean, p_std=tf.p_std,
                    adaptive_weight=tf.adaptive_weight,
                    coupler=coupler if coupler is not None else config_coupler(cfg.ot))
-
-    def draw_times(self, batch: int, generator: torch.Generator, x0: torch.Tensor, step: int) -> torch.Tensor:
-        """t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²)."""
-        return schedules.sample_sct_times(batch, self.p_mean, self.p_std, self.sigma_data, generator,
-                                          device=x0.device).to(x0.dtype)
 
     def loss(self, net: nn.Module, target_net: nn.Module, d: Draw, *, step: int,
              generator: torch.Generator) -> torch.Tensor:
