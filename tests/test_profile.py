@@ -199,7 +199,8 @@ def test_ceiling_matches_the_closed_form():
 ])
 def test_precision_plan_follows_the_config(sets, jvp, rest):
     from lct_fast.precision import PLAN_PHASES
-    from lct_fast.profiler import NON_MODEL_PHASES, STEP_PHASES, precision_plan
+    from lct_fast.precision import precision_plan
+    from lct_fast.profiler import NON_MODEL_PHASES, STEP_PHASES
 
     cfg = load_config("s", sets)
     plan = precision_plan(cfg)

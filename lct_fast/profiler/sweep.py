@@ -161,7 +161,9 @@ def run_sweep(cfg_path: str, sweep_items: Sequence[str], base_overrides: Sequenc
     sweep = parse_sweep(sweep_items)
     points = sweep_points(cfg_path, sweep, base_overrides)
     os.makedirs(out_dir, exist_ok=True)
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "profile.py")
+    # launch/profile.py (not lct_fast/cli/profile.py: run as a file, that folder would shadow the standard profile)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch",
+                          "profile.py")
     runner = runner or run_point
     rows = []
     for i, pt in enumerate(points):

@@ -61,6 +61,7 @@ from lct_fast.distributed import init_distributed  # noqa: E402
 from lct_fast.ema import EMA, consolidate  # noqa: E402
 from lct_fast.methods import build_loss  # noqa: E402
 from lct_fast.methods import build_model  # noqa: E402
+from lct_fast.parallel import deepspeed_config  # noqa: E402
 from lct_fast.optim import build_optimizer  # noqa: E402
 from lct_fast.trainer import step_seed  # noqa: E402
 
@@ -217,7 +218,7 @@ def build_engine(cfg: Config):
     by lct_fast.parallel.wrap (engine, the target_net view Trainer.train_step passes -- under ZeRO-3 its
     no-grad/JVP pass bypasses DeepSpeed's backward-hook autograd.Functions, which have no jvp -- and the
     per-micro-step hook); for sCD the teacher goes in as wrap's frozen module (partitioned under ZeRO-3)."""
-    from lct_fast.parallel import deepspeed_config, wrap
+    from lct_fast.parallel import wrap
 
     module = make_module(cfg)
     optimizer = build_optimizer(module.parameters(), cfg.optim, torch.device("cpu"))
