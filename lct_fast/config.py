@@ -255,6 +255,9 @@ class TrainConfig:
     """Training length in samples seen (steps = total_samples / global_batch)."""
     log_interval: int = 3200
     """Log metrics every this many samples."""
+    progress_s: float = 30.0
+    """When stderr is not a terminal (nohup, Slurm, CI): print a progress line (samples, samples/s, loss, last
+    evaluation, ETA) every this many seconds; a terminal gets a progress bar instead. 0 = no progress lines."""
     ckpt_interval: int = 32000
     """Save a checkpoint every this many samples (0 = only at the end)."""
     sample_interval: int = 0
@@ -295,7 +298,7 @@ class TrainConfig:
                 f"train.global_batch: {self.global_batch} is not a multiple of micro_batch*grad_accum={per_rank_unit}")
         if self.total_samples < self.global_batch:
             raise ConfigError(f"train.total_samples: expected >= global_batch={self.global_batch}, got {self.total_samples}")
-        for k in ("log_interval", "ckpt_interval", "sample_interval", "eval_interval"):
+        for k in ("log_interval", "ckpt_interval", "sample_interval", "eval_interval", "progress_s"):
             _positive(f"train.{k}", getattr(self, k), allow_zero=True)
         _choice("train.precision", self.precision, ["fp32", "bf16"])
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)

@@ -31,15 +31,18 @@ MATCH_KEYS = ("arch", "size", "width", "depth", "heads", "patch_size", "mlp_rati
               "head_channels", "adaptive_double_norm")
 
 
-def _teacher_config(scd: Any, key: str, method: str, teacher_method: str) -> tuple[Config, str]:
+def teacher_config(scd: Any, key: str, method: str, teacher_method: str) -> tuple[Config, str]:
+    """The teacher's resolved config and its path, from the section ``scd`` (``key`` names it in errors)."""
     if not scd.teacher:
         raise ConfigError(f"{key}.teacher: method {method} needs the exported teacher weights "
                           f"(a method={teacher_method} run's <run>/export/<ema>.safetensors)")
     if not os.path.isfile(scd.teacher):
-        raise FileNotFoundError(f"{key}.teacher: teacher weights not found: {scd.teacher}")
+        raise ConfigError(f"{key}.teacher: teacher weights not found: {scd.teacher}; set {key}.teacher to a "
+                          f"method={teacher_method} run's <run>/export/<ema>.safetensors")
     path = scd.teacher_config or os.path.join(os.path.dirname(os.path.abspath(scd.teacher)), "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}.teacher_config: the teacher's config.json not found: {path}")
+        raise ConfigError(f"{key}.teacher_config: the teacher's config.json not found: {path}; set "
+                          f"{key}.teacher_config or copy it beside the weights (launch/export.py does)")
     return load_config(path), path
 
 
@@ -53,7 +56,7 @@ def load_teacher(scd: Any, student: Config, device: torch.device | str = "cpu") 
     if spec.teacher is None:
         raise ConfigError(f"method.name: method {spec.name} does not distil a teacher")
     section, teacher_method = spec.teacher
-    tcfg, path = _teacher_config(scd, f"method.{section}", spec.name, teacher_method)
+    tcfg, path = teacher_config(scd, f"method.{section}", spec.name, teacher_method)
     if tcfg.method.name != teacher_method:
         raise ConfigError(f"{path}: method.name is {tcfg.method.name!r}; the teacher of method {spec.name} is a "
                           f"method={teacher_method} run")

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -20,13 +20,23 @@ __all__ = ["MetricsLog", "Window", "RunState", "divergence_floors", "DivergenceW
 
 
 class MetricsLog:
-    """Rank-0 JSONL + TensorBoard + tqdm; every other rank logs nothing."""
+    """Rank-0 JSONL + TensorBoard + progress (a bar on a terminal, else a line every ``progress_s`` seconds);
+    every other rank logs nothing."""
 
-    def __init__(self, run: RunDir, enabled: bool, total_samples: int, start_samples: int):
+    def __init__(self, run: RunDir, enabled: bool, total_samples: int, start_samples: int, *,
+                 progress_s: float = 30.0, interactive: Optional[bool] = None,
+                 clock: Callable[[], float] = time.monotonic, stream: Any = None):
         self.enabled = enabled
         self.jsonl = open(run.metrics, "a") if enabled else None
         self.tb = None
         self.bar = None
+        self.stream = stream or sys.stderr
+        self.total, self.samples = total_samples, start_samples
+        self.clock, self.progress_s = clock, float(progress_s)
+        self.t_line = self.t0 = clock()
+        self.samples_line = start_samples
+        self.last: dict = {}
+        interactive = self.stream.isatty() if interactive is None else interactive
         if not enabled:
             return
         try:
@@ -35,13 +45,14 @@ class MetricsLog:
             self.tb = SummaryWriter(run.tensorboard)
         except Exception as e:  # tensorboard is optional at run time
             print(f"lct_fast: TensorBoard disabled ({e})", file=sys.stderr)
-        try:
-            from tqdm import tqdm
+        if interactive:
+            try:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total_samples, initial=start_samples, unit="sample", unit_scale=True,
-                            dynamic_ncols=True, disable=not sys.stderr.isatty() and not os.environ.get("LCT_FAST_TQDM"))
-        except ImportError:
-            self.bar = None
+                self.bar = tqdm(total=total_samples, initial=start_samples, unit="sample", unit_scale=True,
+                                dynamic_ncols=True, file=self.stream)
+            except ImportError:
+                self.bar = None
 
     def log(self, samples: int, row: dict) -> None:
         if not self.enabled:
@@ -52,13 +63,35 @@ class MetricsLog:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, samples)
+        self.last.update({k: v for k, v in row.items() if isinstance(v, (int, float))})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
                                  sps=f"{row.get('samples_per_s', 0):.0f}")
 
     def advance(self, n: int) -> None:
+        self.samples += n
         if self.bar is not None:
             self.bar.update(n)
+        elif self.enabled and self.progress_s > 0 and self.clock() - self.t_line >= self.progress_s:
+            self.line()
+
+    def line(self, prefix: str = "") -> str:
+        """One progress line (samples, rate since the last line, loss, last evaluation, ETA) to the stream."""
+        now = self.clock()
+        rate = (self.samples - self.samples_line) / max(now - self.t_line, 1e-9)
+        parts = [f"{self.samples:,}/{self.total:,} samples ({100 * self.samples / max(self.total, 1):.0f}%)",
+                 f"{rate:,.0f} samples/s"]
+        if "loss" in self.last:
+            parts.append(f"loss {self.last['loss']:.4g}")
+        evals = sorted(k for k in self.last if k.startswith("eval/") and k.rsplit("/", 1)[-1] in ("mw1", "fid"))
+        if evals:
+            parts.append(f"{evals[0][5:]} {self.last[evals[0]]:.4g}")
+        if 0 < rate and self.samples < self.total:
+            parts.append(f"ETA {_duration((self.total - self.samples) / rate)}")
+        text = f"lct_fast: {prefix}{' | '.join(parts)}"
+        print(text, file=self.stream, flush=True)
+        self.t_line, self.samples_line = now, self.samples
+        return text
 
     def close(self) -> None:
         if self.bar is not None:
@@ -67,6 +100,11 @@ class MetricsLog:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def divergence_floors(cfg: Any) -> dict:
@@ -140,6 +178,8 @@ class RunState:
     log: MetricsLog
     watch: DivergenceWatch
     window: Window = field(default_factory=Window)
+    train_s: float = 0.0
+    """Seconds spent in optimizer steps (the training rate's denominator, without evaluation or checkpoints)."""
     last: dict = field(default_factory=dict)
 
 
@@ -147,9 +187,10 @@ class EvalHook:
     """``train.eval`` during training: image metrics when it names a VAE, else latent metrics on the run's dataset
     (every rank builds it: the reference features and the generated rows are gathered across ranks)."""
 
-    def __init__(self, cfg: Any, run: RunDir, *, stats: Any, data_path: str, ema_names: list, device: Any,
+    def __init__(self, cfg: Any, run: RunDir, *, stats: Any, data: Any, ema_names: list, device: Any,
                  is_main: bool) -> None:
         from .evaluate import ImageEvaluator, LatentEvaluator
+        from .preflight import eval_size
         from .validate import ConfigError
 
         ev = cfg.train.eval
@@ -159,15 +200,17 @@ class EvalHook:
         self.cfg, self.run, self.stats, self.device, self.is_main = cfg, run, stats, device, is_main
         self.ema = name
         """The EMA evaluated (or ``live``)."""
+        self.n = eval_size(cfg, data) or ev.n
+        """Samples per evaluation: ``train.eval.n``, or what a small data set allows (lct_fast.preflight)."""
         self.last: dict = {}
         """The latest evaluation's row ({} before the first)."""
         if ev.vae:
             self.evaluator = ImageEvaluator(vae_path=ev.vae, stats=stats, inception_weights=ev.inception_weights,
-                                            ref=ev.reference, latent_resolution=cfg.model.resolution, n=ev.n,
+                                            ref=ev.reference, latent_resolution=cfg.model.resolution, n=self.n,
                                             metrics=ev.metrics, feature_layer=str(ev.feature_layer),
                                             normalize=cfg.data.normalize, device=device)
         else:
-            self.evaluator = LatentEvaluator(data_path, n=ev.n, normalize=cfg.data.normalize, seed=ev.seed,
+            self.evaluator = LatentEvaluator(data.path, n=self.n, normalize=cfg.data.normalize, seed=ev.seed,
                                              stats=stats)
 
     def __call__(self, net: torch.nn.Module) -> dict:
@@ -180,7 +223,7 @@ class EvalHook:
         from .sample import save_latents
 
         ev, m = self.cfg.train.eval, self.cfg.model
-        spec = EvalSpec(n=ev.n, steps=tuple(ev.steps), seed=ev.seed, grid=64)
+        spec = EvalSpec(n=self.n, steps=tuple(ev.steps), seed=ev.seed, grid=64)
         out_dir = self.run.eval
         if self.is_main:
             os.makedirs(out_dir, exist_ok=True)
@@ -191,7 +234,7 @@ class EvalHook:
                              keep_rows=self.evaluator.mode == "latent")
         if not self.is_main:
             return {}
-        row: dict = {"eval/ema": self.ema, "eval/n": ev.n, "eval/seconds": time.perf_counter() - t0}
+        row: dict = {"eval/ema": self.ema, "eval/n": self.n, "eval/seconds": time.perf_counter() - t0}
         for k, metrics in res["steps"].items():
             row.update({f"eval/{k}step/{name}": float(v) for name, v in metrics.items()})
         if self.evaluator.mode == "latent":
@@ -220,9 +263,9 @@ class EvalHook:
             if g is None:
                 g, bar = row.get(f"eval/{k}step/gaussian_{head}"), "Gaussian fit"
             verdict = "better than" if v < g else "worse than"
-            return (f"quality ({self.ema}, {ev.n} samples, {k} step): marginal W1 {v:.4f} vs {bar} "
+            return (f"quality ({self.ema}, {self.n} samples, {k} step): marginal W1 {v:.4f} vs {bar} "
                     f"{g:.4f} (second real set {r:.4f}; lower is better): {verdict} the {bar}")
-        return f"quality ({self.ema}, {ev.n} samples, {k} step): FID {v:.3f}"
+        return f"quality ({self.ema}, {self.n} samples, {k} step): FID {v:.3f}"
 
 
 def write_sample_grids(net: torch.nn.Module, cfg: Any, run: RunDir, tag: str, n: int = 16) -> None:

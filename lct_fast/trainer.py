@@ -29,6 +29,7 @@ from .optim import build_optimizer, build_scheduler
 from .parallel import deepspeed_config, wrap
 from .precision import precision_plan, set_tf32
 from .profiler.phases import phase
+from .preflight import DataFacts, check_model_matches_data
 from .run_dir import RunDir
 from .seeding import derive_seed
 from .train_hooks import (DivergenceWatch, EvalHook, MetricsLog, RunState, Window, divergence_floors,
@@ -86,14 +87,10 @@ class Trainer:
         torch.distributed.barrier()
         self.data_path = resolve_data_path(cfg)
         self.stats = load_stats(self.data_path)
+        self.data = DataFacts(self.data_path, int(self.stats.count), tuple(self.stats.shape),
+                              int(self.stats.num_classes))
+        check_model_matches_data(cfg, self.data)  # also run before start-up by the command line (preflight)
         m = cfg.model
-        expect = (m.in_channels, m.resolution, m.resolution)
-        if tuple(self.stats.shape) != expect:
-            raise ValueError(f"{self.data_path}/stats.json: latent shape {tuple(self.stats.shape)} does not match "
-                             f"model.in_channels/resolution {expect}")
-        if m.num_classes and self.stats.num_classes > m.num_classes:
-            raise ValueError(f"{self.data_path}/stats.json: num_classes={self.stats.num_classes} exceeds "
-                             f"model.num_classes={m.num_classes}")
 
         self.micro_batch, self.grad_accum = cfg.train.batch_layout(d.world_size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -141,7 +138,7 @@ class Trainer:
         if resume:
             self._resume(resume)
         self.loader = self._make_loader()
-        self.eval_hook = (EvalHook(cfg, self.run_files, stats=self.stats, data_path=self.data_path,
+        self.eval_hook = (EvalHook(cfg, self.run_files, stats=self.stats, data=self.data,
                                    ema_names=self.ema.names, device=d.device, is_main=d.is_main)
                           if cfg.train.eval_interval else None)
         self.autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
@@ -171,16 +168,25 @@ class Trainer:
         finally:
             st.log.close()
         last = st.last
+        wall = time.perf_counter() - t_start
+        done = self.samples - start_samples
+        end = cfg.train.total_samples - cfg.train.total_samples % cfg.train.global_batch
         summary = {"name": cfg.name, "samples": self.samples, "params": self.num_params,
-                   "world_size": d.world_size, "wall_s": time.perf_counter() - t_start,
-                   "samples_per_s": (self.samples - start_samples) / max(time.perf_counter() - t_start, 1e-9),
+                   "world_size": d.world_size, "wall_s": wall,
+                   "samples_per_s": done / max(wall, 1e-9),
+                   "train_samples_per_s": done / max(st.train_s, 1e-9),
+                   "stopped_early": self.samples < end,
                    "bad_steps_total": self.bad_total, "data": self.loader.report(), "final": last,
                    "eval": self.last_eval}
         if d.is_main:
             with open(self.run_files.summary, "w") as f:
                 json.dump(summary, f, indent=2)
-            print(f"lct_fast: done, {self.samples:,} samples in {summary['wall_s']:.1f}s "
-                  f"({summary['samples_per_s']:.1f} samples/s); run directory {self.run_dir}", file=sys.stderr)
+            print(f"lct_fast: done, {self.samples:,} samples in {wall:.1f}s: {summary['train_samples_per_s']:,.1f} "
+                  f"samples/s training, {summary['samples_per_s']:,.1f} overall (evaluation, checkpoints and sample "
+                  f"grids included); run directory {self.run_dir}", file=sys.stderr)
+            if summary["stopped_early"]:
+                print(f"lct_fast: stopped early at {self.samples:,} of train.total_samples={cfg.train.total_samples:,} "
+                      f"(max_samples); continue with --resume auto --out {self.run_dir}", file=sys.stderr)
             if self.last_eval:
                 print(f"lct_fast: {self.quality_line()}", file=sys.stderr)
             try:
@@ -210,7 +216,8 @@ class Trainer:
             self.loader = self._make_loader()  # a second run() continues where the first stopped
         self._batches = iter(self.loader)
         return RunState(total=None if endless else total,
-                        log=MetricsLog(self.run_files, d.is_main, total, self.samples),
+                        log=MetricsLog(self.run_files, d.is_main, total, self.samples,
+                                       progress_s=cfg.train.progress_s),
                         watch=DivergenceWatch(divergence_floors(cfg)))
 
     def iteration(self, st: RunState) -> None:
@@ -218,7 +225,9 @@ class Trainer:
         (with the divergence diagnostics), checkpoint and sample grids."""
         cfg, d = self.cfg, self.dist
         before = self.samples
+        t0 = time.perf_counter()
         metrics = self.train_step()
+        st.train_s += time.perf_counter() - t0
         st.window.add(metrics)
         st.window.samples += cfg.train.global_batch
         st.log.advance(cfg.train.global_batch)

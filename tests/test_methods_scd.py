@@ -87,7 +87,7 @@ def test_teacher_loading_and_clear_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="method.scd.teacher"):
         load_teacher(load_config("tiny_scd").method.scd, student_cfg)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         load_teacher(load_config("tiny_scd", ["method.scd.teacher=/nope.safetensors"]).method.scd, student_cfg)
     (tmp_path / "b").mkdir()
     bad_path, _ = _export_teacher(tmp_path / "b", ["model.width=48", "model.heads=2"])

@@ -17,7 +17,7 @@ import time
 from typing import Optional, Sequence
 
 
-from lct_fast.data.encode import encode_dataset  # noqa: E402
+from lct_fast.data.encode import encode_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

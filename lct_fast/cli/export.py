@@ -15,12 +15,11 @@ import os
 import shutil
 import sys
 
+import torch
 
-import torch  # noqa: E402
-
-from lct_fast import checkpoint as ckpt  # noqa: E402
-from lct_fast.ema import consolidate  # noqa: E402
-from lct_fast.run_dir import RunDir  # noqa: E402
+from lct_fast import checkpoint as ckpt
+from lct_fast.ema import consolidate
+from lct_fast.run_dir import RunDir
 
 
 def export(run_dir: str, tag: str | None = None, out: str | None = None) -> list[str]:

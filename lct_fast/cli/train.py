@@ -16,8 +16,8 @@ import json
 import os
 import sys
 
-
-from lct_fast.config import ConfigError, config_to_dict, load_config  # noqa: E402
+from lct_fast.config import ConfigError, config_to_dict, load_config
+from lct_fast.preflight import preflight
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +41,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resume and not args.out:
+        print("error: --resume needs --out (the run directory to resume)", file=sys.stderr)
+        return 2
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config, args.overrides)
+        # Deterministic default so every rank (and a later --resume auto) agrees on it without a collective.
+        run_dir = args.out or os.path.join("runs", cfg.name)
+        # Every check that can run before DeepSpeed starts: data, model against data, evaluation, resume, teacher.
+        notes = preflight(cfg, run_dir=run_dir, resume=args.resume)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    for note in notes if main_rank else ():
+        print(f"lct_fast: {note}", file=sys.stderr)
     if args.dry_run:
         from lct_fast.models import count_parameters
 
         print(json.dumps(config_to_dict(cfg), indent=2))
         print(f"parameters: {count_parameters(cfg.model):,}")
         return 0
-    if args.resume and not args.out:
-        print("--resume needs --out (the run directory to resume)", file=sys.stderr)
-        return 2
-    # Deterministic default so every rank (and a later --resume auto) agrees on it without a collective.
-    run_dir = args.out or os.path.join("runs", cfg.name)
 
     from lct_fast.trainer import Trainer, TrainingStopped
 

@@ -1,0 +1,110 @@
+"""Before start-up, in one line: every user error the training command line can find before DeepSpeed starts is
+one ``config error:`` line naming the path or key and what to do, exit status 2, also under ``--dry-run``; a
+small data set shrinks the evaluation and says so with the numbers."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from lct_fast.cli.train import main
+from lct_fast.data import ShardWriter
+
+SHAPE = (4, 8, 8)
+
+
+def _dataset(path, n=40, classes=4, shape=SHAPE):
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(path), samples_per_shard=16, dtype="float32", num_classes=classes) as w:
+        for i in range(n):
+            w.write(rng.standard_normal(shape).astype(np.float32), i % classes)
+    return str(path)
+
+
+def _run(capsys, *args):
+    code = main(["--config", "configs/tiny.json", "--dry-run", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.fixture(autouse=True)
+def _root(monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_data_path_errors_name_the_missing_part(capsys, tmp_path):
+    code, err = _run(capsys, "--set", f"data.path={tmp_path}/nope/data")
+    assert code == 2 and len(err) == 1 and err[0].startswith("config error: data.path:")
+    assert f"{tmp_path}/nope/data does not exist" in err[0] and f"nearest existing folder is {tmp_path}" in err[0]
+
+    (tmp_path / "file").write_text("x")
+    code, err = _run(capsys, "--set", f"data.path={tmp_path}/file")
+    assert code == 2 and len(err) == 1 and "is a file" in err[0]
+
+    (tmp_path / "empty").mkdir()
+    code, err = _run(capsys, "--set", f"data.path={tmp_path}/empty")
+    assert code == 2 and len(err) == 1 and "missing stats.json" in err[0]
+
+    d = _dataset(tmp_path / "noshards")
+    for f in glob.glob(os.path.join(d, "shard-*.tar")):
+        os.remove(f)
+    code, err = _run(capsys, "--set", f"data.path={d}")
+    assert code == 2 and len(err) == 1 and "no shard-*.tar" in err[0]
+
+
+def test_model_against_data_and_the_fix(capsys, tmp_path):
+    d = _dataset(tmp_path / "d", shape=(3, 8, 8))
+    code, err = _run(capsys, "--set", f"data.path={d}")
+    assert code == 2 and len(err) == 1 and "set model.in_channels=3 model.resolution=8" in err[0]
+    d = _dataset(tmp_path / "c", classes=9)
+    code, err = _run(capsys, "--set", f"data.path={d}")
+    assert code == 2 and len(err) == 1 and "set model.num_classes=9" in err[0]
+
+
+def test_resume_and_teacher_are_checked_before_start_up(capsys, tmp_path):
+    code, err = _run(capsys, "--out", str(tmp_path / "run"), "--resume", "ck-00000064")
+    assert code == 2 and len(err) == 1 and "--resume ck-00000064" in err[0] and "--resume auto" in err[0]
+    code = main(["--config", "configs/tiny_scd.json", "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "method.scd.teacher" in err[0]
+    code = main(["--config", "configs/tiny_scd.json", "--dry-run", "--set", f"method.scd.teacher={tmp_path}/t.st"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "teacher weights not found" in err[0]
+
+
+def test_a_small_data_set_shrinks_the_evaluation_and_says_so(capsys, tmp_path):
+    from lct_fast.config import load_config
+    from lct_fast.preflight import data_facts, eval_size
+
+    d = _dataset(tmp_path / "d", n=40)
+    code, err = _run(capsys, "--set", f"data.path={d}")
+    assert code == 0 and err == ["lct_fast: evaluation: train.eval.n=2000 needs 4000 latents (two disjoint sets), "
+                                 "the data has 40: evaluating 20 samples (set train.eval.n to choose)"]
+    cfg = load_config("tiny", [f"data.path={d}"])
+    assert eval_size(cfg, data_facts(cfg.data)) == 20
+    cfg = load_config("tiny", [f"data.path={d}", "train.eval.n=8"])
+    assert eval_size(cfg, data_facts(cfg.data)) == 8
+    assert eval_size(load_config("tiny", [f"data.path={d}", "train.eval_interval=0"]), data_facts(cfg.data)) is None
+
+
+def test_progress_lines_outside_a_terminal(tmp_path):
+    """No terminal: a line every progress_s seconds with samples, rate, loss, the last evaluation and the ETA."""
+    import io
+
+    from lct_fast.run_dir import RunDir
+    from lct_fast.train_hooks import MetricsLog
+
+    t = [0.0]
+    out = io.StringIO()
+    log = MetricsLog(RunDir(str(tmp_path)), True, 1000, 0, progress_s=10, interactive=False, clock=lambda: t[0],
+                     stream=out)
+    for _ in range(4):          # 400 samples in 8 s: no line yet
+        t[0] += 2
+        log.advance(100)
+    assert out.getvalue() == ""
+    log.log(400, {"loss": 0.25, "eval/1step/mw1": 0.0512, "eval/1step/gaussian_mw1": 0.09})
+    t[0] += 2
+    log.advance(100)            # 10 s: 500 samples at 50/s, 500 to go
+    log.close()
+    assert out.getvalue().strip() == ("lct_fast: 500/1,000 samples (50%) | 50 samples/s | loss 0.25 | "
+                                      "1step/mw1 0.0512 | ETA 0m10s")
