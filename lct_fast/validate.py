@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["ConfigError", "choice", "positive", "unit"]
+__all__ = ["ConfigError", "UserError", "choice", "positive", "unit"]
 
 
 class ConfigError(ValueError):
     """A preset or override is invalid; the message names the file, the key and the expectation."""
+
+
+class UserError(ValueError):
+    """A problem with what the user gave (a path, a flag, a file's contents), as opposed to a bug: the command
+    lines print it as one line and exit 2."""
 
 
 def choice(name: str, value: Any, choices: Sequence[Any]) -> None:

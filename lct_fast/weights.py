@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import torch
 
+from .validate import UserError
+
 __all__ = ["find_config", "load_weights", "load_model"]
 
 
@@ -23,7 +25,7 @@ def find_config(checkpoint: str, config: Optional[str] = None) -> str:
 
 
 def load_weights(net: torch.nn.Module, path: str, *, against: str = "the config",
-                 error: type = ValueError) -> torch.nn.Module:
+                 error: type = UserError) -> torch.nn.Module:
     """Load the safetensors file ``path`` into ``net`` (strict). Accepts the preconditioned model's keys
     (``backbone.*``) or the bare backbone's; any other mismatch raises ``ValueError`` naming the file, ``against``
     (what the model was built from) and the first missing / unexpected keys."""

@@ -143,10 +143,23 @@ def test_npy_latents_pass_through(tmp_path):
     assert sorted(seen) == list(range(9))
 
 
-def test_encode_errors(tmp_path):
+def test_encode_errors(tmp_path, capsys):
+    """Checked before any work, one line naming the flag, exit status 2."""
     main = _encode_cli()
-    with pytest.raises(FileNotFoundError, match="nothing_here"):
-        main(["--src", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "o")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="vae_path"):
-        main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    np.save(tmp_path / "lat.npy", np.zeros((4, 4, 2, 2), np.float32))
+    out = tmp_path / "o"
+    cases = [(["--src", str(tmp_path / "nothing_here"), "--out", str(out)], "--src", "nothing_here"),
+             (["--src", str(tmp_path / "empty"), "--out", str(out)], "--vae", "pass --vae PATH"),
+             (["--src", str(tmp_path / "lat.npy"), "--out", str(out), "--batch-size", "-1"], "--batch-size -1", ">= 1"),
+             (["--src", str(tmp_path / "empty"), "--out", str(out), "--vae", str(tmp_path / "novae")], "--vae",
+              "not a folder")]
+    for argv, flag, text in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lct-encode: error: {flag}") and text in err[0], err
+    assert main(["--src", str(tmp_path / "lat.npy"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["--src", str(tmp_path / "lat.npy"), "--out", str(out)]) == 2          # before any work
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lct-encode: error: --out {out}: already holds a dataset; pass --overwrite")

@@ -108,3 +108,18 @@ def test_progress_lines_outside_a_terminal(tmp_path):
     log.close()
     assert out.getvalue().strip() == ("lct_fast: 500/1,000 samples (50%) | 50 samples/s | loss 0.25 | "
                                       "1step/mw1 0.0512 | ETA 0m10s")
+
+
+def test_other_command_lines_print_user_errors_in_one_line(capsys, tmp_path):
+    from lct_fast.cli import evaluate, export, report, sample
+
+    cases = [(export.main, ["--run", str(tmp_path / "norun")], "lct-export: error:", "no complete checkpoint"),
+             (sample.main, ["--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o")],
+              "lct-sample: error:", "no config found beside the checkpoint"),
+             (report.main, ["--run", str(tmp_path / "norun")], "lct-report: error:", "metrics.jsonl"),
+             (evaluate.main, ["--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "e")],
+              "lct_fast.evaluate: error:", "pass --config")]
+    for main_fn, argv, head, text in cases:
+        code = main_fn(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(head) and text in err[0], (argv, err)

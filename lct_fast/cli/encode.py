@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-
+from lct_fast.cli import UserError, one_line_errors
 from lct_fast.data.encode import encode_dataset
 
 
@@ -46,8 +46,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def check_args(a: argparse.Namespace) -> None:
+    """Everything that can be checked before any work, named by its flag."""
+    import glob
+    import os
+
+    if not os.path.exists(a.src):
+        raise UserError(f"--src {a.src}: not found (an image folder, an .npz of uint8 images or an .npy of latents)")
+    for flag, v in (("--batch-size", a.batch_size), ("--samples-per-shard", a.samples_per_shard),
+                    ("--resolution", a.resolution if a.resolution is not None else 1)):
+        if v < 1:
+            raise UserError(f"{flag} {v}: expected an integer >= 1")
+    images = os.path.isdir(a.src) or a.src.endswith(".npz")
+    if not images and not a.src.endswith(".npy"):
+        raise UserError(f"--src {a.src}: expected an image folder, an .npz of uint8 images or an .npy of latents")
+    if images and not a.vae:
+        raise UserError(f"--vae: encoding images ({a.src}) needs a local diffusers AutoencoderKL folder: pass --vae PATH "
+                        "(an .npy of latents needs none)")
+    if a.vae and not os.path.isdir(a.vae):
+        raise UserError(f"--vae {a.vae}: not a folder (a local diffusers AutoencoderKL: config.json + weights)")
+    if not a.overwrite and (glob.glob(os.path.join(a.out, "shard-*.tar")) or os.path.exists(os.path.join(a.out,
+                                                                                                        "stats.json"))):
+        raise UserError(f"--out {a.out}: already holds a dataset; pass --overwrite to replace it")
+
+
+@one_line_errors("lct-encode")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
+    check_args(a)
     t0 = time.time()
     stats = encode_dataset(
         a.src, a.out, vae_path=a.vae, mode=a.mode, vae_scale=a.vae_scale, resolution=a.resolution,
@@ -59,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(
         f"wrote {stats.count} latents {list(stats.shape)} {stats.dtype} in {len(stats.shards)} shards to {a.out} "
         f"({stats.count / max(dt, 1e-9):.1f} samples/s); num_classes={stats.num_classes}; "
-        f"channel mean={[round(v, 4) for v in stats.mean]} std={[round(v, 4) for v in stats.std]}"
+        f"channel mean={[round(float(v), 4) for v in stats.mean]} std={[round(float(v), 4) for v in stats.std]}"
     )
     return 0
 

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from lct_fast.cli import one_line_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +71,14 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+@one_line_errors("lct-evaluate")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
     from lct_fast.config import ConfigError, load_config
-    from lct_fast.evaluate import (EvalSpec, ImageEvaluator, LatentEvaluator, evaluate_model, format_table,
-                                   git_revision)
+    from lct_fast.evaluate import EvalSpec, ImageEvaluator, LatentEvaluator, evaluate_model, format_table, git_revision
     from lct_fast.trainer import resolve_data_path
-
     from lct_fast.weights import find_config, load_model
 
     t_start = time.perf_counter()

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from lct_fast import checkpoint as ckpt
+from lct_fast.cli import one_line_errors
 from lct_fast.ema import consolidate
 from lct_fast.run_dir import RunDir
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors("lct-export")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     for path in export(args.run, args.tag, args.out):

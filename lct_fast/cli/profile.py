@@ -33,6 +33,7 @@ import os
 import shlex
 import sys
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="preset name or path, e.g. configs/xxl.json")
@@ -153,9 +154,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
     import torch
+
     from lct_fast.distributed import init_distributed
-    from lct_fast.profiler import (ProfileOptions, device_name, expected_state_bytes, format_table,
-                                     is_oom_error, kernel_backends, profile_trainer, summarise)
+    from lct_fast.profiler import (
+        ProfileOptions,
+        device_name,
+        expected_state_bytes,
+        format_table,
+        is_oom_error,
+        kernel_backends,
+        profile_trainer,
+        summarise,
+    )
     from lct_fast.trainer import Trainer
 
     opts = ProfileOptions(steps=args.steps, warmup=args.warmup, trace=args.trace, trace_steps=args.trace_steps,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lct_fast.cli import one_line_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,15 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors("lct-report")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from lct_fast.report import write_report
 
-    try:
-        print(write_report(args.run, args.out))
-    except FileNotFoundError as e:
-        print(f"lct_fast.report: error: {e}", file=sys.stderr)
-        return 2
+    print(write_report(args.run, args.out))
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from lct_fast.cli import UserError, one_line_errors
 from lct_fast.weights import find_config, load_model
 
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors("lct-sample")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from lct_fast.config import load_config
@@ -67,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.vae:
         stats = args.stats or cfg.data.path
         if not stats:
-            raise SystemExit("--vae needs dataset statistics: pass --stats (the config's data.path is empty)")
+            raise UserError("--vae needs dataset statistics: pass --stats (the config's data.path is empty)")
         png = os.path.join(args.out, "grid.png")
         decode_and_save_grid(res.latents, args.vae, stats, png, sigma_data=cfg.method.sigma_data,
                              normalize=cfg.data.normalize, nrow=args.nrow, device=args.device)

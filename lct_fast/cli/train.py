@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from lct_fast.cli import one_line_errors
 from lct_fast.config import ConfigError, config_to_dict, load_config
 from lct_fast.preflight import preflight
 
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+@one_line_errors("lct-train")
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.resume and not args.out:
