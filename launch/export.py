@@ -6,8 +6,13 @@ The command line lives in :mod:`lct_fast.cli.export` (its docstring has the usag
 ``python launch/export.py``."""
 import sys
 
-from lct_fast.cli.export import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.export)
-from lct_fast.cli.export import main  # noqa: F401
+try:
+    from lct_fast.cli import from_checkout
+except ModuleNotFoundError as e:  # not installed (or an older copy is): say how instead of a traceback
+    sys.exit(f"launch/export.py: {e}: install this checkout's lct_fast with `pip install -e .`")
+from_checkout(__file__)
+from lct_fast.cli.export import *  # noqa: E402,F401,F403  (this file is the command line of lct_fast.cli.export)
+from lct_fast.cli.export import main  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,8 +20,13 @@ if __name__ == "profile":
     _spec.loader.exec_module(_std)
     globals().update({k: v for k, v in vars(_std).items() if not k.startswith("__")})
 else:
-    from lct_fast.cli.profile import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.profile)
-    from lct_fast.cli.profile import main  # noqa: F401
+    try:
+        from lct_fast.cli import from_checkout
+    except ModuleNotFoundError as e:  # not installed (or an older copy is): say how instead of a traceback
+        sys.exit(f"launch/profile.py: {e}: install this checkout's lct_fast with `pip install -e .`")
+    from_checkout(__file__)
+    from lct_fast.cli.profile import *  # noqa: E402,F401,F403  (this file is the command line of lct_fast.cli.profile)
+    from lct_fast.cli.profile import main  # noqa: E402,F401
 
     if __name__ == "__main__":
         sys.exit(main())

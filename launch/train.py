@@ -6,8 +6,13 @@ The command line lives in :mod:`lct_fast.cli.train` (its docstring has the usage
 ``python launch/train.py``."""
 import sys
 
-from lct_fast.cli.train import *  # noqa: F401,F403  (this file is the command line of lct_fast.cli.train)
-from lct_fast.cli.train import main  # noqa: F401
+try:
+    from lct_fast.cli import from_checkout
+except ModuleNotFoundError as e:  # not installed (or an older copy is): say how instead of a traceback
+    sys.exit(f"launch/train.py: {e}: install this checkout's lct_fast with `pip install -e .`")
+from_checkout(__file__)
+from lct_fast.cli.train import *  # noqa: E402,F401,F403  (this file is the command line of lct_fast.cli.train)
+from lct_fast.cli.train import main  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .backends import BACKENDS
-from .methods import get_method, method_names
-from .methods.registry import sections as method_sections
+from .registry import get_method, method_names
+from .registry import sections as method_sections
 from .models.config import ModelConfig
 from .validate import ConfigError, choice, positive, unit
 

@@ -15,6 +15,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from .legacy_keys import upgrade_key, upgrade_keys
+
 __all__ = ["EMA", "sigma_rel_to_gamma", "consolidate"]
 
 
@@ -75,9 +77,10 @@ class EMA:
         if list(meta["names"]) != self.names:
             raise ValueError(f"EMA: checkpoint has EMAs {meta['names']}, config asks for {self.names}")
         self.num_updates = int(meta["num_updates"])
+        tensors = upgrade_keys(state["tensors"])  # entries of older versions under today's names
         for key, d in self.shadows.items():
             for n in d:
-                src = state["tensors"].get(f"{key}/{n}")
+                src = tensors.get(f"{key}/{n}")
                 if src is None or src.shape != d[n].shape:
                     raise ValueError(f"EMA: checkpoint entry {key}/{n} missing or of another shape")
                 d[n].copy_(src)
@@ -117,7 +120,7 @@ def consolidate(shard_states: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
                              meta0[f"shape/{name}"])
         else:
             t = t0
-        out[key][name] = t.clone()
+        out[key][upgrade_key(name)] = t.clone()
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .methods.registry import get_method
+from .registry import get_method
 from .validate import ConfigError
 
 __all__ = ["deepspeed_config", "wrap", "Wrapped", "OnlineNet", "TargetNet", "zero3_backward_hooks_off"]

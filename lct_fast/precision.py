@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-from .methods.registry import get_method
+from .registry import get_method
 
 __all__ = ["PLAN_PHASES", "precision_plan", "tf32_allowed", "set_tf32", "ieee_fp32"]
 

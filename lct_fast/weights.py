@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 
+from .legacy_keys import upgrade_keys
 from .validate import UserError
 
 __all__ = ["find_config", "load_weights", "load_model"]
@@ -33,7 +34,7 @@ def load_weights(net: torch.nn.Module, path: str, *, against: str = "the config"
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights not found: {path}")
-    state = load_file(path, device="cpu")
+    state = upgrade_keys(load_file(path, device="cpu"))
     expected = set(net.state_dict())
     if set(state) != expected and {"backbone." + k for k in state} == expected:
         state = {"backbone." + k: v for k, v in state.items()}

@@ -23,7 +23,7 @@ def test_every_command_line_is_a_package_module_a_launcher_and_a_console_script(
                  and isinstance(n.value, ast.Name) and n.value.id == "sys"]
         assert not edits and f"lct_fast.cli.{name}" in launcher, name
         body = ast.parse(launcher).body[1:]                       # after the docstring (the usage)
-        assert len(body) <= 4, f"launch/{name}.py is not thin: {len(body)} statements"
+        assert len(body) <= 7, f"launch/{name}.py is not thin: {len(body)} statements"
     assert '"train", "sample", "export", "evaluate", "profile", "report",' in setup and "lct_fast.cli.{name}:main" in setup
 
 

@@ -81,8 +81,16 @@ def test_backbones_embed_any_extra_condition(arch):
         net(x, c, s=torch.ones(3))
 
 
-def test_checkpoints_that_call_the_guidance_embedding_g_embed_still_load():
+def test_checkpoints_that_call_the_guidance_embedding_g_embed_still_load(tmp_path):
+    """Old sCD students (guidance embedding ``g_embed``) load everywhere weights are read: the module, an export
+    through load_weights, a resumed run's EMA, launch/export.py's consolidation."""
+    from safetensors.torch import save_file
+
+    from lct_fast.ema import EMA, consolidate
+    from lct_fast.weights import load_weights
+
     cfg = load_config("tiny_scd", ["method.scd.teacher=unused"])
+    torch.manual_seed(0)
     net = build_model(cfg.model, cfg.method)
     old = {k.replace("guidance_embed.", "g_embed."): v for k, v in net.state_dict().items()}
     assert any(".g_embed." in k for k in old)
@@ -90,6 +98,17 @@ def test_checkpoints_that_call_the_guidance_embedding_g_embed_still_load():
     fresh.load_state_dict(old, strict=True)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k], v)
+
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "old.safetensors"))
+    loaded = load_weights(build_model(cfg.model, cfg.method), str(tmp_path / "old.safetensors"))
+    torch.testing.assert_close(loaded.backbone.guidance_embed.mlp[0].weight, net.backbone.guidance_embed.mlp[0].weight)
+
+    ema = EMA(net.named_parameters(), decays=[0.99], power_stds=[])
+    state = ema.state_dict()
+    state["tensors"] = {k.replace("guidance_embed.", "g_embed."): v for k, v in state["tensors"].items()}
+    again = EMA(fresh.named_parameters(), decays=[0.99], power_stds=[])
+    again.load_state_dict(state)                                   # a resumed run from before the rename
+    assert set(consolidate([state])[ema.names[0]]) == {n for n, _ in net.named_parameters()}
 
 
 TOY = textwrap.dedent('''
@@ -100,7 +119,7 @@ TOY = textwrap.dedent('''
 
     from lct_fast.methods.base import MethodLoss
     from lct_fast.methods.common import config_coupler, unwrap
-    from lct_fast.methods.registry import Condition, MethodSpec, register
+    from lct_fast.registry import Condition, MethodSpec, register
     from lct_fast.methods.sct import sct_sampler, trigflow_precond
 
 

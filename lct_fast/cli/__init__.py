@@ -9,7 +9,20 @@ from typing import Callable
 
 from ..validate import UserError
 
-__all__ = ["UserError", "one_line_errors"]
+__all__ = ["UserError", "one_line_errors", "from_checkout"]
+
+
+def from_checkout(launcher: str) -> None:
+    """A ``launch/<name>.py`` imports the installed lct_fast: say so in one line when that is not the checkout the
+    launcher sits in (its own ``lct_fast/`` is then not what runs)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(launcher)))
+    mine = os.path.join(root, "lct_fast")
+    running = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(mine) and os.path.realpath(mine) != os.path.realpath(running):
+        print(f"{os.path.basename(launcher)}: warning: running the lct_fast installed at {running}, not this "
+              f"checkout's {mine} (pip install -e {root} to run this one)", file=sys.stderr)
 
 
 def one_line_errors(name: str) -> Callable:

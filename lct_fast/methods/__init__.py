@@ -1,4 +1,4 @@
-"""Training methods, one module each, registered in :mod:`lct_fast.methods.registry`:
+"""Training methods, one module each, registered in :mod:`lct_fast.registry`:
 
 * ``ict``: discrete-time improved latent consistency training (:mod:`.ict`);
 * ``sct``: continuous-time consistency training in TrigFlow (:mod:`.sct`);
@@ -21,7 +21,7 @@ from .base import MethodLoss
 from .common import Coupler
 from .distances import DISTANCES, robust_distance
 from .ict import ICTLoss
-from .registry import MethodSpec, get_method, method_names, method_specs
+from ..registry import MethodSpec, get_method, method_names, method_specs
 from .sct import SCTLoss, sct_tangent
 from .trigflow import TrigFlowLoss
 

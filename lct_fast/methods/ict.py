@@ -24,7 +24,7 @@ from . import schedules
 from .base import Draw, MethodLoss
 from .common import Coupler, config_coupler
 from .distances import reduce_squared, robust_distance
-from .registry import MethodSpec, register
+from ..registry import MethodSpec, register
 from .sampling import Sampler, check_steps, eval_no_grad, guided, next_noise
 
 __all__ = ["ICTConfig", "ICTLoss", "ict_sigmas", "ict_sample", "SPEC"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..validate import ConfigError, positive
 from .common import Coupler
-from .registry import Condition, MethodSpec, register
+from ..registry import Condition, MethodSpec, register
 from .sct import SCTLoss, check_adaptive_weight, sct_sampler, trigflow_precond
 
 __all__ = ["SCDConfig", "SPEC"]

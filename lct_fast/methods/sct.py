@@ -53,7 +53,7 @@ from ..validate import ConfigError, choice, positive
 from . import schedules
 from .base import Draw, MethodLoss, TrigFlowTimes
 from .common import Coupler, adaptive_weighting, config_coupler, draw_seed, null_class, prepare_batch, randn_like_gen, unwrap
-from .registry import MethodSpec, register
+from ..registry import MethodSpec, register
 from .sampling import Sampler, check_steps, eval_no_grad, guided, next_noise
 
 __all__ = ["SCTConfig", "SCTLoss", "sct_tangent", "derivative_split", "sct_times", "sct_sample", "sct_sampler",

@@ -25,7 +25,7 @@ from ..validate import choice, positive
 from . import schedules
 from .base import Draw, MethodLoss, TrigFlowTimes
 from .common import Coupler, adaptive_weighting, config_coupler, unwrap
-from .registry import MethodSpec, register
+from ..registry import MethodSpec, register
 from .sampling import Sampler
 from .sct import check_adaptive_weight, trigflow_precond
 

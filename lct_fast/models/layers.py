@@ -257,13 +257,15 @@ def add_condition_embeds(module: nn.Module, conditions: Any, freq_dim: int, widt
                              f"not an identifier)")
         setattr(module, attr, ScalarEmbed(freq_dim, width, conditions[name], name))
     # Checkpoints written before the conditions were generic call the guidance embedding g_embed.
-    module._register_load_state_dict_pre_hook(_legacy_condition_keys)
+    module._register_load_state_dict_pre_hook(_legacy_keys)
     return names
 
 
-def _legacy_condition_keys(state_dict, prefix, *args) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "g_embed.")]:
-        state_dict[prefix + "guidance_embed." + key[len(prefix + "g_embed."):]] = state_dict.pop(key)
+def _legacy_keys(state_dict, prefix, *args) -> None:
+    from ..legacy_keys import upgrade_key
+
+    for key in [k for k in state_dict if k.startswith(prefix) and upgrade_key(k) != k]:
+        state_dict[upgrade_key(key)] = state_dict.pop(key)
 
 
 def embed_conditions(module: nn.Module, c: torch.Tensor, values: Dict[str, Any], batch: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import torch
 
-from ..methods.registry import get_method
+from ..registry import get_method
 
 __all__ = ["expected_state_bytes", "dit_matrix_params", "dit_activation_bytes", "activation_model",
            "predicted_bytes", "SavedTensorMeter"]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import Config, load_config
-from ..methods.registry import get_method
+from ..registry import get_method
 from ..precision import tf32_allowed
 from .flops import PEAK_TFLOPS, FlopCounter
 from .memory import SavedTensorMeter

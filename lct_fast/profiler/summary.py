@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 
 from ..config import Config
-from ..methods.registry import get_method
+from ..registry import get_method
 from ..precision import precision_plan
 from .flops import dit_forward_flops, dit_jvp_flops, peak_tflops
 from .memory import activation_model

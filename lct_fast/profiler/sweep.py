@@ -118,8 +118,11 @@ def classify_exit(returncode: int, record: Optional[Dict[str, Any]], stderr_tail
 def run_point(cmd: Sequence[str], *, timeout: Optional[float] = None, preexec_fn=None) -> subprocess.CompletedProcess:
     """Run one sweep point in its own session, so that on a timeout the whole process group -- a launcher and
     every worker it started, which would otherwise keep their GPU memory -- is killed."""
+    # The children import the lct_fast this process runs (an installed copy elsewhere would profile other code).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=preexec_fn)
+                            start_new_session=True, preexec_fn=preexec_fn, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -6,7 +6,8 @@ network evaluations, the JVP pass, a teacher, the network's extra scalar conditi
 -- is read from the spec; code elsewhere dispatches on it and never compares a method-name string. Adding a
 method is its module, one import line in ``lct_fast/methods/__init__.py`` and its presets.
 
-A leaf module (no torch): :mod:`lct_fast.config` reads the sections from here.
+A leaf module (it imports nothing of the package): anything may ask it for a spec without an import cycle. The
+built-in methods register when :mod:`lct_fast.methods` is imported, which a lookup of an unknown name does first.
 """
 from __future__ import annotations
 
@@ -103,8 +104,17 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def _builtin() -> None:
+    """Register the package's own methods (importing lct_fast.methods runs their registrations)."""
+    import importlib
+
+    importlib.import_module("lct_fast.methods")
+
+
 def get_method(name: str) -> MethodSpec:
     """The spec of ``method.name = name``; an unknown name raises ``ValueError`` listing the registered ones."""
+    if name not in _REGISTRY:
+        _builtin()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -112,16 +122,19 @@ def get_method(name: str) -> MethodSpec:
 
 
 def method_names() -> list:
+    _builtin()
     return list(_REGISTRY)
 
 
 def method_specs() -> list:
+    _builtin()
     return list(_REGISTRY.values())
 
 
 def sections(sealed_by: str = "") -> list:
     """Every registered (section key, dataclass), in registration order; ``sealed_by`` (the config module)
     closes the registry to new methods."""
+    _builtin()
     if sealed_by:
         _SEALED.append(sealed_by)
     return [sec for spec in _REGISTRY.values() for sec in spec.sections]
