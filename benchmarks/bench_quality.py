@@ -192,9 +192,9 @@ ROWS: dict[str, Row] = {
 BASELINES = ("heldout", "real", "vae", "gaussian", "gaussian_class", "untrained_ict", "untrained_sct")
 # ... and whose change invalidates cached scores (a trained run is re-evaluated, not re-trained).
 # (The VAE is part of the shards' path, hence of every row's config hash; the feature net is hashed here.)
-EVAL_CODE = ["lct_fast/quality", "benchmarks/bench_quality.py", "benchmarks/assets/patch_features.safetensors",
-             "benchmarks/assets/digit_features.safetensors",
-             "launch/sample.py"]
+EVAL_CODE = ["lct_fast/quality", "benchmarks/bench_quality.py", "benchmarks/patches.py", "benchmarks/digits.py",
+             "benchmarks/assets/patch_features.safetensors", "benchmarks/assets/digit_features.safetensors",
+             "lct_fast/weights.py"]
 # Source whose change invalidates a cached row (the row's own config is hashed too): what a training run and its
 # export execute — the package but the evaluation, reporting and profiling tools, and the two launchers it runs.
 CODE = ["lct_fast", "launch/train.py", "launch/export.py"]

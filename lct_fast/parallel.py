@@ -251,7 +251,7 @@ def _zero3_hooks(offload: Any) -> Any:
 def wrap(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
          lr_scheduler: Optional[Callable[..., Any]] = None, frozen: Optional[torch.nn.Module] = None,
          compile: bool = False) -> Wrapped:
-    """``deepspeed.initialize`` of ``module``/``optimizer`` with ``ds_config`` (from ``Config.deepspeed_config``),
+    """``deepspeed.initialize`` of ``module``/``optimizer`` with ``ds_config`` (from :func:`deepspeed_config`),
     plus the stop-gradient view and, under ZeRO-3, our own step boundary for the prefetcher. ``frozen``: a
     module without trainable parameters to run beside it (see the module docstring).
 

@@ -56,11 +56,16 @@ class MethodSpec:
     """(method_cfg, *, data_dim, total_steps, coupler, teacher) -> the loss object
     (:class:`lct_fast.methods.base.MethodLoss`)."""
     sampler: Callable[..., Any]
-    """(method_cfg, steps, *, schedule, cfg_scale, null_label) -> :class:`lct_fast.methods.sampling.Sampler`."""
+    """(method_cfg, steps, *, schedule, cfg_scale, null_label, conditions) ->
+    :class:`lct_fast.methods.sampling.Sampler`; ``conditions``: the extra conditions' values asked for (the
+    sampler passes them to the network, or its own per step)."""
     nfe: Callable[[Any, int], int]
     """(method_cfg, steps) -> network evaluations per sample of an unguided ``steps``-step draw."""
     probe_level: float
     """A typical noise level / time at which the profile evaluates one forward (FLOP counting)."""
+    schedule_arg: str = "ts"
+    """Which explicit schedule of :func:`lct_fast.sample.generate` the sampler takes: ``ts`` (times) or ``sigmas``
+    (noise levels)."""
     jvp: bool = False
     """Training runs a forward-mode JVP pass (the precision plan, the memory model, ZeRO-3's linear)."""
     jvp_dtype: Callable[[Any], str] = lambda m: "fp32"

@@ -26,7 +26,6 @@ import torch.nn as nn
 
 from .methods import get_method
 from .methods.ict import ict_sample, ict_sigmas
-from .methods.sampling import Conditioned
 from .methods.sct import sct_sample, sct_times
 from .methods.trigflow import trigflow_ode, trigflow_times
 
@@ -172,12 +171,11 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
                          "(method.scd.guidance_conditioned=true); use cfg_scale for classifier-free guidance")
     if guidance is not None:
         conditions["guidance"] = float(guidance)
-    if conditions:
-        net = Conditioned(net, conditions)
     if cfg_scale != 1.0 and num_classes <= 0:
         raise ValueError(f"sample: cfg_scale={cfg_scale} needs a class-conditional model (num_classes > 0)")
-    sampler = spec.sampler(method_cfg, steps, schedule=sigmas if sigmas is not None else ts,
-                           cfg_scale=float(cfg_scale), null_label=num_classes)
+    schedule = {"sigmas": sigmas, "ts": ts}[spec.schedule_arg]
+    sampler = spec.sampler(method_cfg, steps, schedule=schedule, cfg_scale=float(cfg_scale), null_label=num_classes,
+                           conditions=conditions)
     shape = tuple(int(s) for s in shape)
     dev = torch.device(device) if device is not None else _module_device(net)
     all_labels = sample_labels(n, num_classes, seed, labels)

@@ -120,7 +120,8 @@ TOY = textwrap.dedent('''
     from lct_fast.methods.base import MethodLoss
     from lct_fast.methods.common import config_coupler, unwrap
     from lct_fast.registry import Condition, MethodSpec, register
-    from lct_fast.methods.sct import sct_sampler, trigflow_precond
+    from lct_fast.methods.sampling import Sampler
+    from lct_fast.methods.sct import trigflow_precond
 
 
     @dataclass
@@ -151,9 +152,27 @@ TOY = textwrap.dedent('''
         return loss
 
 
+    def toy_sampler(method_cfg, steps, *, schedule=None, cfg_scale=1.0, null_label=0, conditions=None):
+        """Euler steps of the average velocity from t to the next time s, the second time r = s per step."""
+        import math
+
+        sd = method_cfg.sigma_data
+        ts = tuple(math.pi / 2 * (1 - i / steps) for i in range(steps + 1))
+
+        def run(net, noise, labels):
+            x = sd * noise[0]
+            with torch.no_grad():
+                for t, s in zip(ts, ts[1:]):
+                    tt = torch.full((x.shape[0],), t)
+                    x = x - (t - s) * sd * net.F(x / sd, tt, labels, r=torch.full_like(tt, s))
+            return x
+
+        return Sampler(schedule=ts, draws=1, run=run)
+
+
     SPEC = register(MethodSpec(
         name="toy", summary="toy", sections=(("toy", ToyConfig),),
-        precond=lambda backbone, m: trigflow_precond(backbone, m.sigma_data, 1.0), loss=_loss, sampler=sct_sampler,
+        precond=lambda backbone, m: trigflow_precond(backbone, m.sigma_data, 1.0), loss=_loss, sampler=toy_sampler,
         nfe=lambda m, steps: steps, probe_level=0.7,
         conditions=lambda m: {"r": Condition(neutral=0.0, sample_at=0.0)}))
 ''')
@@ -244,3 +263,22 @@ def test_model_defaults_and_checks_live_in_model_config():
     assert net.patch == d.patch_size and net.in_channels == d.in_channels and net.num_classes == d.num_classes
     with pytest.raises(ConfigError, match=r"model.patch_size: expected one of \[1, 2\]"):
         load_config("tiny", ["model.patch_size=4"])
+
+
+def test_a_methods_conditions_are_counted_by_the_parameter_count_flops_and_memory_models():
+    from lct_fast.models import count_parameters
+    from lct_fast.models.dit import FREQ_DIM
+    from lct_fast.profiler.flops import dit_forward_flops
+    from lct_fast.profiler.memory import dit_matrix_params
+
+    m = load_config("tiny").model
+    w = build_backbone_width(m)
+    assert count_parameters(m, {"r": 0.0}) - count_parameters(m, {}) == FREQ_DIM * w + w + w * w + w
+    assert dit_forward_flops(m, {"r": 0.0, "s": 1.0}) - dit_forward_flops(m, {}) == 2 * 2 * (FREQ_DIM * w + w * w)
+    assert dit_matrix_params(m, {"r": 0.0})[1] - dit_matrix_params(m, {})[1] == w * w
+
+
+def build_backbone_width(model_cfg) -> int:
+    from lct_fast.models import build_backbone
+
+    return build_backbone(model_cfg, {}).width

@@ -262,7 +262,7 @@ def test_missing_vae_is_a_clear_error(tmp_path):
         S.decode_and_save_grid(torch.zeros(1, *SHAPE), missing, d, str(tmp_path / "g.png"))
 
 
-def test_cli_writes_latents_labels_and_grid(tmp_path):
+def test_cli_writes_latents_labels_and_grid(tmp_path, capsys):
     from safetensors.torch import save_file
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "sample.py")
@@ -290,11 +290,13 @@ def test_cli_writes_latents_labels_and_grid(tmp_path):
     assert Image.open(out / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)
     # Weights that do not fit the config: a clear error naming the file.
     save_file({"bogus": torch.zeros(1)}, str(run / "bad.safetensors"))
-    with pytest.raises(ValueError, match="bad.safetensors"):
-        cli.main(["--checkpoint", str(run / "bad.safetensors"), "--config", str(run / "config.json"),
-                  "--out", str(out), "--device", "cpu"])
+    assert cli.main(["--checkpoint", str(run / "bad.safetensors"), "--config", str(run / "config.json"),
+                     "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lct-sample: error:") and "bad.safetensors" in err[0], err
     lone = tmp_path / "lone"
     lone.mkdir()
     save_file({"bogus": torch.zeros(1)}, str(lone / "w.safetensors"))
-    with pytest.raises(FileNotFoundError, match="pass --config"):
-        cli.main(["--checkpoint", str(lone / "w.safetensors"), "--out", str(out), "--device", "cpu"])
+    assert cli.main(["--checkpoint", str(lone / "w.safetensors"), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --config" in err[0], err

@@ -59,10 +59,11 @@ def main(argv=None) -> int:
     for note in notes if main_rank else ():
         print(f"lct_fast: {note}", file=sys.stderr)
     if args.dry_run:
+        from lct_fast.methods import model_conditions
         from lct_fast.models import count_parameters
 
         print(json.dumps(config_to_dict(cfg), indent=2))
-        print(f"parameters: {count_parameters(cfg.model):,}")
+        print(f"parameters: {count_parameters(cfg.model, model_conditions(cfg.method)):,}")
         return 0
 
     from lct_fast.trainer import Trainer, TrainingStopped

@@ -26,8 +26,8 @@ from .sct import SCTLoss, sct_tangent
 from .trigflow import TrigFlowLoss
 
 __all__ = ["MethodSpec", "MethodLoss", "ICTLoss", "SCTLoss", "TrigFlowLoss", "build_loss", "build_model",
-           "get_method", "method_names", "method_specs", "sct_tangent", "schedules", "distances", "DISTANCES",
-           "robust_distance"]
+           "get_method", "method_names", "method_specs", "model_conditions", "sct_tangent", "schedules", "distances",
+           "DISTANCES", "robust_distance"]
 
 
 def build_loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional[Coupler] = None,
@@ -44,5 +44,10 @@ def build_model(model_cfg: Any, method_cfg: Any) -> nn.Module:
     from ..models import build_backbone
 
     spec = get_method(getattr(method_cfg, "name", None))
-    conditions = {name: c.neutral for name, c in spec.conditions(method_cfg).items()}
-    return spec.precond(build_backbone(model_cfg, conditions), method_cfg)
+    return spec.precond(build_backbone(model_cfg, model_conditions(method_cfg)), method_cfg)
+
+
+def model_conditions(method_cfg: Any) -> dict:
+    """The extra scalar conditions the method's network embeds, ``{name: neutral value}``."""
+    spec = get_method(getattr(method_cfg, "name", None))
+    return {name: c.neutral for name, c in spec.conditions(method_cfg).items()}

@@ -25,7 +25,7 @@ from .base import Draw, MethodLoss
 from .common import Coupler, config_coupler
 from .distances import reduce_squared, robust_distance
 from ..registry import MethodSpec, register
-from .sampling import Sampler, check_steps, eval_no_grad, guided, next_noise
+from .sampling import Sampler, check_steps, conditioned, eval_no_grad, guided, next_noise
 
 __all__ = ["ICTConfig", "ICTLoss", "ict_sigmas", "ict_sample", "SPEC"]
 
@@ -301,14 +301,14 @@ def ict_sample(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] =
 
 
 def ict_sampler(method_cfg: Any, steps: int, *, schedule: Optional[Sequence[float]] = None, cfg_scale: float = 1.0,
-                null_label: int = 0) -> Sampler:
+                null_label: int = 0, conditions: Optional[dict] = None) -> Sampler:
     """``steps``-step iCT sampling (σ_mid from the config; explicit ``schedule`` = the σ levels)."""
     icfg = method_cfg.ict
     sigmas = tuple(schedule) if schedule is not None else ict_sigmas(
         steps, sigma_max=icfg.sigma_max, sigma_mid=icfg.sigma_mid, sigma_min=icfg.sigma_min, rho=getattr(icfg, "rho", 7.0))
 
     def run(net: nn.Module, noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        return ict_sample(guided(net, cfg_scale, null_label), noise[0], labels, sigmas=sigmas,
+        return ict_sample(guided(conditioned(net, conditions), cfg_scale, null_label), noise[0], labels, sigmas=sigmas,
                           sigma_min=icfg.sigma_min, noise=noise[1:])
 
     return Sampler(schedule=sigmas, draws=len(sigmas), run=run)
@@ -331,4 +331,4 @@ def _loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional
 SPEC = register(MethodSpec(
     name="ict", summary="discrete-time improved latent consistency training (iLCT)",
     sections=(("ict", ICTConfig),), precond=_precond, loss=_loss, sampler=ict_sampler,
-    nfe=lambda method_cfg, steps: steps, probe_level=1.0, sampler_keys=("ict.sigma_mid",)))
+    nfe=lambda method_cfg, steps: steps, probe_level=1.0, schedule_arg="sigmas", sampler_keys=("ict.sigma_mid",)))

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Sampler", "check_steps", "eval_no_grad", "next_noise", "Guided", "Conditioned", "guided"]
+__all__ = ["Sampler", "check_steps", "eval_no_grad", "next_noise", "Guided", "Conditioned", "guided", "conditioned"]
 
 
 @dataclass(frozen=True)
@@ -57,31 +57,51 @@ def next_noise(i: int, z: torch.Tensor, noise: Optional[Sequence[torch.Tensor]],
     return torch.randn(z.shape, generator=generator, device=generator.device).to(z.device)
 
 
-class Conditioned(nn.Module):
-    """A network with extra scalar conditions (e.g. a guidance-conditioned student), asked for fixed values at
-    every call."""
+class _View:
+    """A thin view of a network: every attribute (``F``, ``logvar``, ``parameters``, ``eval``, ``training`` …) is
+    the wrapped one's, so eval mode, the device and the raw network reach through any stack of views."""
 
-    def __init__(self, net: nn.Module, values: Dict[str, float]):
-        super().__init__()
-        self.net, self.values = net, {k: float(v) for k, v in values.items()}
+    def __init__(self, net):
+        self.net = net
 
-    def forward(self, x, t, labels=None):
-        return self.net(x, t, labels, **self.values)
+    def __getattr__(self, name):
+        return getattr(self.net, name)
 
 
-class Guided(nn.Module):
+class Conditioned(_View):
+    """A network with extra scalar conditions (e.g. a guidance-conditioned student) given fixed values at every
+    call of ``net(x, t, labels)`` and ``net.F`` unless the call names them (a sampler varying a second time per
+    step passes its own)."""
+
+    def __init__(self, net, values: Dict[str, float]):
+        super().__init__(net)
+        self.values = {k: float(v) for k, v in values.items()}
+
+    def __call__(self, x, t, labels=None, **conditions):
+        return self.net(x, t, labels, **{**self.values, **conditions})
+
+    def F(self, x, t, labels=None, **conditions):
+        return self.net.F(x, t, labels, **{**self.values, **conditions})
+
+
+class Guided(_View):
     """Classifier-free guidance around a preconditioned model: f_u + s·(f_c − f_u), f_u at the null class."""
 
-    def __init__(self, net: nn.Module, scale: float, null_label: int):
-        super().__init__()
-        self.net, self.scale, self.null_label = net, float(scale), int(null_label)
+    def __init__(self, net, scale: float, null_label: int):
+        super().__init__(net)
+        self.scale, self.null_label = float(scale), int(null_label)
 
-    def forward(self, x, t, labels=None):
+    def __call__(self, x, t, labels=None):
         from ..models.precond import classifier_free_guidance
 
         return classifier_free_guidance(self.net, x, t, labels, self.scale, self.null_label)
 
 
-def guided(net: nn.Module, cfg_scale: float, null_label: int) -> nn.Module:
+def guided(net, cfg_scale: float, null_label: int):
     """``net`` under classifier-free guidance at ``cfg_scale`` (itself at 1)."""
     return net if cfg_scale == 1.0 else Guided(net, cfg_scale, null_label)
+
+
+def conditioned(net, conditions: Optional[Dict[str, float]]):
+    """``net`` asked for ``conditions`` at every call (itself without any)."""
+    return Conditioned(net, conditions) if conditions else net

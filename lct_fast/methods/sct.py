@@ -54,7 +54,7 @@ from . import schedules
 from .base import Draw, MethodLoss, TrigFlowTimes
 from .common import Coupler, adaptive_weighting, config_coupler, draw_seed, null_class, prepare_batch, randn_like_gen, unwrap
 from ..registry import MethodSpec, register
-from .sampling import Sampler, check_steps, eval_no_grad, guided, next_noise
+from .sampling import Sampler, check_steps, conditioned, eval_no_grad, guided, next_noise
 
 __all__ = ["SCTConfig", "SCTLoss", "sct_tangent", "derivative_split", "sct_times", "sct_sample", "sct_sampler",
            "check_adaptive_weight", "SPEC"]
@@ -384,14 +384,15 @@ def sct_sample(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] =
 
 
 def sct_sampler(method_cfg: Any, steps: int, *, schedule: Optional[Sequence[float]] = None, cfg_scale: float = 1.0,
-                null_label: int = 0) -> Sampler:
+                null_label: int = 0, conditions: Optional[dict] = None) -> Sampler:
     """``steps``-step sCT sampling (t_mid from the config; explicit ``schedule`` = the times). An sCD student
     samples the same way."""
     ts = tuple(schedule) if schedule is not None else sct_times(steps, t_mid=method_cfg.sct.t_mid)
     sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
 
     def run(net: nn.Module, noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        return sct_sample(guided(net, cfg_scale, null_label), noise[0], labels, ts=ts, sigma_data=sigma_data,
+        return sct_sample(guided(conditioned(net, conditions), cfg_scale, null_label), noise[0], labels, ts=ts,
+                          sigma_data=sigma_data,
                           noise=noise[1:])
 
     return Sampler(schedule=ts, draws=len(ts), run=run)

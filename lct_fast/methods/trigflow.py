@@ -26,7 +26,7 @@ from . import schedules
 from .base import Draw, MethodLoss, TrigFlowTimes
 from .common import Coupler, adaptive_weighting, config_coupler, unwrap
 from ..registry import MethodSpec, register
-from .sampling import Sampler
+from .sampling import Sampler, conditioned
 from .sct import check_adaptive_weight, trigflow_precond
 
 __all__ = ["TrigFlowConfig", "TrigFlowLoss", "trigflow_times", "trigflow_ode", "SPEC"]
@@ -189,14 +189,14 @@ def trigflow_ode(net: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor]
 
 
 def trigflow_sampler(method_cfg: Any, steps: int, *, schedule: Optional[Sequence[float]] = None,
-                     cfg_scale: float = 1.0, null_label: int = 0) -> Sampler:
+                     cfg_scale: float = 1.0, null_label: int = 0, conditions: Optional[dict] = None) -> Sampler:
     """``steps`` solver steps of the probability-flow ODE (one noise draw; the ODE is deterministic)."""
     tf = method_cfg.trigflow
     sigma_data = float(getattr(method_cfg, "sigma_data", 0.5))
     ts = tuple(schedule) if schedule is not None else trigflow_times(steps, spacing=tf.spacing, sigma_data=sigma_data)
 
     def run(net: nn.Module, noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        return trigflow_ode(net, noise[0], labels, sigma_data=sigma_data, ts=ts, solver=tf.solver,
+        return trigflow_ode(conditioned(net, conditions), noise[0], labels, sigma_data=sigma_data, ts=ts, solver=tf.solver,
                             cfg_scale=cfg_scale, null_label=null_label if cfg_scale != 1.0 else None)
 
     return Sampler(schedule=ts, draws=1, run=run)

@@ -34,6 +34,7 @@ __all__ = [
     "VEPrecond",
     "build_backbone",
     "classifier_free_guidance",
+    "condition_count",
     "count_parameters",
     "make_norm2d",
     "resolve_dit_dims",
@@ -82,8 +83,16 @@ def build_backbone(model_cfg: Any, conditions: Optional[Dict[str, float]] = None
     raise ValueError(f"model.arch={arch!r} is not one of ['dit', 'unet']")
 
 
-def count_parameters(model_cfg: Any) -> int:
-    """Number of parameters of ``build_backbone(model_cfg)``, built on the meta device."""
+def condition_count(model_cfg: Any, conditions: Optional[Any] = None) -> int:
+    """How many extra scalar conditions a backbone embeds: those given (a method's), else the guidance scale of
+    ``model.guidance_embed``."""
+    if conditions is not None:
+        return len(conditions)
+    return int(bool(getattr(model_cfg, "guidance_embed", False)))
+
+
+def count_parameters(model_cfg: Any, conditions: Optional[Dict[str, float]] = None) -> int:
+    """Number of parameters of ``build_backbone(model_cfg, conditions)``, built on the meta device."""
     with torch.device("meta"):
-        model = build_backbone(model_cfg)
+        model = build_backbone(model_cfg, conditions)
     return sum(p.numel() for p in model.parameters())

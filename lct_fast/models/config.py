@@ -70,7 +70,7 @@ class ModelConfig:
             raise ConfigError("model.size: 'custom' needs model.width, model.depth and model.heads > 0")
         if self.width and self.heads and self.width % self.heads:
             raise ConfigError(f"model.width: {self.width} is not divisible by model.heads={self.heads}")
-        choice("model.patch_size", self.patch_size, [1, 2])
+        choice("model.patch_size", self.patch_size, [1, 2] if self.arch == "dit" else [1, 2, 4])  # the UNet ignores it
         positive("model.mlp_ratio", self.mlp_ratio)
         positive("model.in_channels", self.in_channels)
         positive("model.resolution", self.resolution)

@@ -66,6 +66,3 @@ def _register_sinkhorn_kernels() -> None:
 
 
 _register_sinkhorn_kernels()
-
-
-_register_sinkhorn_kernels()

@@ -6,7 +6,8 @@
 :func:`sinkhorn_assignment` resolves ``backend`` (auto | reference | triton | cuda) through the one kernel
 registry (:mod:`lct_fast.ops.dispatch`, op ``sinkhorn_assignment``; the inner loop alone is op
 ``sinkhorn_log``). The reference is registered here; the Triton and CUDA kernels (``sinkhorn_triton``,
-``sinkhorn_cuda``) import this module and are registered by :mod:`lct_fast.ops`, so imports run one way.
+``sinkhorn_cuda``) import this module and are registered by :mod:`lct_fast.ops.sinkhorn_fused`, so imports run
+one way.
 
 Cost scale. Subtracting a per-row or per-column constant from C does not change which permutation is
 optimal, so the pipeline first row/column-reduces C (Hungarian-style) and measures ε relative to the *mean of

@@ -62,8 +62,10 @@ def attention_flops(batch: int, heads: int, lq: int, lk: int, head_dim: int, mod
     return ATTENTION_PASS_FACTOR[mode] * 4.0 * batch * heads * lq * lk * head_dim
 
 
-def _dit_parts(model_cfg: Any) -> tuple[float, float]:
-    """(linear + conv FLOPs, attention FLOPs) of one DiT forward of one sample, closed form."""
+def _dit_parts(model_cfg: Any, conditions: Any = None) -> tuple[float, float]:
+    """(linear + conv FLOPs, attention FLOPs) of one DiT forward of one sample, closed form; ``conditions``: the
+    method's extra scalar conditions (default: ``model.guidance_embed``'s)."""
+    from ..models import condition_count
     from ..models.dit import FREQ_DIM, resolve_dit_dims
 
     dims = resolve_dit_dims(model_cfg.size, model_cfg.width, model_cfg.depth, model_cfg.heads)
@@ -75,8 +77,7 @@ def _dit_parts(model_cfg: Any) -> tuple[float, float]:
     per_token += 2 * c * p * p * w + 2 * w * p * p * c                    # patch embedding, output layer
     per_sample = depth * 2 * w * 6 * w + 2 * w * 2 * w                    # adaLN of each block, final adaLN
     per_sample += 2 * (FREQ_DIM * w + w * w)                              # time embedding MLP
-    if getattr(model_cfg, "guidance_embed", False):
-        per_sample += 2 * (FREQ_DIM * w + w * w)                          # guidance-scale MLP (sCD student)
+    per_sample += condition_count(model_cfg, conditions) * 2 * (FREQ_DIM * w + w * w)  # each condition's MLP
     if getattr(model_cfg, "adaptive_weight", False):
         per_sample += 2 * FREQ_DIM                                        # w_φ head
     linear = tokens * per_token + per_sample
@@ -84,15 +85,15 @@ def _dit_parts(model_cfg: Any) -> tuple[float, float]:
     return float(linear), float(attn)
 
 
-def dit_forward_flops(model_cfg: Any) -> float:
+def dit_forward_flops(model_cfg: Any, conditions: Any = None) -> float:
     """Closed-form FLOPs of one DiT forward of one sample (matmuls and the patch convolution)."""
-    linear, attn = _dit_parts(model_cfg)
+    linear, attn = _dit_parts(model_cfg, conditions)
     return linear + attn
 
 
-def dit_jvp_flops(model_cfg: Any) -> float:
+def dit_jvp_flops(model_cfg: Any, conditions: Any = None) -> float:
     """Closed-form FLOPs of one DiT JVP pass of one sample (primal + tangent; see the module docstring)."""
-    linear, attn = _dit_parts(model_cfg)
+    linear, attn = _dit_parts(model_cfg, conditions)
     return 2 * linear + ATTENTION_PASS_FACTOR["jvp"] * attn
 
 

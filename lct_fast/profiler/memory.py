@@ -75,7 +75,7 @@ def _dims(model_cfg: Any) -> tuple[int, int, int, int, int]:
     return d.width, d.depth, d.heads, tokens, int(d.width * model_cfg.mlp_ratio)
 
 
-def dit_matrix_params(model_cfg: Any) -> tuple[int, int]:
+def dit_matrix_params(model_cfg: Any, conditions: Any = None) -> tuple[int, int]:
     """Weights of the DiT's matrix products (linear and convolution weights, no biases or embeddings), the
     tensors autocast copies to bf16 once per forward: (per block, outside the blocks)."""
     w, _, _, _, hidden = _dims(model_cfg)
@@ -84,15 +84,16 @@ def dit_matrix_params(model_cfg: Any) -> tuple[int, int]:
     # final adaLN and output layer, patch embedding, the time embedding's second layer (its first layer's
     # input, the sinusoidal features, needs no gradient, so autograd keeps no copy of that weight)
     rest = 2 * w * w + w * pc + pc * w + w * w
-    if getattr(model_cfg, "guidance_embed", False):
-        rest += w * w
+    from ..models import condition_count
+
+    rest += condition_count(model_cfg, conditions) * w * w  # each extra condition's second layer
     return block, rest
 
 
 def dit_activation_bytes(model_cfg: Any, micro_batch: int, *, act_bytes: int, checkpointing: bool,
                          attention_fused: bool = True, autocast_copies: bool = False,
                          jvp: bool = False, jvp_act_bytes: Optional[int] = None,
-                         jvp_autocast: bool = False) -> Dict[str, float]:
+                         jvp_autocast: bool = False, conditions: Any = None) -> Dict[str, float]:
     """The DiT's activation memory for one forward + backward of ``micro_batch`` samples (bytes; see the
     module docstring for the terms): ``saved`` (the activations the forward keeps for backward),
     ``weight_copies`` (autocast's bf16 weights the forward keeps; with checkpointing only those outside the
@@ -110,7 +111,7 @@ def dit_activation_bytes(model_cfg: Any, micro_batch: int, *, act_bytes: int, ch
     pc = model_cfg.patch_size ** 2 * model_cfg.in_channels
     per_token_rest = 2 * 4 * w + act_bytes * w + 2 * 4 + act_bytes * pc
     block = micro_batch * tokens * per_token_block
-    block_copies, rest_copies = (2.0 * n if autocast_copies else 0.0 for n in dit_matrix_params(model_cfg))
+    block_copies, rest_copies = (2.0 * n if autocast_copies else 0.0 for n in dit_matrix_params(model_cfg, conditions))
     if checkpointing:
         saved = micro_batch * tokens * (depth * 4 * w + per_token_rest)
         copies, recompute = rest_copies, block + block_copies
@@ -145,7 +146,7 @@ def activation_model(cfg: Any, micro_batch: int, *, attention_fused: bool = True
     half_jvp = spec.jvp and spec.jvp_dtype(cfg.method) in ("bf16", "fp16")  # sct.py _jvp_precision: fp32 turns autocast off
     return dit_activation_bytes(m, micro_batch, act_bytes=act, checkpointing=m.checkpointing,
                                 attention_fused=attention_fused, autocast_copies=autocast,
-                                jvp=spec.jvp,
+                                jvp=spec.jvp, conditions=spec.conditions(cfg.method),
                                 jvp_act_bytes=2 if bf16_weights or half_jvp else 4, jvp_autocast=autocast and half_jvp)
 
 

@@ -70,14 +70,15 @@ def summarise(cfg: Config, trainer_info: Dict[str, Any], ranks: List[Dict[str, A
         fwd = ranks[0]["forward_flops_per_sample"]
         fl0 = ranks[0]["flops"]
         per_sample = {k: v / per_rank_samples for k, v in model_phases(fl0).items()}
-        closed = dit_forward_flops(cfg.model) if cfg.model.arch == "dit" else None
+        conds = spec.conditions(cfg.method)
+        closed = dit_forward_flops(cfg.model, conds) if cfg.model.arch == "dit" else None
         model_tf = step_flops / agg["median"] / 1e12  # the same statistic as samples/s
         peak = opts.peak_tflops or (peak_tflops(device, matmul_precision(cfg, device)) if device_is_gpu(device)
                                     else None)
         out["flops"] = {
             "forward_per_sample": fwd,
             "forward_per_sample_closed_form": closed,
-            "jvp_per_sample_closed_form": dit_jvp_flops(cfg.model) if closed and spec.jvp else None,
+            "jvp_per_sample_closed_form": dit_jvp_flops(cfg.model, conds) if closed and spec.jvp else None,
             "per_sample_by_phase": per_sample,
             "per_step_all_ranks": step_flops,
             "per_step_ratio_to_forward": step_flops / gb / fwd if fwd else None,

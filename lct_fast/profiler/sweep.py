@@ -63,6 +63,7 @@ def sweep_points(cfg_path: str, sweep: List[Tuple[str, Tuple[str, ...], List[Any
     """Every point of the grid with its ``--set`` list, its resolved config (``cfg``) and parameter count;
     each resolved here first, so a bad value (a size that does not exist, an unknown key) fails before any
     process starts."""
+    from ..methods import model_conditions
     from ..models import count_parameters
 
     points = []
@@ -75,7 +76,7 @@ def sweep_points(cfg_path: str, sweep: List[Tuple[str, Tuple[str, ...], List[Any
                 sets.append(f"{k}={json.dumps(val) if not isinstance(val, str) else val}")
         try:
             cfg = load_config(cfg_path, list(base_overrides) + sets)
-            params = count_parameters(cfg.model)
+            params = count_parameters(cfg.model, model_conditions(cfg.method))
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"--sweep point {label}: {e}") from e
         points.append({"label": label, "sets": sets, "params": params, "cfg": cfg})
