@@ -554,3 +554,44 @@ def save_config(cfg: Config, path: str, derived: dict | None = None) -> None:
         f.write("\n")
     os.replace(tmp, path)
 
+
+
+# ------------------------------------------------------------------------------------------- describing
+def _field_docs(cls: type) -> dict:
+    """Field name -> the string literal under it in ``cls``'s source (its docstring)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_keys(cls: type = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every config key as (dotted key, type, default, meaning), from the dataclasses and their field docstrings
+    (the sections of the registered methods included): what ``launch/train.py --list-keys`` prints."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    docs: dict = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_field_docs(klass))
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe_keys(tp, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((key, _type_name(tp), json.dumps(default), docs.get(f.name, "")))
+    return out

@@ -123,3 +123,24 @@ def test_other_command_lines_print_user_errors_in_one_line(capsys, tmp_path):
         code = main_fn(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith(head) and text in err[0], (argv, err)
+
+
+def test_every_config_key_is_listed_with_a_meaning(capsys):
+    """``--list-keys`` prints every key of the dataclasses (the methods' sections included) with its type, default
+    (or a preset's value) and the docstring under its field; a key without one fails here."""
+    import dataclasses
+
+    from lct_fast.config import Config, describe_keys
+
+    keys = describe_keys()
+    assert all(meaning for _, _, _, meaning in keys), [k for k, _, _, m in keys if not m]
+
+    def count(cls):
+        return sum(count(f.type if dataclasses.is_dataclass(f.type) else type(getattr(cls(), f.name)))
+                   if dataclasses.is_dataclass(getattr(cls(), f.name)) else 1 for f in dataclasses.fields(cls))
+
+    assert len(keys) == count(Config) and {"method.sct.jvp_dtype", "method.scd.teacher", "train.progress_s"} <= {
+        k for k, *_ in keys}
+    assert main(["--list-keys", "--config", "configs/tiny_sct.json"]) == 0
+    out = capsys.readouterr().out
+    assert 'method.name  (str) = "sct"' in out and "Precision of the forward-mode JVP pass" in out

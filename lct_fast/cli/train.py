@@ -23,7 +23,7 @@ from lct_fast.preflight import preflight
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="preset name or path, e.g. configs/tiny.json")
+    p.add_argument("--config", help="preset name or path, e.g. configs/tiny.json (required to train)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted; VALUE parsed as JSON when possible); repeatable")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None,
                    help="end this invocation (with a checkpoint) once this many samples are seen, without "
                         "changing the schedule; e.g. to fit a cluster time limit, then --resume auto")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, exit")
+    p.add_argument("--dry-run", action="store_true", help="check the run (data, model, evaluation, resume, teacher) "
+                   "and print the resolved config and parameter count, exit")
+    p.add_argument("--list-keys", action="store_true", help="print every config key with its type, default and "
+                   "meaning, exit (with --config: the preset's values instead of the defaults)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -41,8 +44,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @one_line_errors("lct-train")
+def list_keys(config: str = None) -> None:
+    """Every config key, its type, its default (or the preset's value) and its meaning."""
+    from lct_fast.config import config_to_dict, describe_keys
+
+    values = {}
+    if config:
+        def flat(d, prefix=""):
+            for k, v in d.items():
+                if isinstance(v, dict) and k != "deepspeed":
+                    flat(v, f"{prefix}{k}.")
+                else:
+                    values[f"{prefix}{k}"] = json.dumps(v)
+
+        flat(config_to_dict(load_config(config)))
+    for key, tp, default, meaning in describe_keys():
+        print(f"{key}  ({tp}) = {values.get(key, default)}\n    {meaning}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list_keys:
+        list_keys(args.config)
+        return 0
+    if not args.config:
+        print("error: --config is required (a preset name or path, e.g. configs/tiny.json)", file=sys.stderr)
+        return 2
     if args.resume and not args.out:
         print("error: --resume needs --out (the run directory to resume)", file=sys.stderr)
         return 2
