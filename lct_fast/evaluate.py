@@ -106,12 +106,15 @@ class LatentEvaluator:
         from .quality.latent import LatentReference
 
         self.stats = stats if stats is not None else load_stats(data_path)
-        lat, labels, errors = read_all_latents(data_path)
+        # Only the two disjoint sets the metrics use, a seeded draw validated as the training reader validates
+        # (so memory does not grow with the data set, and a bad sample is skipped and counted, not fatal).
+        lat, labels, errors = read_all_latents(data_path, subset=2 * n, seed=seed, stats=self.stats)
         # sigma_data = 1: unit variance per channel, the space every latent figure is quoted in.
         self.normalizer = LatentNormalizer(self.stats, normalize, sigma_data=1.0)
         x = self.normalizer.normalize(torch.as_tensor(lat)).numpy()
-        self.reference = LatentReference(x, n, seed=seed, labels=labels if self.stats.num_classes else None)
-        self.info = {"mode": "latent", "data": os.path.abspath(data_path), "count": int(len(x)),
+        self.reference = LatentReference(x, n, seed=seed, labels=labels if self.stats.num_classes else None,
+                                         drawn=True)
+        self.info = {"mode": "latent", "data": os.path.abspath(data_path), "count": int(self.stats.count),
                      "n": n, "normalize": normalize, "data_errors": errors.summary()}
         self.n = n
 

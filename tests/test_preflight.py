@@ -144,3 +144,56 @@ def test_every_config_key_is_listed_with_a_meaning(capsys):
     assert main(["--list-keys", "--config", "configs/tiny_sct.json"]) == 0
     out = capsys.readouterr().out
     assert 'method.name  (str) = "sct"' in out and "Precision of the forward-mode JVP pass" in out
+
+
+def test_the_evaluator_reads_a_validated_seeded_subset(tmp_path, monkeypatch):
+    """Bad samples (wrong shape, NaN, no class id, a class id out of range) are skipped and counted as the
+    training reader does, not fatal; only the 2n samples of the evaluation are decoded; the draw equals the one
+    made from the whole data set."""
+    import io
+    import tarfile
+
+    import torch
+
+    from lct_fast.data import reader
+    from lct_fast.evaluate import LatentEvaluator
+    from lct_fast.quality.latent import LatentReference
+
+    d = _dataset(tmp_path / "d", n=64)
+    bad = {"bad0.latent.npy": np.zeros((3, 8, 8), np.float32), "bad1.latent.npy": np.full(SHAPE, np.nan, np.float32),
+           "bad2.latent.npy": np.zeros(SHAPE, np.float32), "bad3.latent.npy": np.zeros(SHAPE, np.float32)}
+    with tarfile.open(os.path.join(d, "shard-999999.tar"), "w") as tf:
+        for name, arr in bad.items():
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            info = tarfile.TarInfo(name)
+            info.size = buf.tell()
+            buf.seek(0)
+            tf.addfile(info, buf)
+        for name, text in (("bad0.cls", b"1"), ("bad1.cls", b"1"), ("bad3.cls", b"99")):   # bad2: no cls
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tf.addfile(info, io.BytesIO(text))
+    lat, lab, errors = reader.read_all_latents(d)
+    assert len(lat) == 64 and errors.total == 4
+    assert set(errors.reasons) == {"bad_shape", "non_finite", "missing_cls", "bad_cls"}
+
+    calls = [0]
+    real = reader.NpyDecoder.__call__
+
+    def counted(self, data):
+        calls[0] += 1
+        return real(self, data)
+
+    monkeypatch.setattr(reader.NpyDecoder, "__call__", counted)
+    ev = LatentEvaluator(d, n=8, seed=5)
+    assert 16 <= calls[0] <= 16 + 4                    # the subset (and any bad sample drawn into it), not all 68
+    monkeypatch.setattr(reader.NpyDecoder, "__call__", real)
+    assert ev.reference.ref.shape == (8, *SHAPE) and ev.info["data_errors"]
+    clean = _dataset(tmp_path / "clean", n=64)                    # the same draw as from all N (before: all read)
+    lat, lab, _ = reader.read_all_latents(clean)
+    ev = LatentEvaluator(clean, n=8, seed=5)
+    full = LatentReference(ev.normalizer.normalize(torch.as_tensor(lat)).numpy(), 8, seed=5, labels=lab)
+    np.testing.assert_array_equal(ev.reference.ref, full.ref)
+    np.testing.assert_array_equal(ev.reference.real, full.real)
+    np.testing.assert_array_equal(ev.reference.gaussian_class, full.gaussian_class)

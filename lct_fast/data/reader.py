@@ -600,33 +600,55 @@ class LatentLoader:
             log.warning("lct_fast.data: %s", self.report())
 
 
-def read_all_latents(path: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, DataErrors]:
-    """Every latent (as stored, float32 [N, C, H, W]) and class id of a shard folder, in key order, for
-    evaluation and statistics (not the training stream). An unreadable shard or sample is skipped and
-    counted in the returned :class:`DataErrors`. ``limit``: stop after that many samples."""
+def read_all_latents(path: str, subset: int | None = None, *, seed: int = 0,
+                     stats: Stats | None = None) -> tuple[np.ndarray, np.ndarray, DataErrors]:
+    """Latents (as stored, float32 [N, C, H, W]) and class ids of a shard folder for evaluation and statistics
+    (not the training stream), each sample validated as the training reader validates it (npy, dtype, shape
+    against ``stats.json``, finite values, a class id in range where the data set has classes): an unreadable
+    shard or an invalid sample is skipped and counted in the returned :class:`DataErrors`.
+
+    Without ``subset``: every valid sample, in key order. With ``subset = k``: the first k valid samples of a
+    permutation of all sample keys seeded by ``seed``, in that order, reading only those members (memory and
+    time do not grow with the data set); fewer if the data set has fewer."""
     errors = DataErrors()
-    read_npy = NpyDecoder()
-    lats: dict[str, np.ndarray] = {}
-    labels: dict[str, int] = {}
+    stats = stats if stats is not None else load_stats(path)
+    decode = _decode_stage(tuple(stats.shape), int(stats.num_classes), errors)
+    # Pass 1, tar headers only: every sample's members.
+    members: dict[str, dict[str, tuple[str, tarfile.TarInfo]]] = {}
     for shard in list_shards(path):
         try:
             with tarfile.open(shard) as tf:
                 for m in tf.getmembers():
                     key, _, ext = m.name.partition(".")
-                    key = f"{os.path.basename(shard)}/{key}"
-                    if ext == "latent.npy":
-                        try:
-                            lats[key] = read_npy(tf.extractfile(m).read())
-                        except Exception as e:
-                            errors.add("sample", "bad_npy", f"{shard}:{m.name}: {e}")
-                    elif ext == "cls":
-                        labels[key] = int(tf.extractfile(m).read().decode())
+                    members.setdefault(f"{os.path.basename(shard)}/{key}", {})[ext] = (shard, m)
         except (tarfile.TarError, OSError, EOFError) as e:
             errors.add("shard", "bad_tar", f"{shard}: {e}")
-        if limit is not None and len(lats) >= limit:
-            break
-    keys = sorted(lats)[:limit]
-    if not keys:
+    keys = sorted(k for k, v in members.items() if "latent.npy" in v)
+    if subset is not None:
+        keys = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+    # Pass 2: the chosen samples, shard by shard, validated; an invalid one is replaced by the next in order.
+    lats: dict[str, np.ndarray] = {}
+    labels: dict[str, int] = {}
+    want = len(keys) if subset is None else min(int(subset), len(keys))
+    pos = 0
+    while len(lats) < want and pos < len(keys):
+        batch = keys[pos:pos + (want - len(lats))]
+        pos += len(batch)
+        by_shard: dict[str, list[str]] = {}
+        for k in batch:
+            by_shard.setdefault(members[k]["latent.npy"][0], []).append(k)
+        for shard, ks in by_shard.items():
+            try:
+                with tarfile.open(shard) as tf:
+                    for k in ks:
+                        sample = {ext: tf.extractfile(m).read() for ext, (_, m) in members[k].items()}
+                        sample.update(__key__=k, __url__=shard)
+                        for lat, lab in decode(iter([sample])):
+                            lats[k], labels[k] = lat, lab
+            except (tarfile.TarError, OSError, EOFError) as e:
+                errors.add("shard", "bad_tar", f"{shard}: {e}")
+    chosen = [k for k in keys if k in lats][:want]
+    if not chosen:
         raise ValueError(f"{path}: no readable latents in {len(list_shards(path))} shard(s) ({errors.summary()})")
-    return (np.stack([lats[k] for k in keys]).astype(np.float32),
-            np.array([labels.get(k, 0) for k in keys], dtype=np.int64), errors)
+    return (np.stack([lats[k] for k in chosen]).astype(np.float32),
+            np.array([labels[k] for k in chosen], dtype=np.int64), errors)

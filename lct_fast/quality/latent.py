@@ -52,14 +52,17 @@ class LatentReference:
     with ``seed`` from ``latents`` [N ≥ 2n, C, H, W] (already standardised: unit variance per channel). With
     ``labels`` (two or more classes, each with ≥ 2 samples in R′) also a per-class Gaussian fit of R′."""
 
-    def __init__(self, latents: np.ndarray, n: int, *, seed: int = 0, labels: Optional[np.ndarray] = None):
+    def __init__(self, latents: np.ndarray, n: int, *, seed: int = 0, labels: Optional[np.ndarray] = None,
+                 drawn: bool = False):
         latents = np.asarray(latents, dtype=np.float32)
         if len(latents) < 2 * n:
             raise ValueError(f"latent evaluation: n={n} needs at least {2 * n} real latents (two disjoint sets), "
                              f"the dataset has {len(latents)}; lower the number of evaluation samples")
         if n < 2:
             raise ValueError(f"latent evaluation: n must be >= 2, got {n}")
-        perm = np.random.default_rng(seed).permutation(len(latents))
+        # drawn: the rows are already the seeded draw (lct_fast.data.reader.read_all_latents with subset=2n and
+        # this seed), in its order; the permutation below would otherwise make that draw from all N.
+        perm = np.arange(len(latents)) if drawn else np.random.default_rng(seed).permutation(len(latents))
         self.n = n
         self.ref = latents[perm[:n]]
         self.real = latents[perm[n:2 * n]]
