@@ -46,6 +46,7 @@ __all__ = [
     "make_grid",
     "save_png",
     "decode_and_save_grid",
+    "decode_images",
     "save_latent_grid",
     "latent_grid_image",
 ]
@@ -272,14 +273,12 @@ def save_png(path: str, image: np.ndarray) -> str:
     return path
 
 
-def decode_and_save_grid(latents: torch.Tensor, vae_path: str, stats: Any, out_png: str, *,
-                         sigma_data: float = 0.5, normalize: str = "channel", nrow: Optional[int] = None,
-                         padding: int = 2, batch_size: int = 16,
-                         device: Union[str, torch.device] = "cpu") -> np.ndarray:
+def decode_images(latents: torch.Tensor, vae_path: str, stats: Any, *, sigma_data: float = 0.5,
+                  normalize: str = "channel", batch_size: int = 16,
+                  device: Union[str, torch.device] = "cpu") -> np.ndarray:
     """Denormalize generated latents with the dataset ``stats`` (a ``Stats`` or the dataset folder; then
-    / ``stats.vae_scale`` + ``stats.vae_shift``),
-    decode with the local diffusers ``AutoencoderKL`` at ``vae_path`` and write a PNG grid to ``out_png``.
-    Returns the grid as a uint8 array."""
+    / ``stats.vae_scale`` + ``stats.vae_shift``) and decode them with the local diffusers ``AutoencoderKL`` at
+    ``vae_path``: uint8 images [N, H, W, 3]."""
     from lct_fast.data.stats import load_stats
 
     if isinstance(stats, (str, os.PathLike)):
@@ -287,8 +286,17 @@ def decode_and_save_grid(latents: torch.Tensor, vae_path: str, stats: Any, out_p
     vae_scale = 1.0 if stats.vae_scale is None else float(stats.vae_scale)
     vae_shift = 0.0 if stats.vae_shift is None else float(stats.vae_shift)
     vae = _load_vae(vae_path, device)
-    images = decode_latents(denormalize_latents(latents, stats, sigma_data=sigma_data, normalize=normalize),
-                            vae, vae_scale=vae_scale, vae_shift=vae_shift, batch_size=batch_size)
+    return decode_latents(denormalize_latents(latents, stats, sigma_data=sigma_data, normalize=normalize),
+                          vae, vae_scale=vae_scale, vae_shift=vae_shift, batch_size=batch_size)
+
+
+def decode_and_save_grid(latents: torch.Tensor, vae_path: str, stats: Any, out_png: str, *,
+                         sigma_data: float = 0.5, normalize: str = "channel", nrow: Optional[int] = None,
+                         padding: int = 2, batch_size: int = 16,
+                         device: Union[str, torch.device] = "cpu") -> np.ndarray:
+    """:func:`decode_images`, written as a PNG grid to ``out_png``; returns the grid as a uint8 array."""
+    images = decode_images(latents, vae_path, stats, sigma_data=sigma_data, normalize=normalize,
+                           batch_size=batch_size, device=device)
     grid = make_grid(images, nrow=nrow, padding=padding)
     save_png(out_png, grid)
     return grid

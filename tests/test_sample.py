@@ -279,8 +279,15 @@ def test_cli_writes_latents_labels_and_grid(tmp_path, capsys):
     out = tmp_path / "samples"
     rc = cli.main(["--checkpoint", str(run / "model.safetensors"), "--steps", "2", "--n", "6", "--seed", "4",
                    "--batch-size", "4", "--out", str(out), "--vae", str(tmp_path / "vae"), "--stats", d,
-                   "--device", "cpu"])
+                   "--device", "cpu", "--images"])
     assert rc == 0
+    # --images: every decoded image as a PNG and all of them as images.npz (what FID tools read), equal
+    from PIL import Image as _Image
+
+    imgs = np.load(out / "images.npz", allow_pickle=False)["arr_0"]
+    assert imgs.shape == (6, 16, 16, 3) and imgs.dtype == np.uint8
+    assert sorted(os.listdir(out / "images")) == [f"{i:06d}.png" for i in range(6)]
+    np.testing.assert_array_equal(np.asarray(_Image.open(out / "images" / "000003.png")), imgs[3])
     lat = np.load(out / "latents.npy", allow_pickle=False)
     labels = np.load(out / "labels.npy", allow_pickle=False)
     ref = S.generate(net, cfg.method, n=6, shape=SHAPE, num_classes=4, steps=2, seed=4, batch_size=4)

@@ -1,15 +1,18 @@
-"""Sample latents (and optionally a decoded PNG grid) from a trained lct_fast model.
+"""Sample latents (and optionally decoded images) from a trained lct_fast model.
 
-Usage::
+Examples (one line each)::
 
-    python launch/sample.py --checkpoint run/model.safetensors --steps 2 --n 64 --seed 0 --out samples/ \
-        [--config run/config.json] [--set method.ict.sigma_mid=0.9] [--vae path/to/sd-vae] [--stats data/]
+    python launch/sample.py --checkpoint runs/tiny/export/ema_0.99.safetensors --steps 2 --n 64 --out samples/
+    python launch/sample.py --checkpoint runs/b/export/ema_0.999.safetensors --n 50000 --vae path/to/sd-vae --images --out fid/
+    python launch/sample.py --checkpoint runs/b/export/ema_0.999.safetensors --set method.ict.sigma_mid=0.9 --label 3 --out c3/
 
 ``--checkpoint`` is a safetensors file of model weights (the preconditioned model's state dict, or the bare
 backbone's). The resolved config is read from ``--config`` or, if omitted, from ``<checkpoint>.json`` or
 ``config.json`` beside the checkpoint. Writes ``<out>/latents.npy`` (float32 [n, C, H, W], normalized space),
 ``<out>/labels.npy`` for class-conditional models and, with ``--vae``, ``<out>/grid.png`` decoded with the
-dataset statistics (``--stats``, default: ``stats.json`` of ``data.path`` in the config).
+dataset statistics (``--stats``, default: ``stats.json`` of ``data.path`` in the config); ``--images`` also writes
+every decoded image as ``<out>/images/<index>.png`` and all of them as ``<out>/images.npz`` (uint8 [n, H, W, 3],
+array ``arr_0``: what FID tools such as torch-fidelity or ADM's evaluator read).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from lct_fast.weights import find_config, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="safetensors file of model weights")
     p.add_argument("--config", default=None, help="resolved config JSON (default: beside the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: also write grid.png")
     p.add_argument("--stats", default=None, help="dataset folder or stats.json (default: data.path of the config)")
+    p.add_argument("--images", action="store_true", help="with --vae: also every image as a PNG and images.npz")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: ceil(sqrt(n)))")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model (and the VAE) run: cuda, cuda:1, cpu (default: cuda if available)")
     return p
 
 
@@ -52,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from lct_fast.config import load_config
-    from lct_fast.sample import decode_and_save_grid, generate, save_latents
+    from lct_fast.sample import decode_images, generate, make_grid, save_latents, save_png
+
+    for flag, v in (("--n", args.n), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if v < 1:
+            raise UserError(f"{flag} {v}: expected an integer >= 1")
+    if args.images and not args.vae:
+        raise UserError("--images writes decoded images: pass --vae PATH (a local diffusers AutoencoderKL folder)")
 
     cfg = load_config(find_config(args.checkpoint, args.config), args.overrides)
     net = load_model(args.checkpoint, cfg, args.device)
@@ -70,10 +81,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stats = args.stats or cfg.data.path
         if not stats:
             raise UserError("--vae needs dataset statistics: pass --stats (the config's data.path is empty)")
+        images = decode_images(res.latents, args.vae, stats, sigma_data=cfg.method.sigma_data,
+                               normalize=cfg.data.normalize, device=args.device)
         png = os.path.join(args.out, "grid.png")
-        decode_and_save_grid(res.latents, args.vae, stats, png, sigma_data=cfg.method.sigma_data,
-                             normalize=cfg.data.normalize, nrow=args.nrow, device=args.device)
+        save_png(png, make_grid(images, nrow=args.nrow))
         written.append(png)
+        if args.images:
+            folder = os.path.join(args.out, "images")
+            os.makedirs(folder, exist_ok=True)
+            for i, img in enumerate(images):
+                save_png(os.path.join(folder, f"{i:06d}.png"), img)
+            npz = os.path.join(args.out, "images.npz")
+            np.savez(npz, arr_0=images.astype(np.uint8))
+            written += [folder + os.sep, npz]
     for w in written:
         print(w)
     return 0
