@@ -231,7 +231,8 @@ def _load_vae(vae_path: str, device: Union[str, torch.device]):
         from diffusers import AutoencoderKL
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("sample: decoding latents needs diffusers (pip install diffusers)") from e
-    return AutoencoderKL.from_pretrained(vae_path, local_files_only=True).to(device).eval()
+    # low_cpu_mem_usage=False: the default needs accelerate and, without it, warns on every load
+    return AutoencoderKL.from_pretrained(vae_path, local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
 
 
 def decode_latents(latents: torch.Tensor, vae: Any, *, vae_scale: float = 1.0, vae_shift: float = 0.0,

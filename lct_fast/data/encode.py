@@ -183,7 +183,8 @@ def encode_dataset(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[vae_dtype]
-    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch_dtype).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch_dtype, local_files_only=True,
+                                        low_cpu_mem_usage=False).to(device).eval()  # no accelerate warning
     scale = float(vae_scale if vae_scale is not None else (getattr(vae.config, "scaling_factor", None) or 0.18215))
     shift_cfg = getattr(vae.config, "shift_factor", None)
     shift = float(shift_cfg) if shift_cfg is not None else 0.0
