@@ -222,6 +222,9 @@ class EvalConfig:
     """Local diffusers AutoencoderKL folder: image metrics (FID & co) on decoded samples; "" = latent metrics."""
     inception_weights: str = ""
     """Local Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth) for image metrics."""
+    allow_nonstandard_weights: bool = False
+    """Compute image metrics with an Inception file other than the standard one (its SHA-256 does not start
+    with 6726825d); the figures are then comparable with nothing else, and the metrics say so."""
     reference: str = ""
     """Image metrics: reference image folder, .npz or cached reference .safetensors."""
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])

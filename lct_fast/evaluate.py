@@ -158,6 +158,7 @@ class ImageEvaluator:
     decode_batch: int = 16
     feature_batch: int = 64
     kid_subset_size: int = 1000
+    allow_nonstandard_weights: bool = False
     log: Callable[[str], None] = field(default=lambda s: None)
     mode: str = "image"
     headline: str = "fid"
@@ -165,7 +166,8 @@ class ImageEvaluator:
     def __post_init__(self):
         from .data.reader import LatentNormalizer
         from .data.stats import load_stats
-        from .quality.inception import check_fid_sample_count, file_sha256, load_inception, required_layers
+        from .quality.inception import (check_fid_sample_count, check_standard_weights, file_sha256, load_inception,
+                                        required_layers)
         from .quality.reference import reference_features
         from .sample import _load_vae
 
@@ -179,6 +181,8 @@ class ImageEvaluator:
         self.resolution = (self.latent_resolution * f, self.latent_resolution * f)
         self.net = load_inception(self.inception_weights, self.layers, self.device)
         self.weights_sha = file_sha256(self.inception_weights)
+        self.standard_weights = check_standard_weights(self.inception_weights, self.weights_sha,
+                                                       self.allow_nonstandard_weights)
         # sigma_data is applied by prepare(); this normaliser only maps standardised x0 back to VAE space.
         self.normalizer = LatentNormalizer(self.stats, self.normalize, sigma_data=1.0)
         rank, world = _dist_world()
@@ -192,7 +196,8 @@ class ImageEvaluator:
             check_fid_sample_count(len(self.ref_feats[self.feature_layer]), self.feature_layer, f"reference {self.ref}")
         self.info = {"mode": "image", "reference": self.ref_meta, "vae": os.path.abspath(self.vae_path),
                      "inception_weights": os.path.abspath(self.inception_weights),
-                     "inception_sha256": self.weights_sha, "feature_layer": self.feature_layer,
+                     "inception_sha256": self.weights_sha, "inception_standard": self.standard_weights,
+                     "feature_layer": self.feature_layer,
                      "resolution": list(self.resolution), "metrics": self.metrics}
         self._last_images: Optional[np.ndarray] = None
 

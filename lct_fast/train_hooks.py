@@ -208,6 +208,7 @@ class EvalHook:
             self.evaluator = ImageEvaluator(vae_path=ev.vae, stats=stats, inception_weights=ev.inception_weights,
                                             ref=ev.reference, latent_resolution=cfg.model.resolution, n=self.n,
                                             metrics=ev.metrics, feature_layer=str(ev.feature_layer),
+                                            allow_nonstandard_weights=ev.allow_nonstandard_weights,
                                             normalize=cfg.data.normalize, device=device)
         else:
             self.evaluator = LatentEvaluator(data.path, n=self.n, normalize=cfg.data.normalize, seed=ev.seed,

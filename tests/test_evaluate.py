@@ -199,7 +199,7 @@ def image_args(run, weights, out, ref="ref.npz", n="70"):
     return ["--checkpoint", str(run / "export" / "ema_0.99.safetensors"), "--vae", VAE, "--ref", str(run / ref),
             "--ref-cache", str(out) + "-ref.safetensors", "--inception-weights", weights, "--num-samples", n,
             "--feature-layer", "64", "--metrics", "fid", "kid", "prc", "--kid-subset-size", "30", "--steps", "1", "2",
-            "--out", str(out)]
+            "--out", str(out), "--allow-nonstandard-weights"]       # random-init test weights
 
 
 def test_evaluate_cli_bad_input_writes_nothing(run, weights, tmp_path):
@@ -264,6 +264,7 @@ def test_in_training_image_eval_equals_offline(run, weights, tmp_path):
             "train.ckpt_interval=0", "train.sample_interval=0", "train.eval_interval=16", "train.eval.n=70",
             "train.eval.steps=[1]", "train.eval.ema=ema_0.99", f"train.eval.vae={VAE}",
             f"train.eval.inception_weights={weights}", f"train.eval.reference={run / 'ref.npz'}",
+            "train.eval.allow_nonstandard_weights=true",
             "train.eval.feature_layer=64", "train.eval.metrics=[\"fid\", \"prc\"]"]
     cmd = [sys.executable, "launch/train.py", "--config", "configs/tiny.json", "--out", out]
     for s in sets:
@@ -286,3 +287,18 @@ def test_in_training_image_eval_equals_offline(run, weights, tmp_path):
     assert offline["fid"] > 0
     for k in ("fid", "precision", "recall"):
         assert last[f"eval/1step/{k}"] == pytest.approx(offline[k], rel=1e-4, abs=1e-7), k
+
+
+def test_nonstandard_inception_weights_are_refused_unless_allowed(weights):
+    """The standard file's SHA-256 starts with the 6726825d its name carries; another file's metrics compare with
+    no paper's, so it is an error without --allow-nonstandard-weights, and a flag in the metrics with it."""
+    from lct_fast.quality.inception import STANDARD_SHA256, check_standard_weights, file_sha256
+    from lct_fast.validate import UserError
+
+    sha = file_sha256(weights)
+    assert not sha.startswith(STANDARD_SHA256)                       # random-init test weights
+    with pytest.raises(UserError, match="--allow-nonstandard-weights"):
+        check_standard_weights(weights, sha)
+    assert check_standard_weights(weights, sha, allow_nonstandard=True) is False
+    assert check_standard_weights("std.pth", STANDARD_SHA256 + "0" * 56) is True
+

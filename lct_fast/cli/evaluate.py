@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "~/.cache/lct_fast/eval/reference-<key>.safetensors)")
     p.add_argument("--n-ref", type=int, default=None, help="use only the first N reference images")
     p.add_argument("--inception-weights", default=None, help="local Inception-v3 weights file (image metrics)")
+    p.add_argument("--allow-nonstandard-weights", action="store_true", help="accept an Inception file other than the "
+                   "standard one (SHA-256 6726825d...); the metrics file then says they are not comparable")
     # --num-samples is the spelling torchrun accepts: its own parser takes a bare --n for one of its options.
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
                    help="samples per step count (default 50000 images, 2000 latents)")
@@ -112,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 vae_path=args.vae, stats=stats, inception_weights=args.inception_weights, ref=args.ref,
                 latent_resolution=m.resolution, n=n, metrics=args.metrics, feature_layer=args.feature_layer,
                 normalize=cfg.data.normalize, ref_cache=args.ref_cache, n_ref=args.n_ref, device=device,
-                feature_batch=args.batch_size, kid_subset_size=args.kid_subset_size, log=say)
+                feature_batch=args.batch_size, kid_subset_size=args.kid_subset_size, log=say,
+                allow_nonstandard_weights=args.allow_nonstandard_weights)
         else:
             n = args.n or 2000
             data = args.ref or resolve_data_path(cfg)

@@ -21,9 +21,12 @@ import numpy as np
 import torch
 
 __all__ = ["INCEPTION_FILE", "INCEPTION_URL", "FEATURE_LAYERS", "METRICS", "load_inception", "file_sha256",
-           "inception_features", "image_metrics", "check_fid_sample_count", "required_layers"]
+           "inception_features", "image_metrics", "check_fid_sample_count", "required_layers", "STANDARD_SHA256",
+           "check_standard_weights"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+#: The first hex digits of the standard file's SHA-256, as the torch.hub convention puts them in its name.
+STANDARD_SHA256 = "6726825d"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 FEATURE_LAYERS = ("64", "192", "768", "2048")
 METRICS = ("fid", "kid", "isc", "prc")
@@ -41,6 +44,20 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_standard_weights(path: str, sha256: str, allow_nonstandard: bool = False) -> bool:
+    """Whether ``path`` (SHA-256 ``sha256``) is the standard Inception file every published FID uses; a different
+    file is an error unless ``allow_nonstandard`` (its metrics are then comparable with nothing else)."""
+    from ..validate import UserError
+
+    standard = sha256.startswith(STANDARD_SHA256)
+    if not standard and not allow_nonstandard:
+        raise UserError(f"{path}: SHA-256 {sha256[:8]}... is not the standard Inception weights' ({STANDARD_SHA256}..., "
+                        f"{INCEPTION_FILE}): FID and the other metrics would not be comparable with any paper's. "
+                        f"Use the standard file, or pass --allow-nonstandard-weights "
+                        f"(train.eval.allow_nonstandard_weights=true) to compute them anyway")
+    return standard
 
 
 def required_layers(metrics: Iterable[str], feature_layer: str = "2048") -> list[str]:
