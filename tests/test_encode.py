@@ -80,6 +80,7 @@ def test_encode_image_folder_with_classes(tmp_path, tiny_vae):
     assert rc == 0
     stats = load_stats(out)
     assert stats.count == 6 and stats.shape == (4, 8, 8) and stats.num_classes == 2
+    assert stats.class_names == ["class0", "class1"]           # the label map: id -> folder name
     assert stats.vae == vae_path and stats.vae_scale == pytest.approx(0.18215)
     written = _read_shards(out)
     ref = _reference_latents(vae, images)

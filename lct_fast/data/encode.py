@@ -189,9 +189,11 @@ def encode_dataset(
     shift_cfg = getattr(vae.config, "shift_factor", None)
     shift = float(shift_cfg) if shift_cfg is not None else 0.0
     generator = torch.Generator(device=device).manual_seed(seed)
+    names = None  # class folder names (label id order) with --class-dirs
 
     if os.path.isdir(source):
         items, class_names = list_images(source, class_dirs=class_dirs)
+        names = list(class_names) if class_dirs and class_names else None
         sources: Sequence[Any] = [p for p, _ in items]
         item_labels = [c for _, c in items]
         if resolution is None:
@@ -209,7 +211,9 @@ def encode_dataset(
     if shuffle:
         order_rng.shuffle(order)
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard, vae=vae_path, vae_scale=scale,
-                     vae_shift=shift if shift_cfg is not None else None, dtype=dtype, overwrite=overwrite) as writer:
+                     vae_shift=shift if shift_cfg is not None else None, dtype=dtype, overwrite=overwrite,
+                     class_names=names if os.path.isdir(source) else None,
+                     num_classes=len(names) if os.path.isdir(source) and names else None) as writer:
         batches = list(_batches(len(order), batch_size))
         if progress:
             from tqdm import tqdm

@@ -119,6 +119,8 @@ class Stats:
     vae_shift: Optional[float] = None
     shards: list[dict[str, Any]] = field(default_factory=list)
     path: str = ""
+    class_names: Optional[list[str]] = None
+    """Label id -> the class's name (the folder name when encoded with ``--class-dirs``), when known."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-serialisable dict written to ``stats.json``."""
@@ -138,6 +140,8 @@ class Stats:
         if self.vae_shift is not None:
             out["vae_shift"] = float(self.vae_shift)
         out["num_classes"] = int(self.num_classes)
+        if self.class_names is not None:
+            out["class_names"] = list(self.class_names)
         out["shards"] = list(self.shards)
         return out
 
@@ -242,6 +246,10 @@ def load_stats(path: str) -> Stats:
     num_classes = raw.get("num_classes", 0)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise _err(file, "num_classes", f"expected an integer >= 0, got {num_classes!r}")
+    class_names = raw.get("class_names")
+    if class_names is not None and (not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names)
+                                    or len(class_names) != num_classes):
+        raise _err(file, "class_names", f"expected a list of {num_classes} names (one per class id), got {class_names!r}")
     shards = raw.get("shards", [])
     if not isinstance(shards, list) or not all(
         isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int) for s in shards
@@ -261,4 +269,5 @@ def load_stats(path: str) -> Stats:
         vae_shift=vae_shift,
         shards=shards,
         path=file,
+        class_names=class_names,
     )

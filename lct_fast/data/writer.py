@@ -71,6 +71,7 @@ class ShardWriter:
         num_classes: Optional[int] = None,
         overwrite: bool = False,
         stats_batch: int = 256,
+        class_names: Optional[list] = None,
     ):
         if samples_per_shard <= 0:
             raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
@@ -78,6 +79,7 @@ class ShardWriter:
             raise ValueError(f"dtype must be one of {ALLOWED_DTYPES} or None, got {dtype!r}")
         if num_classes is not None and num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.out_dir = os.path.abspath(out_dir)
         self.samples_per_shard = int(samples_per_shard)
         self.vae = vae
@@ -234,6 +236,7 @@ class ShardWriter:
             num_classes=num_classes,
             vae_shift=self.vae_shift,
             shards=self.shard_counts,
+            class_names=self.class_names if self.class_names and len(self.class_names) == num_classes else None,
         )
         stats.path = write_stats(stats, self.out_dir)
         return stats
