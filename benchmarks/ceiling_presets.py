@@ -61,9 +61,10 @@ def main(argv=None) -> int:
     for name in PRESETS:
         cfg = load_config(name, args.overrides)
         plan = precision_plan(cfg, tf32=cfg.train.tf32)
-        ceil = ceiling(phase_flops(cfg), plan)
+        flops = phase_flops(cfg)
+        ceil = ceiling(flops, plan)
         worst = min(worst, *(c["mfu"] for c in ceil.values()))
-        lines.append(f"| {name} | {cfg.method.sct.jvp_dtype if 'jvp' in phase_flops(cfg) else '-'} | "
+        lines.append(f"| {name} | {cfg.method.sct.jvp_dtype if 'jvp' in flops else '-'} | "
                      f"{plan['jvp']} / {plan['teacher_forward']} / {plan['online_forward']} | "
                      + " | ".join(f"{100 * ceil[g]['mfu']:.1f} %" for g in gpus) + " |")
     table = "\n".join(lines)

@@ -135,9 +135,9 @@ def test_every_config_key_is_listed_with_a_meaning(capsys):
     keys = describe_keys()
     assert all(meaning for _, _, _, meaning in keys), [k for k, _, _, m in keys if not m]
 
-    def count(cls):
-        return sum(count(f.type if dataclasses.is_dataclass(f.type) else type(getattr(cls(), f.name)))
-                   if dataclasses.is_dataclass(getattr(cls(), f.name)) else 1 for f in dataclasses.fields(cls))
+    def count(cls):  # leaf fields of the dataclass tree
+        values = [getattr(cls(), f.name) for f in dataclasses.fields(cls)]
+        return sum(count(type(v)) if dataclasses.is_dataclass(v) else 1 for v in values)
 
     assert len(keys) == count(Config) and {"method.sct.jvp_dtype", "method.scd.teacher", "train.progress_s"} <= {
         k for k, *_ in keys}
