@@ -615,6 +615,8 @@ def main(argv=None) -> int:
 
                 shutil.rmtree(cache)
             os.makedirs(cache)
+            # the child's own progress lines (train.progress_s) follow on stderr
+            print(f"{name} (seed {seed}): training {row.preset} into {run_dir}", flush=True)
             seconds = train_row(row, overrides, run_dir)
             trained = {"row": name, "preset": row.preset, "overrides": overrides, "train_s": seconds,
                        "budget": budget, "metrics": _read_metrics(run_dir)}

@@ -160,6 +160,8 @@ class ImageEvaluator:
     kid_subset_size: int = 1000
     allow_nonstandard_weights: bool = False
     log: Callable[[str], None] = field(default=lambda s: None)
+    progress_s: float = 0.0
+    """A progress line of the reference features and of decoding + features every this many seconds (0: none)."""
     mode: str = "image"
     headline: str = "fid"
 
@@ -190,7 +192,8 @@ class ImageEvaluator:
         self.ref_feats, self.ref_meta = reference_features(
             self.ref, self._extract, weights_sha=self.weights_sha, layers=self.layers, resolution=self.resolution,
             limit=self.n_ref, cache=self.ref_cache, batch_size=self.feature_batch, shard=(rank, world),
-            gather=lambda fs: {k: gather_rows(v) for k, v in fs.items()}, log=self.log)
+            gather=lambda fs: {k: gather_rows(v) for k, v in fs.items()}, log=self.log,
+            progress_s=self.progress_s if rank == 0 else 0.0)
         self.reference_s = time.perf_counter() - t0
         if "fid" in self.metrics:
             check_fid_sample_count(len(self.ref_feats[self.feature_layer]), self.feature_layer, f"reference {self.ref}")
@@ -218,13 +221,18 @@ class ImageEvaluator:
         """Generated x0 -> decoded images -> one row of concatenated features per sample, ``chunk`` samples
         at a time (a rank's share of 50k decoded images would not fit in memory at once); the first ``keep``
         images are kept for the grid."""
+        from .progress import Progress
+
         rows, self._last_images = [], None
-        for s in range(0, len(x0), chunk):
-            images = self.decode(x0[s:s + chunk], sigma_data)
-            if self._last_images is None:
-                self._last_images = images[:keep]
-            feats = self._extract(images)
-            rows.append(torch.cat([feats[k] for k in self.layers], dim=1))
+        with Progress(len(x0), "decoding + Inception features", who="lct_fast.evaluate", unit="images",
+                      interval_s=self.progress_s, enabled=_dist_world()[0] == 0) as bar:
+            for s in range(0, len(x0), chunk):
+                images = self.decode(x0[s:s + chunk], sigma_data)
+                if self._last_images is None:
+                    self._last_images = images[:keep]
+                feats = self._extract(images)
+                rows.append(torch.cat([feats[k] for k in self.layers], dim=1))
+                bar.update(len(images))
         d = sum(self.ref_feats[k].shape[1] for k in self.layers)
         return torch.cat(rows) if rows else torch.empty(0, d)
 
@@ -252,12 +260,14 @@ class ImageEvaluator:
 # ------------------------------------------------------------------------------------------- driver
 def evaluate_model(net: torch.nn.Module, method_cfg, model_cfg, spec: EvalSpec, evaluator, *, num_classes: int,
                    device: str | torch.device = "cpu", grid_stem: Optional[str] = None,
-                   keep_rows: bool = False) -> dict:
+                   keep_rows: bool = False, progress_s: float = 0.0, who: str = "lct_fast") -> dict:
     """Generate ``spec.n`` samples per step count (this rank's share), score them with ``evaluator``.
 
     Returns {"steps": {k: metrics}, "timings": {...}, "grids": [paths]} on rank 0 and the same timings with
     empty metrics elsewhere. ``grid_stem``: write ``<grid_stem>-<k>step.png`` on rank 0. ``keep_rows``: also
-    return the gathered rows (standardised latents or features) per step count under "rows"."""
+    return the gathered rows (standardised latents or features) per step count under "rows". ``progress_s``:
+    a progress line of rank 0's generation every this many seconds (0: none; :mod:`lct_fast.progress`)."""
+    from .progress import Progress
     from .sample import generate
 
     rank, world = _dist_world()
@@ -270,10 +280,12 @@ def evaluate_model(net: torch.nn.Module, method_cfg, model_cfg, spec: EvalSpec, 
     kept: dict = {}
     for steps in spec.steps:
         t0 = time.perf_counter()
-        res = generate(
-            net, method_cfg, n=spec.n, shape=shape, num_classes=num_classes, steps=int(steps), seed=spec.seed,
-            batch_size=spec.batch_size, device=device, start=lo, count=hi - lo, cfg_scale=spec.cfg_scale,
-            guidance=spec.guidance)
+        with Progress(hi - lo, f"generating ({int(steps)} step{'s' if int(steps) > 1 else ''}, rank 0's share)",
+                      who=who, interval_s=progress_s, enabled=rank == 0) as bar:
+            res = generate(
+                net, method_cfg, n=spec.n, shape=shape, num_classes=num_classes, steps=int(steps), seed=spec.seed,
+                batch_size=spec.batch_size, device=device, start=lo, count=hi - lo, cfg_scale=spec.cfg_scale,
+                guidance=spec.guidance, progress=bar)
         t1 = time.perf_counter()
         rows = gather_rows(evaluator.prepare(res.latents, sigma_data))
         t2 = time.perf_counter()

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
-__all__ = ["Condition", "MethodSpec", "register", "get_method", "method_names", "method_specs", "sections"]
+__all__ = ["Condition", "MethodSpec", "ve_at_sigma", "register", "get_method", "method_names", "method_specs",
+           "sections"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ def _no_check(_: Any) -> None:
 
 def _unguided(_: Any) -> float:
     return 1.0
+
+
+def ve_at_sigma(sigma: float, sigma_data: float) -> Tuple[float, float]:
+    """VE (EDM) parametrisation: the network sees x0 + σ·z itself, at level σ."""
+    return 1.0, float(sigma)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,12 @@ class MethodSpec:
     """Dotted keys under ``method.`` that only the sampler reads (re-chosen without re-training)."""
     check: Callable[[Any], None] = _no_check
     """(Config) -> None: cross-section validation; raises ``ConfigError`` naming the key."""
+    at_sigma: Callable[[float, float], Tuple[float, float]] = ve_at_sigma
+    """(σ, σ_d) -> (scale, level): the network's clean estimate of x0 from x0 + σ·z is
+    ``net(scale·(x0 + σ·z), level, labels)`` (VE: (1, σ); TrigFlow: t = arctan(σ/σ_d), (cos t, t)). The
+    trainer's denoising probe, a figure comparable across training and methods, is computed through it."""
+    loss_note: str = ""
+    """Why the raw training loss moves for reasons other than quality (printed under the loss in the report)."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Anything else a method wants to publish (not read by the package)."""
 

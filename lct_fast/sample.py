@@ -141,7 +141,8 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
              labels: Union[None, int, Sequence[int], torch.Tensor] = None,
              sigmas: Optional[Sequence[float]] = None, ts: Optional[Sequence[float]] = None,
              device: Optional[Union[str, torch.device]] = None, start: int = 0, count: Optional[int] = None,
-             cfg_scale: Optional[float] = None, guidance: Optional[float] = None) -> SampleResult:
+             cfg_scale: Optional[float] = None, guidance: Optional[float] = None,
+             progress: Any = None) -> SampleResult:
     """Generate ``n`` latents of ``shape`` (C, H, W) in batches with the sampler of ``method_cfg.name``.
 
     ``method_cfg``: a ``MethodConfig``; the method's sampler reads its own settings (iCT: σ levels and σ_mid;
@@ -156,7 +157,7 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
     prediction (needs a class-conditional model trained with label dropout); None = the method's default
     (a diffusion model: ``trigflow.guidance``; else 1). ``guidance``: the scale a guidance-conditioned
     sCD student (``scd.guidance_conditioned``) is asked for, one network evaluation per step; None =
-    ``scd.guidance``.
+    ``scd.guidance``. ``progress``: a :class:`lct_fast.progress.Progress` told of every batch.
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"sample: n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
@@ -187,6 +188,8 @@ def generate(net: nn.Module, method_cfg: Any, *, n: int, shape: Sequence[int], n
         lab = None if all_labels is None else all_labels[idx[0]:idx[-1] + 1].to(dev)
         noise = sample_noise(seed, idx, sampler.draws, shape, cache=cache).to(dev)
         out[idx[0] - start:idx[-1] + 1 - start] = sampler.run(net, noise, lab).float().cpu()
+        if progress is not None:
+            progress.update(len(idx))
     return SampleResult(latents=out, labels=None if all_labels is None else all_labels[start:start + count])
 
 
@@ -303,14 +306,19 @@ def decode_and_save_grid(latents: torch.Tensor, vae_path: str, stats: Any, out_p
     return grid
 
 
-def latent_grid_image(x: torch.Tensor) -> np.ndarray:
-    """A uint8 grid of latents: channels 0-2 as RGB, each scaled by the batch's own 1st-99th percentile, so a
-    run without a VAE still shows structure and mode collapse at a glance."""
+def latent_grid_image(x: torch.Tensor, lo: Optional[torch.Tensor] = None,
+                      hi: Optional[torch.Tensor] = None) -> np.ndarray:
+    """A uint8 grid of latents: channels 0-2 as RGB, each mapped from [lo, hi] (per channel) to [0, 255]. The
+    default range is the batch's own 1st-99th percentile; pass the real data's range to compare grids (a
+    collapsed model then looks flat instead of being stretched to full contrast)."""
     rgb = x[:, :3].float()
     if rgb.shape[1] < 3:
         rgb = rgb[:, :1].expand(-1, 3, -1, -1)
     flat = rgb.transpose(0, 1).reshape(3, -1)
-    lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
+    if lo is None or hi is None:
+        lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
+    lo, hi = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).expand(3) if torch.as_tensor(v).numel() == 1
+              else torch.as_tensor(v, dtype=torch.float32).reshape(3) for v in (lo, hi))
     img = ((rgb - lo[:, None, None]) / (hi - lo).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
     img = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     # Latent grids are tiny (8x8): upscale 4x with nearest neighbour so the PNG is readable.

@@ -270,12 +270,13 @@ class EvalHook:
 
 
 def write_sample_grids(net: torch.nn.Module, cfg: Any, run: RunDir, tag: str, n: int = 16) -> None:
-    """1- and 2-step samples of ``net`` as .npy + a latent-channel PNG grid under <run>/samples/<tag>-<k>step."""
+    """Samples of ``net`` at 1 and 2 steps and at every ``train.eval.steps`` count (a diffusion model's ODE
+    steps) as .npy + a latent-channel PNG grid under <run>/samples/<tag>-<k>step."""
     from .sample import generate, save_latent_grid
 
     os.makedirs(run.samples, exist_ok=True)
     m = cfg.model
-    for steps in (1, 2):
+    for steps in sorted({1, 2, *(int(k) for k in cfg.train.eval.steps)}):
         x = generate(net, cfg.method, n=n, shape=(m.in_channels, m.resolution, m.resolution),
                      num_classes=m.num_classes, steps=steps, seed=cfg.train.seed).latents
         save_latent_grid(x, os.path.join(run.samples, f"{tag}-{steps}step"))

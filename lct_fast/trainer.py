@@ -25,6 +25,7 @@ from .config import Config, save_config
 from .distributed import DistEnv, init_distributed
 from .ema import EMA
 from .methods import get_method
+from .methods.probe import denoising_probe
 from .optim import build_optimizer, build_scheduler
 from .parallel import deepspeed_config, wrap
 from .precision import precision_plan, set_tf32
@@ -335,7 +336,33 @@ class Trainer:
         out["sample_absmax"] = float(x.abs().max()) if torch.isfinite(x).all() else float("inf")
         out["sample_std"] = float(x.std())
         out["data_absmax"] = float(x0.abs().max())
+        out["data_std"] = float(x0.std())
+        px0, pz, plabels = self._probe_batch()
+        with self.autocast:
+            out.update(denoising_probe(self.target_net, cfg.method, px0, pz, plabels))
         return out
+
+    def _probe_batch(self, n: int = 64):
+        """The denoising probe's fixed batch (lct_fast.methods.probe): this rank's first ``n`` samples of the
+        stream at sample 0 and noise seeded by (seed, rank), the same after a resume (on another world size, the
+        rank's stream differs)."""
+        if getattr(self, "_probe", None) is None:
+            import dataclasses
+
+            from .data import build_loader
+
+            cfg, d = self.cfg, self.dist
+            loader = build_loader(dataclasses.replace(cfg.data, num_workers=0), batch_size=min(n, self.micro_batch),
+                                  rank=d.rank, world_size=d.world_size, seed=cfg.train.seed,
+                                  sigma_data=cfg.method.sigma_data, path=self.data_path, start_sample=0,
+                                  device=d.device, stats=self.stats)
+            x0, labels = next(iter(loader))
+            x0 = x0.to(d.device)
+            labels = labels.to(d.device) if self.stats.num_classes else None
+            gen = torch.Generator(d.device).manual_seed(derive_seed(cfg.train.seed, "probe", d.rank))
+            z = torch.randn(x0.shape, generator=gen, device=d.device)
+            self._probe = (x0, z, labels)
+        return self._probe
 
     # ------------------------------------------------------------------------------ interval hooks
     def evaluate(self) -> dict:

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the write order and posterior samples")
     p.add_argument("--no-shuffle", action="store_true", help="write in source order")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--progress-s", type=float, default=30.0, help="outside a terminal, a progress line every this "
+                   "many seconds (0: none; on a terminal a progress bar)")
     return p
 
 
@@ -79,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.src, a.out, vae_path=a.vae, mode=a.mode, vae_scale=a.vae_scale, resolution=a.resolution,
         batch_size=a.batch_size, class_dirs=a.class_dirs, npz_key=a.npz_key, labels=a.labels,
         samples_per_shard=a.samples_per_shard, dtype=a.dtype, device=a.device, vae_dtype=a.vae_dtype,
-        seed=a.seed, shuffle=not a.no_shuffle, overwrite=a.overwrite, progress=sys.stderr.isatty(),
+        seed=a.seed, shuffle=not a.no_shuffle, overwrite=a.overwrite, progress=a.progress_s,
     )
     dt = time.time() - t0
     print(

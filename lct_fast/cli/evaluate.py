@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sCD student (default: method.scd.guidance)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    p.add_argument("--progress-s", type=float, default=30.0, help="outside a terminal, a progress line every this "
+                   "many seconds (0: none; on a terminal a progress bar)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -115,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 latent_resolution=m.resolution, n=n, metrics=args.metrics, feature_layer=args.feature_layer,
                 normalize=cfg.data.normalize, ref_cache=args.ref_cache, n_ref=args.n_ref, device=device,
                 feature_batch=args.batch_size, kid_subset_size=args.kid_subset_size, log=say,
-                allow_nonstandard_weights=args.allow_nonstandard_weights)
+                allow_nonstandard_weights=args.allow_nonstandard_weights, progress_s=args.progress_s)
         else:
             n = args.n or 2000
             data = args.ref or resolve_data_path(cfg)
@@ -133,7 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.makedirs(args.out, exist_ok=True)
     say(f"{args.checkpoint}: {n} samples x steps {list(args.steps)} on {world} rank(s), {evaluator.mode} metrics")
     out = evaluate_model(net, cfg.method, m, spec, evaluator, num_classes=num_classes, device=device,
-                         grid_stem=os.path.join(args.out, "grid") if rank == 0 else None)
+                         grid_stem=os.path.join(args.out, "grid") if rank == 0 else None,
+                         progress_s=args.progress_s, who="lct_fast.evaluate")
     if rank == 0:
         timings = {**out["timings"], "total_s": time.perf_counter() - t_start}
         if hasattr(evaluator, "reference_s"):

@@ -2,6 +2,7 @@
 
     python launch/report.py --run runs/tiny                   # writes runs/tiny/report.png
     python launch/report.py --run runs/xxl --out xxl-report.png
+    python launch/report.py --run runs/celebahq --vae /models/sd-vae-ft-ema   # decoded samples
 
 launch/train.py writes the same report at the end of every run.
 """
@@ -17,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory (holds metrics.jsonl)")
     p.add_argument("--out", default=None, help="output PNG (default <run>/report.png)")
+    p.add_argument("--vae", default=None,
+                   help="local diffusers AutoencoderKL folder to decode the sample panel with (default: the VAE "
+                        "the data set's stats.json names, when that folder exists here)")
     return p
 
 
@@ -25,7 +29,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from lct_fast.report import write_report
 
-    print(write_report(args.run, args.out))
+    print(write_report(args.run, args.out, vae=args.vae))
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ def encode_dataset(
     seed: int = 0,
     shuffle: bool = True,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: Union[bool, float] = False,
 ) -> Stats:
     """Encode ``source`` (image folder, ``.npz`` of images or ``.npy`` latents) into ``out_dir``.
 
@@ -153,7 +153,8 @@ def encode_dataset(
     for ``.npy`` an optional ``.npy`` file of integer labels. ``shuffle`` writes the samples
     in a seeded random order so shards are not sorted by class (each sample's ``json``
     records its source). For ``.npy`` latents ``vae_scale`` is only recorded (the latents
-    are stored as given).
+    are stored as given). ``progress``: seconds between progress lines (True: 30; a bar on a
+    terminal; False / 0: none).
     """
     if not os.path.exists(source):
         raise FileNotFoundError(f"encode source not found: {source}")
@@ -214,16 +215,16 @@ def encode_dataset(
                      vae_shift=shift if shift_cfg is not None else None, dtype=dtype, overwrite=overwrite,
                      class_names=names if os.path.isdir(source) else None,
                      num_classes=len(names) if os.path.isdir(source) and names else None) as writer:
-        batches = list(_batches(len(order), batch_size))
-        if progress:
-            from tqdm import tqdm
+        from ..progress import Progress
 
-            batches = tqdm(batches, desc="encode", unit="batch")
-        for rng_ in batches:
-            idx = [order[j] for j in rng_]
-            lat = encode_batch(vae, get(idx), mode=mode, scale=scale, shift=shift, generator=generator)
-            for k, i in enumerate(idx):
-                writer.write(lat[k], item_labels[i], {"source": str(sources[i])})
+        with Progress(len(order), "encoding", who="lct_fast.encode", unit="images",
+                      interval_s=30.0 if progress is True else float(progress or 0)) as bar:
+            for rng_ in _batches(len(order), batch_size):
+                idx = [order[j] for j in rng_]
+                lat = encode_batch(vae, get(idx), mode=mode, scale=scale, shift=shift, generator=generator)
+                for k, i in enumerate(idx):
+                    writer.write(lat[k], item_labels[i], {"source": str(sources[i])})
+                bar.update(len(idx))
     return _close_stats(writer)
 
 

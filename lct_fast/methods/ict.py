@@ -331,4 +331,7 @@ def _loss(method_cfg: Any, *, data_dim: int, total_steps: int, coupler: Optional
 SPEC = register(MethodSpec(
     name="ict", summary="discrete-time improved latent consistency training (iLCT)",
     sections=(("ict", ICTConfig),), precond=_precond, loss=_loss, sampler=ict_sampler,
-    nfe=lambda method_cfg, steps: steps, probe_level=1.0, schedule_arg="sigmas", sampler_keys=("ict.sigma_mid",)))
+    nfe=lambda method_cfg, steps: steps, probe_level=1.0, schedule_arg="sigmas", sampler_keys=("ict.sigma_mid",),
+    loss_note=("raw loss = λ(σ)·ρ(d; c) between adjacent levels of an N(k)-level grid (iCT eqs. 9-11): as N(k) "
+               "doubles the levels move closer and c shrinks with it (adaptive c), so the same error costs more "
+               "and the raw loss rises by design")))

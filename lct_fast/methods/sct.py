@@ -405,6 +405,17 @@ def trigflow_precond(backbone: nn.Module, sigma_data: float, time_scale: float) 
     return TrigFlowPrecond(backbone, sigma_data=sigma_data, time_scale=time_scale)
 
 
+def trigflow_at_sigma(sigma: float, sigma_data: float) -> Tuple[float, float]:
+    """TrigFlow: x_t = cos t·x0 + sin t·σ_d·z = cos t·(x0 + σ·z) with σ = σ_d·tan t, so (cos t, t)."""
+    t = math.atan(float(sigma) / float(sigma_data))
+    return math.cos(t), t
+
+
+# Printed under the raw loss in the report: the adaptive weight's -w term is why the figure goes negative.
+ADAPTIVE_LOSS_NOTE = ("raw loss = e^-w(t)·d/D + w(t) with the learned log-variance w (sCM eq. 8): it goes negative "
+                      "as w learns the loss's scale, so its level is not a quality figure")
+
+
 def check_adaptive_weight(cfg: Any, enabled: bool, key: str) -> None:
     """A learned adaptive weight (``key`` = true) needs the network's head (``model.adaptive_weight``)."""
     if enabled and not cfg.model.adaptive_weight:
@@ -425,5 +436,6 @@ SPEC = register(MethodSpec(
     name="sct", summary="continuous-time consistency training in TrigFlow (sCT)",
     sections=(("sct", SCTConfig),), precond=_precond, loss=_loss, sampler=sct_sampler,
     nfe=lambda method_cfg, steps: steps, probe_level=0.7, jvp=True, jvp_dtype=lambda m: m.sct.jvp_dtype,
-    sampler_keys=("sct.t_mid",),
+    sampler_keys=("sct.t_mid",), at_sigma=trigflow_at_sigma,
+    loss_note=ADAPTIVE_LOSS_NOTE + "; the tangent warm-up (sct.tangent_warmup) grows the target over its first steps",
     check=lambda cfg: check_adaptive_weight(cfg, cfg.method.sct.adaptive_weight, "method.sct.adaptive_weight")))

@@ -27,7 +27,7 @@ from .base import Draw, MethodLoss, TrigFlowTimes
 from .common import Coupler, adaptive_weighting, config_coupler, unwrap
 from ..registry import MethodSpec, register
 from .sampling import Sampler, conditioned
-from .sct import check_adaptive_weight, trigflow_precond
+from .sct import ADAPTIVE_LOSS_NOTE, check_adaptive_weight, trigflow_at_sigma, trigflow_precond
 
 __all__ = ["TrigFlowConfig", "TrigFlowLoss", "trigflow_times", "trigflow_ode", "SPEC"]
 
@@ -217,6 +217,6 @@ SPEC = register(MethodSpec(
     sections=(("trigflow", TrigFlowConfig),),
     precond=lambda backbone, m: trigflow_precond(backbone, float(getattr(m, "sigma_data", 0.5)), 1.0),
     loss=_loss, sampler=trigflow_sampler, nfe=trigflow_nfe, probe_level=0.7,
-    default_cfg_scale=lambda m: float(m.trigflow.guidance),
+    default_cfg_scale=lambda m: float(m.trigflow.guidance), at_sigma=trigflow_at_sigma, loss_note=ADAPTIVE_LOSS_NOTE,
     check=lambda cfg: check_adaptive_weight(cfg, cfg.method.trigflow.adaptive_weight,
                                             "method.trigflow.adaptive_weight")))

@@ -131,13 +131,15 @@ def reference_features(ref: str, extract: Callable[[np.ndarray], dict[str, torch
                        limit: Optional[int] = None, cache: Optional[str] = None, batch_size: int = 64,
                        shard: tuple[int, int] = (0, 1),
                        gather: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None,
-                       log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, torch.Tensor], dict]:
+                       log: Callable[[str], None] = lambda s: None,
+                       progress_s: float = 0.0) -> tuple[dict[str, torch.Tensor], dict]:
     """Reference features {layer: [N, d]} and metadata: read from ``ref`` if it is a reference file, else from
     the cache (``cache`` or :func:`default_reference_cache`) when its fingerprint matches, else computed with
     ``extract`` (uint8 [B, H, W, 3] -> features) and written to the cache.
 
     Distributed: ``shard = (rank, world)`` splits the images into contiguous blocks, ``gather`` joins the
-    blocks in rank order on every rank; only rank 0 writes the file."""
+    blocks in rank order on every rank; only rank 0 writes the file. ``progress_s``: a progress line of this
+    rank's block every this many seconds (0: none)."""
     if ref.endswith(".safetensors"):
         return load_reference_file(ref, weights_sha=weights_sha, layers=layers, resolution=resolution)
     images = open_reference(ref, limit)
@@ -157,10 +159,15 @@ def reference_features(ref: str, extract: Callable[[np.ndarray], dict[str, torch
     rank, world = shard
     lo, hi = len(images) * rank // world, len(images) * (rank + 1) // world
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
-    for s in range(lo, hi, batch_size):
-        out = extract(images.batch(s, min(s + batch_size, hi)))
-        for k in layers:
-            parts[k].append(out[k])
+    from ..progress import Progress
+
+    with Progress(hi - lo, "reference Inception features", who="lct_fast.evaluate", unit="images",
+                  interval_s=progress_s) as bar:
+        for s in range(lo, hi, batch_size):
+            out = extract(images.batch(s, min(s + batch_size, hi)))
+            for k in layers:
+                parts[k].append(out[k])
+            bar.update(min(s + batch_size, hi) - s)
     feats = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
     if gather is not None:
         feats = gather(feats)
