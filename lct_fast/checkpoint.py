@@ -5,22 +5,35 @@ Layout of ``<run>/checkpoints/``::
     samples-000000032000/          one tag per save, named by samples seen
         (DeepSpeed's files)        model + optimizer (+ lr scheduler) shards
         client-rank00000.pt        samples seen, RNG states, EMA shard, loop counters (tensors/ints only)
-        COMPLETE                   written by rank 0 after every rank finished writing
+        MANIFEST.json              every other file's relative path, size and SHA-256 (written after them)
+        COMPLETE                   written by rank 0 last, after every rank finished writing
     latest                         the tag of the newest COMPLETE checkpoint (replaced atomically)
 
 A crash during a save leaves a tag directory without ``COMPLETE`` and ``latest`` still pointing at the
-previous checkpoint; :func:`find_resume_tag` never picks an incomplete tag.
+previous checkpoint; :func:`find_resume_tag` never picks an incomplete tag. A complete tag whose files no longer
+match its manifest (a file lost, truncated or corrupted on the storage after the save) is skipped with a message
+naming the file, and the previous complete one is taken. Tags written before manifests existed resume with a
+warning. The ranks share the hashing, each a strided part of the files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
+import shutil
+import sys
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["tag_for", "save", "load_client_state", "find_resume_tag", "rng_state", "set_rng_state"]
+__all__ = ["tag_for", "save", "load_client_state", "find_resume_tag", "rng_state", "set_rng_state",
+           "write_manifest", "verify", "prune", "MANIFEST"]
+
+MANIFEST = "MANIFEST.json"
+_MARKERS = (MANIFEST, "COMPLETE")
 
 _TAG = re.compile(r"^samples-(\d{12})$")
 
@@ -88,8 +101,103 @@ def client_state_paths(ckpt_dir: str, tag: str) -> list[str]:
     return [client_state_path(ckpt_dir, tag, r) for r in ranks]
 
 
-def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int) -> str:
-    """Save a complete checkpoint on every rank (a collective) and mark it latest when all are done."""
+def _files(tag_dir: str) -> list[str]:
+    """Every file of a tag except the markers, as sorted paths relative to the tag."""
+    out = []
+    for root, _, names in os.walk(tag_dir):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), tag_dir)
+            if rel not in _MARKERS and ".tmp" not in n:
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: str, chunk: int = 1 << 23) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def _shared(work: Callable[[int, int], dict]) -> dict:
+    """``work(rank, world)`` on every rank of the process group (each a strided share), merged on every rank; on
+    one process (or without a group) just ``work(0, 1)``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return work(0, 1)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, work(dist.get_rank(), dist.get_world_size()))
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def write_manifest(ckpt_dir: str, tag: str, samples: int, *, is_main: bool) -> None:
+    """Hash every file of ``tag`` (the ranks share the work; a collective under a process group) and write
+    ``MANIFEST.json`` on the main rank."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    files = _files(tag_dir)
+    hashed = _shared(lambda r, w: {f: {"size": os.path.getsize(os.path.join(tag_dir, f)),
+                                       "sha256": _sha256(os.path.join(tag_dir, f))} for f in files[r::w]})
+    if is_main:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        _atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(
+            {"format": "lct_fast-checkpoint-manifest", "version": 1, "tag": tag, "samples": int(samples),
+             "world_size": world, "files": {f: hashed[f] for f in files}}, indent=1) + "\n")
+
+
+def verify(ckpt_dir: str, tag: str) -> Optional[list[str]]:
+    """Problems of ``tag`` against its manifest (a missing file, a size or a checksum that differs), [] when
+    every file matches, None when the tag has no manifest (written before manifests existed). The ranks share
+    the hashing (a collective under a process group: every rank must call it on the same tag)."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    path = os.path.join(tag_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+        names = sorted(files)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{path}: unreadable manifest ({e})"]
+
+    def check(r: int, w: int) -> dict:
+        out = {}
+        for name in names[r::w]:
+            full, want = os.path.join(tag_dir, name), files[name]
+            if not os.path.isfile(full):
+                out[name] = f"{full}: missing"
+            elif os.path.getsize(full) != want["size"]:
+                out[name] = f"{full}: {os.path.getsize(full)} bytes, the manifest says {want['size']} (truncated?)"
+            elif _sha256(full) != want["sha256"]:
+                out[name] = f"{full}: SHA-256 differs from the manifest (corrupted)"
+        return out
+
+    return [msg for _, msg in sorted(_shared(check).items())]
+
+
+def prune(ckpt_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete tags, and incomplete tags older than the newest complete one
+    (crash leftovers); never the tag ``latest`` names. Returns the deleted tags. Call on one rank."""
+    if keep <= 0 or not os.path.isdir(ckpt_dir):
+        return []
+    tags = sorted(t for t in os.listdir(ckpt_dir) if _TAG.match(t))
+    complete = [t for t in tags if is_complete(ckpt_dir, t)]
+    if not complete:
+        return []
+    latest_path = os.path.join(ckpt_dir, "latest")
+    latest = open(latest_path).read().strip() if os.path.exists(latest_path) else None
+    kept = set(complete[-keep:]) | {latest}
+    doomed = [t for t in tags if t not in kept and t < complete[-1]]
+    for t in doomed:
+        shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+    return doomed
+
+
+def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int, keep: int = 0) -> str:
+    """Save a complete checkpoint on every rank (a collective) and mark it latest when all are done; then keep
+    only the newest ``keep`` (0: all)."""
     tag = tag_for(samples)
     engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -99,14 +207,17 @@ def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int) 
     _fsync(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
     torch.distributed.barrier()
+    # Every rank has finished writing: hash the files, then make the whole tag durable before marking it
+    # COMPLETE, so a node crash after the marker cannot lose shards (DeepSpeed does not fsync its files).
+    write_manifest(ckpt_dir, tag, samples, is_main=rank == 0)
     if rank == 0:
-        # Every rank has finished writing: make the whole tag durable before marking it COMPLETE, so a node
-        # crash after the marker cannot lose shards (DeepSpeed does not fsync its files).
-        for name in os.listdir(tag_dir):
-            _fsync(os.path.join(tag_dir, name))
+        for root, _, names in os.walk(tag_dir):
+            for name in names:
+                _fsync(os.path.join(root, name))
         _fsync(tag_dir)
         _atomic_write_text(os.path.join(tag_dir, "COMPLETE"), f"{samples}\n")
         _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag + "\n")
+        prune(ckpt_dir, keep)
     torch.distributed.barrier()
     return tag
 
@@ -115,17 +226,38 @@ def is_complete(ckpt_dir: str, tag: str) -> bool:
     return os.path.exists(os.path.join(ckpt_dir, tag, "COMPLETE"))
 
 
-def find_resume_tag(ckpt_dir: str) -> str | None:
-    """The tag to resume from: ``latest`` if complete, else the newest complete tag, else None."""
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Complete tags, newest first (the one ``latest`` names first when it is complete)."""
     if not os.path.isdir(ckpt_dir):
-        return None
+        return []
+    tags = sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t) and is_complete(ckpt_dir, t)), reverse=True)
     latest = os.path.join(ckpt_dir, "latest")
     if os.path.exists(latest):
         tag = open(latest).read().strip()
-        if is_complete(ckpt_dir, tag):
+        if tag in tags:
+            tags.remove(tag)
+            tags.insert(0, tag)
+    return tags
+
+
+def find_resume_tag(ckpt_dir: str, *, check: bool = False,
+                    say: Callable[[str], None] = lambda m: print(f"lct_fast: {m}", file=sys.stderr)) -> str | None:
+    """The tag to resume from: ``latest`` if complete, else the newest complete tag, else None. ``check``: verify
+    each candidate against its manifest (a collective under a process group) and fall back past a damaged one,
+    saying which file is bad; a tag without a manifest is taken with a warning."""
+    for tag in complete_tags(ckpt_dir):
+        if not check:
             return tag
-    tags = sorted(t for t in os.listdir(ckpt_dir) if _TAG.match(t) and is_complete(ckpt_dir, t))
-    return tags[-1] if tags else None
+        problems = verify(ckpt_dir, tag)
+        if problems is None:
+            say(f"warning: {ckpt_dir}/{tag} has no {MANIFEST} (written before checkpoints carried one): "
+                f"resuming from it unverified")
+            return tag
+        if not problems:
+            return tag
+        say(f"checkpoint {ckpt_dir}/{tag} is damaged, skipping it: {'; '.join(problems[:3])}"
+            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}")
+    return None
 
 
 def load_client_state(ckpt_dir: str, tag: str, rank: int) -> dict:

@@ -263,6 +263,13 @@ class TrainConfig:
     evaluation, ETA) every this many seconds; a terminal gets a progress bar instead. 0 = no progress lines."""
     ckpt_interval: int = 32000
     """Save a checkpoint every this many samples (0 = only at the end)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many complete checkpoints (older ones, and crash leftovers older than the
+    newest complete one, are deleted after each save); 0 = keep every checkpoint."""
+    collective_timeout_s: float = 600.0
+    """Bound on every collective (seconds): a rank that died or lost its network makes the others fail after
+    this long instead of hanging, so a launcher with restarts (torchrun --max-restarts, Slurm --requeue) can
+    bring the job back from the newest checkpoint."""
     sample_interval: int = 0
     """Write a sample grid every this many samples (0 = off)."""
     eval_interval: int = 0
@@ -301,6 +308,8 @@ class TrainConfig:
                 f"train.global_batch: {self.global_batch} is not a multiple of micro_batch*grad_accum={per_rank_unit}")
         if self.total_samples < self.global_batch:
             raise ConfigError(f"train.total_samples: expected >= global_batch={self.global_batch}, got {self.total_samples}")
+        _positive("train.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        _positive("train.collective_timeout_s", self.collective_timeout_s)
         for k in ("log_interval", "ckpt_interval", "sample_interval", "eval_interval", "progress_s"):
             _positive(f"train.{k}", getattr(self, k), allow_zero=True)
         _choice("train.precision", self.precision, ["fp32", "bf16"])

@@ -71,7 +71,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.run_files = RunDir(run_dir)
-        self.dist = dist or init_distributed()
+        self.dist = dist or init_distributed(timeout_s=cfg.train.collective_timeout_s)
         d = self.dist
         if d.is_main:
             os.makedirs(run_dir, exist_ok=True)
@@ -405,13 +405,22 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _resume(self, resume: str) -> None:
-        tag = ckpt.find_resume_tag(self.ckpt_dir) if resume == "auto" else resume
+        say = (lambda m: print(f"lct_fast: {m}", file=sys.stderr)) if self.dist.is_main else (lambda m: None)
+        # Every candidate is verified against its manifest (the ranks share the hashing); a damaged one is
+        # skipped for the previous complete one under "auto", and is an error when named explicitly.
+        tag = ckpt.find_resume_tag(self.ckpt_dir, check=True, say=say) if resume == "auto" else resume
         if tag is None:
-            if self.dist.is_main:
-                print(f"lct_fast: no complete checkpoint in {self.ckpt_dir}, starting from scratch", file=sys.stderr)
+            say(f"no complete checkpoint in {self.ckpt_dir}, starting from scratch")
             return
         if not ckpt.is_complete(self.ckpt_dir, tag):
             raise FileNotFoundError(f"{self.ckpt_dir}/{tag}: not a complete checkpoint (no COMPLETE marker)")
+        if resume != "auto":
+            problems = ckpt.verify(self.ckpt_dir, tag)
+            if problems:
+                raise FileNotFoundError(f"{self.ckpt_dir}/{tag} is damaged: {'; '.join(problems[:3])} "
+                                        f"(--resume auto falls back to the previous complete checkpoint)")
+            if problems is None:
+                say(f"warning: {self.ckpt_dir}/{tag} has no {ckpt.MANIFEST}: resuming from it unverified")
         self.parallel.load_checkpoint(self.ckpt_dir, tag=tag)
         state = ckpt.load_client_state(self.ckpt_dir, tag, self.dist.rank)
         self.samples = int(state["samples"])
@@ -424,4 +433,5 @@ class Trainer:
     def save_checkpoint(self) -> str:
         state = {"samples": self.samples, "bad_total": self.bad_total, "ema": self.ema.state_dict(),
                  "rng": ckpt.rng_state(), "world_size": self.dist.world_size}
-        return ckpt.save(self.parallel, self.ckpt_dir, self.samples, state, rank=self.dist.rank)
+        return ckpt.save(self.parallel, self.ckpt_dir, self.samples, state, rank=self.dist.rank,
+                         keep=self.cfg.train.keep_checkpoints)

@@ -1,0 +1,118 @@
+"""Checkpoints prove their integrity: a manifest of every file (size, SHA-256) written before COMPLETE;
+``--resume auto`` verifies and falls back past a truncated or corrupted checkpoint, naming the bad file; an
+explicitly named damaged checkpoint is an error; a checkpoint without a manifest resumes with a warning;
+``train.keep_checkpoints`` keeps the newest K. In process, one rank (the ranks' shared hashing is the same code
+with a strided share; tests/test_train_deepspeed.py resumes under 2 ranks)."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from lct_fast import checkpoint as ckpt
+from lct_fast.config import load_config
+from lct_fast.trainer import Trainer
+
+SMALL = ["model.width=32", "train.global_batch=8", "train.log_interval=8", "optim.warmup_samples=0",
+         "data.shuffle_buffer=64", "train.ckpt_interval=8", "train.sample_interval=0", "train.total_samples=24"]
+
+
+def trained(tmp_path, *overrides):
+    tr = Trainer(load_config("tiny", SMALL + list(overrides)), str(tmp_path / "run"))
+    tr.run()
+    return tr, os.path.join(tr.run_dir, "checkpoints")
+
+
+def test_manifest_lists_every_file_with_its_checksum(tmp_path):
+    _, ck = trained(tmp_path)
+    tag = ckpt.tag_for(24)
+    with open(os.path.join(ck, tag, ckpt.MANIFEST)) as f:
+        man = json.load(f)
+    on_disk = sorted(n for n in os.listdir(os.path.join(ck, tag)) if n not in (ckpt.MANIFEST, "COMPLETE"))
+    assert sorted(man["files"]) == on_disk and len(on_disk) >= 2  # DeepSpeed's file(s) + our client state
+    for name, entry in man["files"].items():  # hashlib directly, not the module's reader
+        with open(os.path.join(ck, tag, name), "rb") as f:
+            data = f.read()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert ckpt.verify(ck, tag) == []
+
+
+def _damage(path: str, how: str) -> None:
+    if how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:  # one flipped byte, same size
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupted"])
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path, how, capsys):
+    _, ck = trained(tmp_path)
+    newest = ckpt.tag_for(24)
+    victim = sorted(n for n in os.listdir(os.path.join(ck, newest)) if n.endswith(".pt"))[0]
+    _damage(os.path.join(ck, newest, victim), how)
+    problems = ckpt.verify(ck, newest)
+    assert len(problems) == 1 and victim in problems[0]
+    assert ("truncated" if how == "truncated" else "corrupted") in problems[0]
+
+    again = Trainer(load_config("tiny", SMALL), str(tmp_path / "run"))
+    again._resume("auto")
+    err = capsys.readouterr().err
+    assert again.samples == 16, "the previous complete checkpoint"
+    assert f"{newest} is damaged" in err and victim in err
+    # naming the damaged tag explicitly is an error that names the file, not a silent fallback
+    with pytest.raises(FileNotFoundError, match=victim):
+        Trainer(load_config("tiny", SMALL), str(tmp_path / "run"))._resume(newest)
+
+
+def test_checkpoint_without_manifest_resumes_with_a_warning(tmp_path, capsys):
+    _, ck = trained(tmp_path)
+    newest = ckpt.tag_for(24)
+    os.remove(os.path.join(ck, newest, ckpt.MANIFEST))
+    again = Trainer(load_config("tiny", SMALL), str(tmp_path / "run"))
+    again._resume("auto")
+    assert again.samples == 24
+    assert f"{newest} has no {ckpt.MANIFEST}" in capsys.readouterr().err
+
+
+def test_keep_checkpoints_keeps_the_newest(tmp_path):
+    _, ck = trained(tmp_path, "train.keep_checkpoints=2")
+    tags = sorted(t for t in os.listdir(ck) if t.startswith("samples-"))
+    assert tags == [ckpt.tag_for(16), ckpt.tag_for(24)]
+    assert open(os.path.join(ck, "latest")).read().strip() == ckpt.tag_for(24)
+    _, ck_all = trained(tmp_path / "all")
+    assert len([t for t in os.listdir(ck_all) if t.startswith("samples-")]) == 3
+
+
+def test_prune_removes_crash_leftovers_but_never_the_newest(tmp_path):
+    ck = tmp_path / "checkpoints"
+    for s, complete in ((8, True), (16, False), (24, True), (32, False)):
+        d = ck / ckpt.tag_for(s)
+        d.mkdir(parents=True)
+        if complete:
+            (d / "COMPLETE").write_text(f"{s}\n")
+    (ck / "latest").write_text(ckpt.tag_for(24) + "\n")
+    assert ckpt.prune(str(ck), 1) == [ckpt.tag_for(8), ckpt.tag_for(16)]
+    # 32 is newer than the newest complete tag: possibly a save in progress, left alone
+    assert sorted(os.listdir(ck)) == ["latest", ckpt.tag_for(24), ckpt.tag_for(32)]
+
+
+def test_collective_timeout_is_a_config_key(tmp_path, monkeypatch):
+    import lct_fast.trainer as trainer_mod
+
+    seen = {}
+    real = trainer_mod.init_distributed
+
+    def spy(timeout_s=600.0):
+        seen["timeout_s"] = timeout_s
+        return real(timeout_s=timeout_s)
+
+    monkeypatch.setattr(trainer_mod, "init_distributed", spy)
+    Trainer(load_config("tiny", SMALL + ["train.collective_timeout_s=42"]), str(tmp_path / "run"))
+    assert seen["timeout_s"] == 42.0
+    assert torch.distributed.is_initialized()
