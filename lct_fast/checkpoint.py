@@ -260,6 +260,59 @@ def find_resume_tag(ckpt_dir: str, *, check: bool = False,
     return None
 
 
+def saved_world_size(ckpt_dir: str, tag: str) -> int:
+    """The number of ranks that wrote ``tag`` (its client-state files)."""
+    return len(client_state_paths(ckpt_dir, tag))
+
+
+UNIVERSAL = "universal"
+
+
+def ensure_universal(ckpt_dir: str, tag: str, *, is_main: bool) -> str:
+    """DeepSpeed's universal checkpoint of ``tag`` (``<tag>/universal``: every parameter's fp32 weights and Adam
+    moments whole, re-partitioned at load for any world size), converted once by the main rank with DeepSpeed's
+    own ``ds_to_universal`` into a temporary folder and renamed into place, so a crash mid-conversion leaves
+    nothing that looks done. Returns the folder; the caller holds the other ranks at a barrier."""
+    import subprocess
+
+    out = os.path.join(ckpt_dir, tag, UNIVERSAL)
+    if is_main and not os.path.isfile(os.path.join(out, "DONE")):
+        tmp = f"{out}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(ckpt_dir, tag), "--output_folder", tmp, "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed's universal conversion failed "
+                               f"({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        _atomic_write_text(os.path.join(tmp, "DONE"), tag + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
+
+
+def load_client_state_resharded(ckpt_dir: str, tag: str, rank: int, world: int) -> dict:
+    """Rank ``rank``'s client state on ``world`` ranks. At the world size that wrote ``tag``: the rank's own.
+    On another: samples seen and counters of rank 0 (every rank holds the same); the EMA whole under
+    ``ema_full`` ({name: {param: tensor}}, stitched from every rank's ZeRO-3 partition, or rank 0's unpartitioned
+    copy) for :meth:`lct_fast.ema.EMA.load_full` to cut this rank's share from; the global RNG state of the old
+    rank of the same index where there was one (training draws from generators seeded by (seed, rank,
+    samples), so these states matter only to third-party code)."""
+    from .ema import consolidate
+
+    paths = client_state_paths(ckpt_dir, tag)
+    if len(paths) == world:
+        return load_client_state(ckpt_dir, tag, rank)
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    out = dict(states[0])
+    out["ema_full"] = consolidate([s["ema"] for s in states])
+    out["ema_updates"] = int(states[0]["ema"]["meta"]["num_updates"])
+    out["ema"] = None
+    out["rng"] = states[rank]["rng"] if rank < len(states) else None
+    return out
+
+
 def load_client_state(ckpt_dir: str, tag: str, rank: int) -> dict:
     path = client_state_path(ckpt_dir, tag, rank)
     if not os.path.exists(path):

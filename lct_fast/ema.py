@@ -85,6 +85,29 @@ class EMA:
                     raise ValueError(f"EMA: checkpoint entry {key}/{n} missing or of another shape")
                 d[n].copy_(src)
 
+    def load_full(self, full: dict, num_updates: int) -> None:
+        """Load whole EMA tensors ({name: {param: tensor}}, as :func:`consolidate` returns) on any world size:
+        under ZeRO-3 each rank keeps the slice of the flattened, zero-padded tensor its partition covers
+        (partition r of M holds elements [r·P, (r+1)·P) with P = ceil(numel / M))."""
+        if sorted(full) != sorted(self.names):
+            raise ValueError(f"EMA: checkpoint has EMAs {sorted(full)}, config asks for {self.names}")
+        self.num_updates = int(num_updates)
+        for key, d in self.shadows.items():
+            src_all = upgrade_keys(full[key])
+            for n, p in self.params:
+                src = src_all.get(n)
+                if src is None or src.numel() != (p.ds_numel if getattr(p, "ds_tensor", None) is not None
+                                                  else p.numel()):
+                    raise ValueError(f"EMA: checkpoint entry {key}/{n} missing or of another size")
+                if getattr(p, "ds_tensor", None) is not None:
+                    part = d[n].numel()
+                    rank = torch.distributed.get_rank()
+                    flat = torch.nn.functional.pad(src.reshape(-1).float(),
+                                                   (0, max(0, part * (rank + 1) - src.numel())))
+                    d[n].copy_(flat[part * rank:part * (rank + 1)].view_as(d[n]))
+                else:
+                    d[n].copy_(src.view_as(d[n]))
+
     def copy_to(self, module: torch.nn.Module, key: str) -> None:
         """Load EMA ``key`` into an unpartitioned ``module`` with the same parameter names. Under ZeRO-3 this
         is a collective: every rank's partition of each parameter is all-gathered and stitched (as

@@ -123,7 +123,19 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.optim, global_batch=cfg.train.global_batch,
                                     total_samples=cfg.train.total_samples)
         self.optimizer = optimizer
-        self.parallel = wrap(self.module, optimizer, deepspeed_config(cfg, d.world_size), lr_scheduler=scheduler,
+        # The checkpoint to resume from is chosen (and verified) before DeepSpeed starts: one written on another
+        # number of ranks under ZeRO 1-3 loads through DeepSpeed's universal checkpoint, a start-up setting.
+        self.resume_tag = self._resume_tag(resume) if resume else None
+        ds_config = deepspeed_config(cfg, d.world_size)
+        self.resharded = (self.resume_tag is not None
+                          and ckpt.saved_world_size(self.ckpt_dir, self.resume_tag) != d.world_size)
+        if self.resharded and ds_config["zero_optimization"].get("stage", 0) >= 1:
+            try:
+                ckpt.ensure_universal(self.ckpt_dir, self.resume_tag, is_main=d.is_main)
+            finally:
+                torch.distributed.barrier()
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        self.parallel = wrap(self.module, optimizer, ds_config, lr_scheduler=scheduler,
                              frozen=teacher, compile=cfg.train.compile)
         self.engine = self.parallel.engine  # for inspection; the loop goes through self.parallel
         self.target_net = self.parallel.target_net
@@ -136,8 +148,8 @@ class Trainer:
         self.samples = 0
         self.bad_streak = 0
         self.bad_total = 0
-        if resume:
-            self._resume(resume)
+        if self.resume_tag is not None:
+            self._resume(self.resume_tag)
         self.loader = self._make_loader()
         self.eval_hook = (EvalHook(cfg, self.run_files, stats=self.stats, data=self.data,
                                    ema_names=self.ema.names, device=d.device, is_main=d.is_main)
@@ -404,14 +416,15 @@ class Trainer:
         return self.parallel.gathered_state_dict(everywhere=everywhere, is_main=self.dist.is_main)
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def _resume(self, resume: str) -> None:
+    def _resume_tag(self, resume: str) -> str | None:
+        """The tag ``resume`` names (``auto``: the newest complete one that matches its manifest; every candidate
+        is verified, the ranks sharing the hashing, and a damaged one is skipped for the previous; a damaged tag
+        named explicitly is an error), or None to start from scratch."""
         say = (lambda m: print(f"lct_fast: {m}", file=sys.stderr)) if self.dist.is_main else (lambda m: None)
-        # Every candidate is verified against its manifest (the ranks share the hashing); a damaged one is
-        # skipped for the previous complete one under "auto", and is an error when named explicitly.
         tag = ckpt.find_resume_tag(self.ckpt_dir, check=True, say=say) if resume == "auto" else resume
         if tag is None:
             say(f"no complete checkpoint in {self.ckpt_dir}, starting from scratch")
-            return
+            return None
         if not ckpt.is_complete(self.ckpt_dir, tag):
             raise FileNotFoundError(f"{self.ckpt_dir}/{tag}: not a complete checkpoint (no COMPLETE marker)")
         if resume != "auto":
@@ -421,14 +434,31 @@ class Trainer:
                                         f"(--resume auto falls back to the previous complete checkpoint)")
             if problems is None:
                 say(f"warning: {self.ckpt_dir}/{tag} has no {ckpt.MANIFEST}: resuming from it unverified")
-        self.parallel.load_checkpoint(self.ckpt_dir, tag=tag)
-        state = ckpt.load_client_state(self.ckpt_dir, tag, self.dist.rank)
+        return tag
+
+    def _resume(self, tag: str) -> None:
+        """Load ``tag``: DeepSpeed's state (weights, optimizer moments, LR schedule), then ours (samples seen,
+        counters, every EMA, RNG). Written on another number of ranks: DeepSpeed's state comes from the universal
+        checkpoint (re-partitioned for this world size) and the EMA is stitched whole and cut into this rank's
+        share; the data stream continues at the same samples seen as this world size's seeded stream."""
+        d = self.dist
+        if self.resharded and os.path.isdir(os.path.join(self.ckpt_dir, tag, ckpt.UNIVERSAL)):
+            self.parallel.load_checkpoint(os.path.join(self.ckpt_dir, tag), tag=ckpt.UNIVERSAL)
+        else:
+            self.parallel.load_checkpoint(self.ckpt_dir, tag=tag)
+        state = ckpt.load_client_state_resharded(self.ckpt_dir, tag, d.rank, d.world_size)
         self.samples = int(state["samples"])
         self.bad_total = int(state["bad_total"])
-        self.ema.load_state_dict(state["ema"])
-        ckpt.set_rng_state(state["rng"])
-        if self.dist.is_main:
-            print(f"lct_fast: resumed from {self.ckpt_dir}/{tag} at {self.samples} samples", file=sys.stderr)
+        if state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        else:
+            self.ema.load_full(state["ema_full"], state["ema_updates"])
+        if state["rng"] is not None:
+            ckpt.set_rng_state(state["rng"])
+        if d.is_main:
+            how = (f" (written on {ckpt.saved_world_size(self.ckpt_dir, tag)} ranks, resumed on {d.world_size})"
+                   if self.resharded else "")
+            print(f"lct_fast: resumed from {self.ckpt_dir}/{tag} at {self.samples} samples{how}", file=sys.stderr)
 
     def save_checkpoint(self) -> str:
         state = {"samples": self.samples, "bad_total": self.bad_total, "ema": self.ema.state_dict(),

@@ -60,22 +60,20 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path, how, capsys)
     assert len(problems) == 1 and victim in problems[0]
     assert ("truncated" if how == "truncated" else "corrupted") in problems[0]
 
-    again = Trainer(load_config("tiny", SMALL), str(tmp_path / "run"))
-    again._resume("auto")
+    again = Trainer(load_config("tiny", SMALL), str(tmp_path / "run"), resume="auto")
     err = capsys.readouterr().err
     assert again.samples == 16, "the previous complete checkpoint"
     assert f"{newest} is damaged" in err and victim in err
     # naming the damaged tag explicitly is an error that names the file, not a silent fallback
     with pytest.raises(FileNotFoundError, match=victim):
-        Trainer(load_config("tiny", SMALL), str(tmp_path / "run"))._resume(newest)
+        Trainer(load_config("tiny", SMALL), str(tmp_path / "run"), resume=newest)
 
 
 def test_checkpoint_without_manifest_resumes_with_a_warning(tmp_path, capsys):
     _, ck = trained(tmp_path)
     newest = ckpt.tag_for(24)
     os.remove(os.path.join(ck, newest, ckpt.MANIFEST))
-    again = Trainer(load_config("tiny", SMALL), str(tmp_path / "run"))
-    again._resume("auto")
+    again = Trainer(load_config("tiny", SMALL), str(tmp_path / "run"), resume="auto")
     assert again.samples == 24
     assert f"{newest} has no {ckpt.MANIFEST}" in capsys.readouterr().err
 

@@ -79,8 +79,8 @@ def test_stops_after_k_bad_steps_with_checkpoint(tmp_path):
     tag = ckpt.find_resume_tag(ck_dir)
     assert tag == ckpt.tag_for(40)  # 2 good steps + 3 skipped ones, 8 samples each
     # The checkpoint holds the last good weights: reload them in a fresh trainer and compare.
-    again = make_trainer(tmp_path, "train.total_samples=80", name="run")
-    again._resume("auto")
+    cfg = load_config("tiny", SMALL + ["train.total_samples=80"])
+    again = Trainer(cfg, str(tmp_path / "run"), resume="auto")
     assert again.samples == 40 and again.bad_total == 3
     for n, p in again.engine.module.named_parameters():
         assert torch.equal(p, good[n]), n

@@ -1,0 +1,119 @@
+"""One phase of a run that changes world size between checkpoints (launched by tests/test_reshard.py).
+
+    DS_ACCELERATOR=cpu PYTHONPATH=. deepspeed --num_gpus N tests/dist/reshard.py --run DIR --stage S \
+        --total T [--expect state-prev.pt] --save-state state-this.pt --report report-this.json
+
+Builds the trainer with ``--resume auto`` (from scratch when ``DIR`` has no checkpoint). With ``--expect``
+(the whole state the previous phase's engine held when it wrote its last checkpoint, on its own world size) it
+records, right after the load and before any step, how far this world size's engine is from it: every full
+fp32 weight (gathered), both Adam moments of every parameter (``deepspeed.utils.safe_get_full_optimizer_state``),
+every EMA (gathered across ZeRO-3 partitions), the optimizer's step count, the learning rate and samples seen;
+and the data position: each rank's stream start and a digest of its first batch (ranks must not share a
+stream). Then it trains to ``--total`` and saves the whole state the same way. Rank 0 writes the report; the
+script never asserts, the test does.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+if os.environ.get("DS_ACCELERATOR") == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU/gloo check: hide GPUs before torch loads
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from lct_fast.config import load_config  # noqa: E402
+from lct_fast.methods import build_model  # noqa: E402
+from lct_fast.trainer import Trainer  # noqa: E402
+
+SETS = ["model.width=32", "train.global_batch=8", "train.log_interval=8", "optim.warmup_samples=0",
+        "data.shuffle_buffer=64", "train.ckpt_interval=0", "train.sample_interval=0", "train.eval_interval=0",
+        "optim.name=adamw", "optim.schedule=rsqrt", "optim.t_ref=2",
+        # really partition the tiny model under ZeRO-3 (default thresholds would keep its small tensors whole)
+        "deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+        "deepspeed.zero_optimization.stage3_prefetch_bucket_size=0"]
+
+
+def whole_state(tr: Trainer) -> dict:
+    """Everything a resume must carry, whole and on CPU (collectives: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    out = {"weights": tr.parallel.gathered_state_dict(everywhere=True, is_main=True)}
+    moments = {}
+    for n, p in tr.parallel.engine.module.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = safe_get_full_optimizer_state(p, key)
+            moments[f"{key}/{n}"] = t.detach().float().cpu().clone()
+    out["moments"] = moments
+    emas = {}
+    plain = build_model(tr.cfg.model, tr.cfg.method)
+    for key in tr.ema.names:
+        tr.ema.copy_to(plain, key)
+        emas.update({f"{key}/{n}": v.detach().clone() for n, v in plain.state_dict().items()})
+    out["ema"] = emas
+    inner = tr.parallel.engine.optimizer
+    inner = getattr(inner, "optimizer", inner)
+    steps = {int(s["step"]) for s in inner.state.values() if "step" in s}
+    out["meta"] = {"samples": tr.samples, "lr": tr.parallel.lr(), "opt_steps": sorted(steps),
+                   "ema_updates": tr.ema.num_updates}
+    return out
+
+
+def max_err(a: dict, b: dict) -> dict:
+    keys = sorted(set(a) | set(b))
+    missing = [k for k in keys if k not in a or k not in b]
+    errs = [float((a[k].float().reshape(-1) - b[k].float().reshape(-1)).abs().max()) for k in keys if k not in missing]
+    return {"max": max(errs) if errs else None, "missing": missing[:5], "count": len(keys)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--stage", type=int, required=True)
+    ap.add_argument("--total", type=int, required=True)
+    ap.add_argument("--expect", default=None)
+    ap.add_argument("--save-state", required=True)
+    ap.add_argument("--report", required=True)
+    ap.add_argument("--local_rank", type=int, default=None)
+    a = ap.parse_args()
+    cfg = load_config("tiny", SETS + [f"deepspeed.zero_optimization.stage={a.stage}", f"train.total_samples={a.total}"])
+    tr = Trainer(cfg, a.run, resume="auto")
+    d = tr.dist
+    report: dict = {"world": d.world_size, "samples_after_load": tr.samples, "resharded": tr.resharded,
+                    # under ZeRO-3 some parameter is really split across ranks (else the EMA slicing is untested)
+                    "partitioned": any(getattr(p, "ds_tensor", None) is not None and p.ds_tensor.numel() < p.ds_numel
+                                       for p in tr.parallel.engine.module.parameters())}
+    if a.expect:
+        got, want = whole_state(tr), torch.load(a.expect, weights_only=True)
+        report["weights"] = max_err(got["weights"], want["weights"])
+        report["moments"] = max_err(got["moments"], want["moments"])
+        report["ema"] = max_err(got["ema"], want["ema"])
+        report["meta_loaded"], report["meta_expected"] = got["meta"], want["meta"]
+    # the data position: every rank's stream starts at samples/world and no two ranks draw the same batches
+    loader = tr._make_loader()
+    x0, _ = next(iter(loader))
+    digest = hashlib.sha256(x0.numpy().tobytes()).hexdigest()[:16]
+    starts, digests = [None] * d.world_size, [None] * d.world_size
+    torch.distributed.all_gather_object(starts, loader.start_sample)
+    torch.distributed.all_gather_object(digests, digest)
+    report["stream_starts"], report["first_batch_digests"] = starts, digests
+    summary = tr.run()
+    report["final_loss"] = summary["final"].get("loss")
+    report["samples_at_end"] = tr.samples
+    state = whole_state(tr)
+    if d.is_main:
+        torch.save(state, a.save_state)
+        with open(a.report, "w") as f:
+            json.dump(report, f, indent=1)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
