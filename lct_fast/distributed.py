@@ -92,7 +92,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
         if threads is not None and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                   verbose=False)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # Every process group, not just the world group: ZeRO builds its own data-parallel groups with
+        # torch.distributed.new_group(), whose timeout defaults to torch's module default (30 min for gloo, 10
+        # for NCCL), not to the world group's. Measured on two network namespaces with the link cut: ZeRO-1's
+        # gradient all-reduce waited past 5 minutes on its own group while the world group's timeout was 20 s.
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = timeout
+        if hasattr(c10d, "default_pg_nccl_timeout"):
+            c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     return DistEnv(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                    local_rank=local_rank, device=device, threads=torch.get_num_threads())
