@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Slurm batch script: one task per node, the DeepSpeed launcher starting one process per GPU there.
 #   sbatch --nodes 4 launch/slurm.sh configs/xxl.json /shared/runs/xxl [--set KEY=VALUE ...]
+# A lost node fails the step (collectives time out after train.collective_timeout_s); with --requeue Slurm puts
+# the job back in the queue, and the next allocation -- of any size -- resumes from the newest complete
+# checkpoint (--resume auto; another world size loads through DeepSpeed's universal checkpoint).
 #SBATCH --job-name=lct_fast
+#SBATCH --requeue
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64

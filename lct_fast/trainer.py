@@ -129,6 +129,16 @@ class Trainer:
         ds_config = deepspeed_config(cfg, d.world_size)
         self.resharded = (self.resume_tag is not None
                           and ckpt.saved_world_size(self.ckpt_dir, self.resume_tag) != d.world_size)
+        if self.resharded and not cfg.data.resample:
+            from .validate import UserError
+
+            # One-epoch mode splits the epoch's shards over the ranks: another split mid-epoch would read some
+            # samples twice and others never. Resampled streams have no such ledger (see the README).
+            raise UserError(
+                f"data.resample=false: {self.ckpt_dir}/{self.resume_tag} was written by "
+                f"{ckpt.saved_world_size(self.ckpt_dir, self.resume_tag)} ranks and this run has {d.world_size}; "
+                f"in one-epoch mode the epoch's split over ranks cannot change mid-epoch without repeating or "
+                f"skipping samples. Resume on the same number of ranks, or train with data.resample=true")
         if self.resharded and ds_config["zero_optimization"].get("stage", 0) >= 1:
             try:
                 ckpt.ensure_universal(self.ckpt_dir, self.resume_tag, is_main=d.is_main)

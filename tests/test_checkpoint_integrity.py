@@ -114,3 +114,17 @@ def test_collective_timeout_is_a_config_key(tmp_path, monkeypatch):
     Trainer(load_config("tiny", SMALL + ["train.collective_timeout_s=42"]), str(tmp_path / "run"))
     assert seen["timeout_s"] == 42.0
     assert torch.distributed.is_initialized()
+
+
+def test_epoch_mode_refuses_another_world_size(tmp_path):
+    """One-epoch mode cannot re-split an epoch mid-way: resuming a 2-rank checkpoint on 1 rank is a clear error
+    before DeepSpeed starts (here the second rank's client state is a copy, standing in for a 2-rank save)."""
+    import shutil
+
+    from lct_fast.validate import UserError
+
+    _, ck = trained(tmp_path, "data.resample=false", "data.num_workers=0")
+    newest = ckpt.tag_for(24)
+    shutil.copy(os.path.join(ck, newest, "client-rank00000.pt"), os.path.join(ck, newest, "client-rank00001.pt"))
+    with pytest.raises(UserError, match="written by 2 ranks and this run has 1"):
+        Trainer(load_config("tiny", SMALL + ["data.resample=false"]), str(tmp_path / "run"), resume="auto")
