@@ -133,13 +133,36 @@ def _shared(work: Callable[[int, int], dict]) -> dict:
     return {k: v for p in parts for k, v in p.items()}
 
 
+def _from_main(fn: Callable[[], object]) -> object:
+    """``fn()`` on the main rank, its result on every rank (ranks may see a shared folder at different moments:
+    one listing keeps their strided shares aligned)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def write_manifest(ckpt_dir: str, tag: str, samples: int, *, is_main: bool) -> None:
     """Hash every file of ``tag`` (the ranks share the work; a collective under a process group) and write
     ``MANIFEST.json`` on the main rank."""
     tag_dir = os.path.join(ckpt_dir, tag)
-    files = _files(tag_dir)
-    hashed = _shared(lambda r, w: {f: {"size": os.path.getsize(os.path.join(tag_dir, f)),
-                                       "sha256": _sha256(os.path.join(tag_dir, f))} for f in files[r::w]})
+    files = _from_main(lambda: _files(tag_dir))
+
+    def hash_share(r: int, w: int) -> dict:
+        out = {}
+        for f in files[r::w]:
+            try:  # an I/O error is reported through the gather, so no rank leaves the collective early
+                out[f] = {"size": os.path.getsize(os.path.join(tag_dir, f)), "sha256": _sha256(os.path.join(tag_dir, f))}
+            except OSError as e:
+                out[f] = {"error": f"{os.path.join(tag_dir, f)}: {e}"}
+        return out
+
+    hashed = _shared(hash_share)
+    bad = [v["error"] for v in hashed.values() if "error" in v]
+    if bad:
+        raise OSError(f"checkpoint {tag_dir}: cannot read back what was written: {'; '.join(bad[:3])}")
     if is_main:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         _atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(
@@ -153,25 +176,37 @@ def verify(ckpt_dir: str, tag: str) -> Optional[list[str]]:
     the hashing (a collective under a process group: every rank must call it on the same tag)."""
     tag_dir = os.path.join(ckpt_dir, tag)
     path = os.path.join(tag_dir, MANIFEST)
-    if not os.path.isfile(path):
+
+    def read_manifest():
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                files = json.load(f)["files"]
+            return {str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{path}: unreadable manifest ({e})"
+
+    files = _from_main(read_manifest)  # the main rank reads it, every rank takes the same verdict
+    if files is None:
         return None
-    try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-        names = sorted(files)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{path}: unreadable manifest ({e})"]
+    if isinstance(files, str):
+        return [files]
+    names = sorted(files)
 
     def check(r: int, w: int) -> dict:
         out = {}
         for name in names[r::w]:
             full, want = os.path.join(tag_dir, name), files[name]
-            if not os.path.isfile(full):
-                out[name] = f"{full}: missing"
-            elif os.path.getsize(full) != want["size"]:
-                out[name] = f"{full}: {os.path.getsize(full)} bytes, the manifest says {want['size']} (truncated?)"
-            elif _sha256(full) != want["sha256"]:
-                out[name] = f"{full}: SHA-256 differs from the manifest (corrupted)"
+            try:
+                if not os.path.isfile(full):
+                    out[name] = f"{full}: missing"
+                elif os.path.getsize(full) != want["size"]:
+                    out[name] = f"{full}: {os.path.getsize(full)} bytes, the manifest says {want['size']} (truncated?)"
+                elif _sha256(full) != want["sha256"]:
+                    out[name] = f"{full}: SHA-256 differs from the manifest (corrupted)"
+            except OSError as e:  # unreadable: a problem to report, not an exception that skips the gather
+                out[name] = f"{full}: unreadable ({e})"
         return out
 
     return [msg for _, msg in sorted(_shared(check).items())]
@@ -191,6 +226,11 @@ def prune(ckpt_dir: str, keep: int) -> list[str]:
     kept = set(complete[-keep:]) | {latest}
     doomed = [t for t in tags if t not in kept and t < complete[-1]]
     for t in doomed:
+        # the marker first: a crash mid-delete leaves an incomplete tag, never a "complete" one missing files
+        try:
+            os.remove(os.path.join(ckpt_dir, t, "COMPLETE"))
+        except FileNotFoundError:
+            pass
         shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
     return doomed
 
@@ -199,8 +239,15 @@ def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int, 
     """Save a complete checkpoint on every rank (a collective) and mark it latest when all are done; then keep
     only the newest ``keep`` (0: all)."""
     tag = tag_for(samples)
-    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     tag_dir = os.path.join(ckpt_dir, tag)
+    if rank == 0 and os.path.isdir(tag_dir):
+        # A tag of the same samples seen already exists (a save this run fell back past, perhaps written by
+        # another world size): move it aside whole, so none of its files mixes into this one.
+        stale = f"{tag_dir}.stale{os.getpid()}"
+        os.replace(tag_dir, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    torch.distributed.barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     os.makedirs(tag_dir, exist_ok=True)
     path = client_state_path(ckpt_dir, tag, rank)
     torch.save(client_state, f"{path}.tmp")
@@ -217,8 +264,9 @@ def save(engine, ckpt_dir: str, samples: int, client_state: dict, *, rank: int, 
         _fsync(tag_dir)
         _atomic_write_text(os.path.join(tag_dir, "COMPLETE"), f"{samples}\n")
         _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag + "\n")
-        prune(ckpt_dir, keep)
     torch.distributed.barrier()
+    if rank == 0:
+        prune(ckpt_dir, keep)  # after the barrier: a slow delete holds up no collective
     return tag
 
 
@@ -261,8 +309,12 @@ def find_resume_tag(ckpt_dir: str, *, check: bool = False,
 
 
 def saved_world_size(ckpt_dir: str, tag: str) -> int:
-    """The number of ranks that wrote ``tag`` (its client-state files)."""
-    return len(client_state_paths(ckpt_dir, tag))
+    """The number of ranks that wrote ``tag``: its manifest's ``world_size``, else its client-state files."""
+    try:
+        with open(os.path.join(ckpt_dir, tag, MANIFEST)) as f:
+            return int(json.load(f)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return len(client_state_paths(ckpt_dir, tag))
 
 
 UNIVERSAL = "universal"
@@ -272,23 +324,42 @@ def ensure_universal(ckpt_dir: str, tag: str, *, is_main: bool) -> str:
     """DeepSpeed's universal checkpoint of ``tag`` (``<tag>/universal``: every parameter's fp32 weights and Adam
     moments whole, re-partitioned at load for any world size), converted once by the main rank with DeepSpeed's
     own ``ds_to_universal`` into a temporary folder and renamed into place, so a crash mid-conversion leaves
-    nothing that looks done. Returns the folder; the caller holds the other ranks at a barrier."""
+    nothing that looks done. The other ranks wait for its ``DONE`` file (not in a collective); a failed
+    conversion leaves ``universal.FAILED`` with the message, which they raise. Returns the folder."""
+    import glob
     import subprocess
+    import time
 
     out = os.path.join(ckpt_dir, tag, UNIVERSAL)
-    if is_main and not os.path.isfile(os.path.join(out, "DONE")):
+    done, failed = os.path.join(out, "DONE"), f"{out}.FAILED"
+    if is_main and not os.path.isfile(done):
+        for old in glob.glob(f"{out}.tmp*"):  # leftovers of a conversion that died with its process
+            shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(failed):
+            os.remove(failed)
         tmp = f"{out}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                os.path.join(ckpt_dir, tag), "--output_folder", tmp, "--inject_missing_state"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed's universal conversion failed "
-                               f"({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            msg = (f"{ckpt_dir}/{tag}: DeepSpeed's universal conversion failed ({' '.join(cmd)}):\n"
+                   f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            _atomic_write_text(failed, msg)
+            raise RuntimeError(msg)
+        for root, _, names in os.walk(tmp):  # durable before it is marked done
+            for name in names:
+                _fsync(os.path.join(root, name))
         _atomic_write_text(os.path.join(tmp, "DONE"), tag + "\n")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+    elif not is_main:
+        # The other ranks wait on the file, not in a collective: the conversion of a large model can outlast
+        # train.collective_timeout_s.
+        while not os.path.isfile(done):
+            if os.path.exists(failed):
+                raise RuntimeError(open(failed).read())
+            time.sleep(1.0)
     return out
 
 
@@ -301,13 +372,17 @@ def load_client_state_resharded(ckpt_dir: str, tag: str, rank: int, world: int) 
     samples), so these states matter only to third-party code)."""
     from .ema import consolidate
 
-    paths = client_state_paths(ckpt_dir, tag)
+    paths = client_state_paths(ckpt_dir, tag)[:saved_world_size(ckpt_dir, tag)]
     if len(paths) == world:
         return load_client_state(ckpt_dir, tag, rank)
-    states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
-    out = dict(states[0])
+    first = torch.load(paths[0], map_location="cpu", weights_only=True)
+    partitioned = any(k.startswith("shape/") for k in first["ema"]["meta"])
+    # Unpartitioned (ZeRO 0-2), rank 0 holds the whole EMA: one file, not N copies of it, per process.
+    states = [first] + ([torch.load(p, map_location="cpu", weights_only=True) for p in paths[1:]]
+                        if partitioned else [])
+    out = dict(first)
     out["ema_full"] = consolidate([s["ema"] for s in states])
-    out["ema_updates"] = int(states[0]["ema"]["meta"]["num_updates"])
+    out["ema_updates"] = int(first["ema"]["meta"]["num_updates"])
     out["ema"] = None
     out["rng"] = states[rank]["rng"] if rank < len(states) else None
     return out

@@ -101,6 +101,8 @@ def test_prune_removes_crash_leftovers_but_never_the_newest(tmp_path):
 
 
 def test_collective_timeout_is_a_config_key(tmp_path, monkeypatch):
+    """train.collective_timeout_s reaches init_distributed, which bounds every process group with it (ZeRO's own
+    groups included: torch's default for new groups is changed); in a fresh process, since this one has a group."""
     import lct_fast.trainer as trainer_mod
 
     seen = {}
@@ -113,7 +115,20 @@ def test_collective_timeout_is_a_config_key(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "init_distributed", spy)
     Trainer(load_config("tiny", SMALL + ["train.collective_timeout_s=42"]), str(tmp_path / "run"))
     assert seen["timeout_s"] == 42.0
-    assert torch.distributed.is_initialized()
+    code = ("import datetime, torch.distributed as dist, torch.distributed.distributed_c10d as c\n"
+            "from lct_fast.distributed import init_distributed\n"
+            "init_distributed(timeout_s=42)\n"
+            "g = dist.new_group([0])\n"
+            "print(c._get_default_timeout('gloo').total_seconds(), c._get_default_timeout('nccl').total_seconds())\n")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["42.0", "42.0"]
 
 
 def test_epoch_mode_refuses_another_world_size(tmp_path):
@@ -126,5 +141,28 @@ def test_epoch_mode_refuses_another_world_size(tmp_path):
     _, ck = trained(tmp_path, "data.resample=false", "data.num_workers=0")
     newest = ckpt.tag_for(24)
     shutil.copy(os.path.join(ck, newest, "client-rank00000.pt"), os.path.join(ck, newest, "client-rank00001.pt"))
+    man_path = os.path.join(ck, newest, ckpt.MANIFEST)
+    with open(man_path) as f:
+        man = json.load(f)
+    man["world_size"] = 2
+    with open(man_path, "w") as f:
+        json.dump(man, f)
     with pytest.raises(UserError, match="written by 2 ranks and this run has 1"):
         Trainer(load_config("tiny", SMALL + ["data.resample=false"]), str(tmp_path / "run"), resume="auto")
+
+
+def test_a_save_into_an_existing_tag_leaves_none_of_its_old_files(tmp_path):
+    """A run that fell back past a tag (here: its COMPLETE marker lost) and saves the same samples seen again
+    replaces the whole folder: a stale shard of another world size cannot mix into the new checkpoint."""
+    _, ck = trained(tmp_path)
+    newest = ckpt.tag_for(24)
+    stale = os.path.join(ck, newest, "zero_pp_rank_3_mp_rank_00_optim_states.pt")
+    with open(stale, "wb") as f:
+        f.write(b"from a 4-rank save")
+    os.remove(os.path.join(ck, newest, "COMPLETE"))
+    again = Trainer(load_config("tiny", SMALL), str(tmp_path / "run"), resume="auto")
+    assert again.samples == 16
+    again.run()
+    assert not os.path.exists(stale)
+    assert ckpt.is_complete(ck, newest) and ckpt.verify(ck, newest) == []
+    assert ckpt.saved_world_size(ck, newest) == 1

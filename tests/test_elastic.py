@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,9 +105,10 @@ def check_recovered(run: str, survivor: subprocess.Popen, log: str, timeout: flo
         summary = json.load(f)
     assert summary["samples"] == TOTAL and summary["world_size"] == 1
     assert "resumed on 1)" in text, text[-3000:]
-    resumed_at = int(text.split("at ")[-1].split(" samples (written on 2 ranks")[0].split()[-1]) \
-        if "(written on 2 ranks" in text else None
-    assert resumed_at is not None and resumed_at % CKPT == 0 and 0 < resumed_at < TOTAL
+    m = re.search(r"resumed from \S+ at (\d+) samples \(written on 2 ranks, resumed on 1\)", text)
+    assert m, text[-3000:]
+    resumed_at = int(m.group(1))
+    assert resumed_at % CKPT == 0 and 0 < resumed_at < TOTAL
     rows = [json.loads(line)["samples"] for line in open(os.path.join(run, "metrics.jsonl"))]
     # the last segment starts right after the checkpoint it resumed at and runs to the total without a gap
     start = max(i for i, s in enumerate(rows) if s == resumed_at + BATCH)
@@ -117,9 +119,9 @@ def check_recovered(run: str, survivor: subprocess.Popen, log: str, timeout: flo
 def test_agent_killed_on_one_address(tmp_path):
     run, port = str(tmp_path / "run"), free_port()
     logs = [str(tmp_path / "a.log"), str(tmp_path / "b.log")]
-    a = start(agent_cmd(run, f"127.0.0.1:{port}", None), logs[0])
-    time.sleep(1.0)  # the first agent hosts the rendezvous store
-    b = start(agent_cmd(run, f"127.0.0.1:{port}", None), logs[1])
+    a = start(agent_cmd(run, f"127.0.0.1:{port}", None, True), logs[0])  # a hosts the rendezvous store
+    time.sleep(1.0)
+    b = start(agent_cmd(run, f"127.0.0.1:{port}", None, False), logs[1])
     try:
         wait_for_checkpoint(run, [a, b])
         kill_host(b)
@@ -139,7 +141,8 @@ def two_hosts():
     """Two network namespaces with their own addresses, joined by a veth pair (root only)."""
     if shutil.which("ip") is None:
         pytest.skip("no `ip` command: network namespaces unavailable")
-    cleanup = [["ip", "netns", "del", NS[0]], ["ip", "netns", "del", NS[1]]]
+    # a veth left in the root namespace by an earlier crashed set-up would block this one
+    cleanup = [["ip", "netns", "del", NS[0]], ["ip", "netns", "del", NS[1]], ["ip", "link", "del", IF[0]]]
     for c in cleanup:
         subprocess.run(c, capture_output=True)
     steps = [["ip", "netns", "add", NS[0]], ["ip", "netns", "add", NS[1]],

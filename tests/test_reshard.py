@@ -1,4 +1,4 @@
-"""Resume on another world size: a run at ZeRO 1 and 3 goes 2 -> 4 -> 2 CPU ranks (gloo), a checkpoint at each
+"""Resume on another world size: a run at ZeRO 0, 1, 2 and 3 goes 2 -> 4 -> 2 CPU ranks (gloo), a checkpoint at each
 change (tests/dist/reshard.py). After each load, before any step, the new world size's engine holds exactly
 what the old one held when it saved: every fp32 weight, both Adam moments of every parameter, every EMA (ZeRO-3
 partitions re-cut), the optimizer's step count and the learning rate; samples seen carry over and each rank's
@@ -32,7 +32,7 @@ def phase(tmp, ranks: int, stage: int, total: int, name: str, expect: str | None
         return json.load(f)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_checkpoint_moves_between_world_sizes(tmp_path, stage):
     first = phase(tmp_path, 2, stage, 32, "a", None)
     assert first["samples_at_end"] == 32 and not first["resharded"]

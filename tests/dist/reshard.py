@@ -50,6 +50,9 @@ def whole_state(tr: Trainer) -> dict:
     for n, p in tr.parallel.engine.module.named_parameters():
         for key in ("exp_avg", "exp_avg_sq"):
             t = safe_get_full_optimizer_state(p, key)
+            if t is None:  # ZeRO 0: DeepSpeed's helper covers ZeRO optimizers only; the torch optimizer's state
+                opt = tr.parallel.engine.optimizer
+                t = getattr(opt, "optimizer", opt).state[p][key]
             moments[f"{key}/{n}"] = t.detach().float().cpu().clone()
     out["moments"] = moments
     emas = {}
