@@ -11,6 +11,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=48:00:00
 #SBATCH --no-kill
+#SBATCH --requeue
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 config=${1:?usage: sbatch launch/slurm_elastic.sh CONFIG OUT_DIR [--set KEY=VALUE ...]}
@@ -22,8 +23,11 @@ min=${MIN_NODES:-1}
 mkdir -p "$out"
 # keep_alive_*: how soon a silent node is dropped from the rendezvous; last_call_timeout: how long the agents
 # left wait for latecomers before restarting on fewer nodes.
-srun --kill-on-bad-exit=0 bash -c "
-  python -m torch.distributed.run --nnodes $min:$SLURM_NNODES --nproc-per-node $gpus --max-restarts 10 \
-    --rdzv-backend c10d --rdzv-endpoint $master:29400 --rdzv-id $SLURM_JOB_ID \
+# The extra arguments travel as arguments ("$@" of the inner shell), so values with spaces survive. The store
+# is served by the first node: losing that node ends the job (Slurm --requeue then restarts it).
+srun --kill-on-bad-exit=0 bash -c '
+  python -m torch.distributed.run --nnodes "$0" --nproc-per-node "$1" --max-restarts 10 \
+    --rdzv-backend c10d --rdzv-endpoint "$2:29400" --rdzv-id "$3" \
     --rdzv-conf join_timeout=600,last_call_timeout=30,keep_alive_interval=10,keep_alive_max_attempt=6 \
-    launch/train.py --config $config --out $out --resume auto --set train.collective_timeout_s=300 $*"
+    launch/train.py --config "$4" --out "$5" --resume auto --set train.collective_timeout_s=300 "${@:6}"' \
+  "$min:$SLURM_NNODES" "$gpus" "$master" "$SLURM_JOB_ID" "$config" "$out" "$@"

@@ -170,7 +170,7 @@ def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
 
     opts = ProfileOptions(steps=args.steps, warmup=args.warmup, trace=args.trace, trace_steps=args.trace_steps,
                           peak_tflops=args.peak_tflops, count_flops=args.count_flops)
-    dist = init_distributed()
+    dist = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     os.makedirs(args.out, exist_ok=True)
     try:
         trainer = Trainer(cfg, args.out, dist=dist)

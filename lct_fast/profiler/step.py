@@ -273,7 +273,7 @@ def measure_step_ms(config: str, overrides: Sequence[str] = (), *, steps: int = 
     one = [f"train.global_batch={micro}", f"train.micro_batch={micro}", "train.grad_accum=1"]
     cfg = load_config(config, profile_overrides(config, list(overrides) + one, synthetic_data=synthetic_data))
     with tempfile.TemporaryDirectory(prefix="lct_fast-step-") as run_dir:
-        trainer = Trainer(cfg, run_dir, dist=init_distributed())
+        trainer = Trainer(cfg, run_dir, dist=init_distributed(timeout_s=cfg.train.collective_timeout_s))
         rec = profile_trainer(trainer, ProfileOptions(steps=steps, warmup=warmup, count_flops=False))
     m = cfg.model
     times = [s["step"] for s in rec["steps"]]
