@@ -122,25 +122,30 @@ def _sha256(path: str, chunk: int = 1 << 23) -> str:
             h.update(b)
 
 
+def _world() -> int:
+    """Ranks in the process group (1 on one process or without a group)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _shared(work: Callable[[int, int], dict]) -> dict:
     """``work(rank, world)`` on every rank of the process group (each a strided share), merged on every rank; on
     one process (or without a group) just ``work(0, 1)``."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = _world()
+    if world == 1:
         return work(0, 1)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, work(dist.get_rank(), dist.get_world_size()))
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, work(torch.distributed.get_rank(), world))
     return {k: v for p in parts for k, v in p.items()}
 
 
 def _from_main(fn: Callable[[], object]) -> object:
     """``fn()`` on the main rank, its result on every rank (ranks may see a shared folder at different moments:
     one listing keeps their strided shares aligned)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return fn()
-    box = [fn() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    box = [fn() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -153,10 +158,11 @@ def write_manifest(ckpt_dir: str, tag: str, samples: int, *, is_main: bool) -> N
     def hash_share(r: int, w: int) -> dict:
         out = {}
         for f in files[r::w]:
+            full = os.path.join(tag_dir, f)
             try:  # an I/O error is reported through the gather, so no rank leaves the collective early
-                out[f] = {"size": os.path.getsize(os.path.join(tag_dir, f)), "sha256": _sha256(os.path.join(tag_dir, f))}
+                out[f] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
             except OSError as e:
-                out[f] = {"error": f"{os.path.join(tag_dir, f)}: {e}"}
+                out[f] = {"error": f"{full}: {e}"}
         return out
 
     hashed = _shared(hash_share)
@@ -164,10 +170,9 @@ def write_manifest(ckpt_dir: str, tag: str, samples: int, *, is_main: bool) -> N
     if bad:
         raise OSError(f"checkpoint {tag_dir}: cannot read back what was written: {'; '.join(bad[:3])}")
     if is_main:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         _atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(
             {"format": "lct_fast-checkpoint-manifest", "version": 1, "tag": tag, "samples": int(samples),
-             "world_size": world, "files": {f: hashed[f] for f in files}}, indent=1) + "\n")
+             "world_size": _world(), "files": {f: hashed[f] for f in files}}, indent=1) + "\n")
 
 
 def verify(ckpt_dir: str, tag: str) -> Optional[list[str]]:
@@ -288,19 +293,26 @@ def complete_tags(ckpt_dir: str) -> list[str]:
     return tags
 
 
-def find_resume_tag(ckpt_dir: str, *, check: bool = False,
-                    say: Callable[[str], None] = lambda m: print(f"lct_fast: {m}", file=sys.stderr)) -> str | None:
+def _say(m: str) -> None:
+    print(f"lct_fast: {m}", file=sys.stderr)
+
+
+def resume_problems(ckpt_dir: str, tag: str, say: Callable[[str], None] = _say) -> list[str]:
+    """What is wrong with resuming from ``tag`` ([] when it matches its manifest; a tag written before manifests
+    existed passes with a warning through ``say``). A collective under a process group (:func:`verify`)."""
+    problems = verify(ckpt_dir, tag)
+    if problems is None:
+        say(f"warning: {ckpt_dir}/{tag} has no {MANIFEST} (written before checkpoints carried one): "
+            f"resuming from it unverified")
+        return []
+    return problems
+
+
+def find_resume_tag(ckpt_dir: str, *, check: bool = False, say: Callable[[str], None] = _say) -> str | None:
     """The tag to resume from: ``latest`` if complete, else the newest complete tag, else None. ``check``: verify
-    each candidate against its manifest (a collective under a process group) and fall back past a damaged one,
-    saying which file is bad; a tag without a manifest is taken with a warning."""
+    each candidate (:func:`resume_problems`) and fall back past a damaged one, saying which file is bad."""
     for tag in complete_tags(ckpt_dir):
-        if not check:
-            return tag
-        problems = verify(ckpt_dir, tag)
-        if problems is None:
-            say(f"warning: {ckpt_dir}/{tag} has no {MANIFEST} (written before checkpoints carried one): "
-                f"resuming from it unverified")
-            return tag
+        problems = resume_problems(ckpt_dir, tag, say) if check else []
         if not problems:
             return tag
         say(f"checkpoint {ckpt_dir}/{tag} is damaged, skipping it: {'; '.join(problems[:3])}"

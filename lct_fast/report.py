@@ -231,8 +231,8 @@ def draw_report(run_dir: str, *, vae: Optional[str] = None):
         _samples_axis(ax)
         _, cf = _series(train_rows, "clip_frac")
         if len(cf):
-            ax.legend(fontsize=8, loc="best", title=f"steps clipped: {100 * cf.mean():.0f} % overall, {100 * cf[-1]:.0f} % "
-                                        f"in the last window", title_fontsize=8)
+            clipped = f"steps clipped: {100 * cf.mean():.0f} % overall, {100 * cf[-1]:.0f} % in the last window"
+            ax.legend(fontsize=8, loc="best", title=clipped, title_fontsize=8)
     else:
         _empty(ax, "no gradient norms logged")
 
@@ -289,8 +289,8 @@ def draw_report(run_dir: str, *, vae: Optional[str] = None):
     smp, real = data.samples, data.real
     if smp is not None and real is not None:
         n = min(len(smp), 16)
-        lo = np.quantile(real[:, :3].transpose(1, 0, 2, 3).reshape(min(3, real.shape[1]), -1), 0.01, axis=1)
-        hi = np.quantile(real[:, :3].transpose(1, 0, 2, 3).reshape(min(3, real.shape[1]), -1), 0.99, axis=1)
+        channels = real[:, :3].transpose(1, 0, 2, 3).reshape(min(3, real.shape[1]), -1)
+        lo, hi = np.quantile(channels, 0.01, axis=1), np.quantile(channels, 0.99, axis=1)
         a, b = data.grid(smp[:n], lo, hi), data.grid(real[:n], lo, hi)
         h = max(a.shape[0], b.shape[0])
         pad = [np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255) for g in (a, b)]

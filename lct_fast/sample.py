@@ -317,8 +317,7 @@ def latent_grid_image(x: torch.Tensor, lo: Optional[torch.Tensor] = None,
     flat = rgb.transpose(0, 1).reshape(3, -1)
     if lo is None or hi is None:
         lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
-    lo, hi = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).expand(3) if torch.as_tensor(v).numel() == 1
-              else torch.as_tensor(v, dtype=torch.float32).reshape(3) for v in (lo, hi))
+    lo, hi = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).expand(3) for v in (lo, hi))
     img = ((rgb - lo[:, None, None]) / (hi - lo).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
     img = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     # Latent grids are tiny (8x8): upscale 4x with nearest neighbour so the PNG is readable.

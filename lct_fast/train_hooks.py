@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .progress import duration
 from .run_dir import RunDir
 
 __all__ = ["MetricsLog", "Window", "RunState", "divergence_floors", "DivergenceWatch", "EvalHook",
@@ -87,7 +88,7 @@ class MetricsLog:
         if evals:
             parts.append(f"{evals[0][5:]} {self.last[evals[0]]:.4g}")
         if 0 < rate and self.samples < self.total:
-            parts.append(f"ETA {_duration((self.total - self.samples) / rate)}")
+            parts.append(f"ETA {duration((self.total - self.samples) / rate)}")
         text = f"lct_fast: {prefix}{' | '.join(parts)}"
         print(text, file=self.stream, flush=True)
         self.t_line, self.samples_line = now, self.samples
@@ -100,11 +101,6 @@ class MetricsLog:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
-
-
-def _duration(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def divergence_floors(cfg: Any) -> dict:

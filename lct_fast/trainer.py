@@ -127,8 +127,9 @@ class Trainer:
         # number of ranks under ZeRO 1-3 loads through DeepSpeed's universal checkpoint, a start-up setting.
         self.resume_tag = self._resume_tag(resume) if resume else None
         ds_config = deepspeed_config(cfg, d.world_size)
-        self.resharded = (self.resume_tag is not None
-                          and ckpt.saved_world_size(self.ckpt_dir, self.resume_tag) != d.world_size)
+        self.saved_world = ckpt.saved_world_size(self.ckpt_dir, self.resume_tag) if self.resume_tag else None
+        self.resharded = self.saved_world is not None and self.saved_world != d.world_size
+        self.universal = self.resharded and ds_config["zero_optimization"].get("stage", 0) >= 1
         if self.resharded and not cfg.data.resample:
             from .validate import UserError
 
@@ -136,10 +137,10 @@ class Trainer:
             # samples twice and others never. Resampled streams have no such ledger (see the README).
             raise UserError(
                 f"data.resample=false: {self.ckpt_dir}/{self.resume_tag} was written by "
-                f"{ckpt.saved_world_size(self.ckpt_dir, self.resume_tag)} ranks and this run has {d.world_size}; "
+                f"{self.saved_world} ranks and this run has {d.world_size}; "
                 f"in one-epoch mode the epoch's split over ranks cannot change mid-epoch without repeating or "
                 f"skipping samples. Resume on the same number of ranks, or train with data.resample=true")
-        if self.resharded and ds_config["zero_optimization"].get("stage", 0) >= 1:
+        if self.universal:
             try:
                 ckpt.ensure_universal(self.ckpt_dir, self.resume_tag, is_main=d.is_main)
             finally:
@@ -155,6 +156,7 @@ class Trainer:
         self.ema = EMA(self.parallel.module.named_parameters(), decays=cfg.train.ema.decays,
                        power_stds=cfg.train.ema.power_stds)
 
+        self._probe = None  # the denoising probe's fixed batch, drawn at its first use (_probe_batch)
         self.samples = 0
         self.bad_streak = 0
         self.bad_total = 0
@@ -368,7 +370,7 @@ class Trainer:
         """The denoising probe's fixed batch (lct_fast.methods.probe): this rank's first ``n`` samples of the
         stream at sample 0 and noise seeded by (seed, rank), the same after a resume (on another world size, the
         rank's stream differs)."""
-        if getattr(self, "_probe", None) is None:
+        if self._probe is None:
             import dataclasses
 
             from .data import build_loader
@@ -438,12 +440,10 @@ class Trainer:
         if not ckpt.is_complete(self.ckpt_dir, tag):
             raise FileNotFoundError(f"{self.ckpt_dir}/{tag}: not a complete checkpoint (no COMPLETE marker)")
         if resume != "auto":
-            problems = ckpt.verify(self.ckpt_dir, tag)
+            problems = ckpt.resume_problems(self.ckpt_dir, tag, say)
             if problems:
                 raise FileNotFoundError(f"{self.ckpt_dir}/{tag} is damaged: {'; '.join(problems[:3])} "
                                         f"(--resume auto falls back to the previous complete checkpoint)")
-            if problems is None:
-                say(f"warning: {self.ckpt_dir}/{tag} has no {ckpt.MANIFEST}: resuming from it unverified")
         return tag
 
     def _resume(self, tag: str) -> None:
@@ -452,7 +452,7 @@ class Trainer:
         checkpoint (re-partitioned for this world size) and the EMA is stitched whole and cut into this rank's
         share; the data stream continues at the same samples seen as this world size's seeded stream."""
         d = self.dist
-        if self.resharded and os.path.isdir(os.path.join(self.ckpt_dir, tag, ckpt.UNIVERSAL)):
+        if self.universal:
             self.parallel.load_checkpoint(os.path.join(self.ckpt_dir, tag), tag=ckpt.UNIVERSAL)
         else:
             self.parallel.load_checkpoint(self.ckpt_dir, tag=tag)
@@ -466,8 +466,7 @@ class Trainer:
         if state["rng"] is not None:
             ckpt.set_rng_state(state["rng"])
         if d.is_main:
-            how = (f" (written on {ckpt.saved_world_size(self.ckpt_dir, tag)} ranks, resumed on {d.world_size})"
-                   if self.resharded else "")
+            how = f" (written on {self.saved_world} ranks, resumed on {d.world_size})" if self.resharded else ""
             print(f"lct_fast: resumed from {self.ckpt_dir}/{tag} at {self.samples} samples{how}", file=sys.stderr)
 
     def save_checkpoint(self) -> str:

@@ -213,8 +213,7 @@ def encode_dataset(
         order_rng.shuffle(order)
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard, vae=vae_path, vae_scale=scale,
                      vae_shift=shift if shift_cfg is not None else None, dtype=dtype, overwrite=overwrite,
-                     class_names=names if os.path.isdir(source) else None,
-                     num_classes=len(names) if os.path.isdir(source) and names else None) as writer:
+                     class_names=names, num_classes=len(names) if names else None) as writer:
         from ..progress import Progress
 
         with Progress(len(order), "encoding", who="lct_fast.encode", unit="images",
