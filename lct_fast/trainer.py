@@ -130,16 +130,13 @@ class Trainer:
         self.saved_world = ckpt.saved_world_size(self.ckpt_dir, self.resume_tag) if self.resume_tag else None
         self.resharded = self.saved_world is not None and self.saved_world != d.world_size
         self.universal = self.resharded and ds_config["zero_optimization"].get("stage", 0) >= 1
-        if self.resharded and not cfg.data.resample:
+        if self.resharded and not cfg.data.resample and cfg.data.num_workers > 1:
             from .validate import UserError
 
-            # One-epoch mode splits the epoch's shards over the ranks: another split mid-epoch would read some
-            # samples twice and others never. Resampled streams have no such ledger (see the README).
             raise UserError(
-                f"data.resample=false: {self.ckpt_dir}/{self.resume_tag} was written by "
-                f"{self.saved_world} ranks and this run has {d.world_size}; "
-                f"in one-epoch mode the epoch's split over ranks cannot change mid-epoch without repeating or "
-                f"skipping samples. Resume on the same number of ranks, or train with data.resample=true")
+                f"data.num_workers={cfg.data.num_workers}: {self.ckpt_dir}/{self.resume_tag} was written by "
+                f"{self.saved_world} ranks and this run has {d.world_size}; one-epoch mode (data.resample=false) "
+                f"re-splits the rest of the epoch sample by sample, which needs data.num_workers <= 1")
         if self.universal:
             try:
                 ckpt.ensure_universal(self.ckpt_dir, self.resume_tag, is_main=d.is_main)
@@ -158,6 +155,10 @@ class Trainer:
 
         self._probe = None  # the denoising probe's fixed batch, drawn at its first use (_probe_batch)
         self.samples = 0
+        # One-epoch mode: the epoch's earlier (world size, samples per rank) layouts and the samples seen when the
+        # current one began; a resume on another number of ranks adds one (the reader re-splits the rest).
+        self.epoch_layout: list[tuple[int, int]] = []
+        self.layout_start = 0
         self.bad_streak = 0
         self.bad_total = 0
         if self.resume_tag is not None:
@@ -178,7 +179,12 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         return build_loader(cfg.data, batch_size=self.micro_batch, rank=d.rank, world_size=d.world_size,
                             seed=cfg.train.seed, sigma_data=cfg.method.sigma_data, path=self.data_path,
-                            start_sample=self.samples // d.world_size, device=d.device, stats=self.stats)
+                            start_sample=self._stream_start(), device=d.device, stats=self.stats,
+                            epoch_history=self.epoch_layout)
+
+    def _stream_start(self) -> int:
+        """This rank's position in its stream: samples seen since the current layout began, over the ranks."""
+        return (self.samples - self.layout_start) // self.dist.world_size
 
     # -------------------------------------------------------------------------------------------- loop
     def run(self, max_samples: int | None = None) -> dict:
@@ -237,7 +243,7 @@ class Trainer:
             print(f"lct_fast: {cfg.name}: {cfg.model.arch} with {self.num_params:,} parameters, method "
                   f"{cfg.method.name}, world size {d.world_size}{threads}, micro-batch {self.micro_batch} x "
                   f"{self.grad_accum} accumulation, {total:,} samples", file=sys.stderr)
-        if self.loader.start_sample != self.samples // d.world_size:
+        if self.loader.start_sample != self._stream_start():
             self.loader = self._make_loader()  # a second run() continues where the first stopped
         self._batches = iter(self.loader)
         return RunState(total=None if endless else total,
@@ -450,7 +456,9 @@ class Trainer:
         """Load ``tag``: DeepSpeed's state (weights, optimizer moments, LR schedule), then ours (samples seen,
         counters, every EMA, RNG). Written on another number of ranks: DeepSpeed's state comes from the universal
         checkpoint (re-partitioned for this world size) and the EMA is stitched whole and cut into this rank's
-        share; the data stream continues at the same samples seen as this world size's seeded stream."""
+        share; the data stream continues at the same samples seen as this world size's seeded stream, or in one-epoch
+        mode with the rest of the epoch re-split over this world size (the epoch's layouts travel in the client
+        state)."""
         d = self.dist
         if self.universal:
             self.parallel.load_checkpoint(os.path.join(self.ckpt_dir, tag), tag=ckpt.UNIVERSAL)
@@ -459,6 +467,18 @@ class Trainer:
         state = ckpt.load_client_state_resharded(self.ckpt_dir, tag, d.rank, d.world_size)
         self.samples = int(state["samples"])
         self.bad_total = int(state["bad_total"])
+        self.epoch_layout = [(int(w), int(n)) for w, n in state.get("epoch_layout", [])]
+        self.layout_start = int(state.get("layout_start", 0))
+        if self.resharded and not self.cfg.data.resample:
+            if int(state.get("data_workers", 0)) > 1:
+                from .validate import UserError
+
+                raise UserError(
+                    f"{self.ckpt_dir}/{tag} was written with data.num_workers={state['data_workers']}: its ranks' "
+                    f"one-epoch streams cannot be replayed to re-split the epoch over {d.world_size} ranks; "
+                    f"resume on {self.saved_world} ranks")
+            self.epoch_layout.append((self.saved_world, (self.samples - self.layout_start) // self.saved_world))
+            self.layout_start = self.samples
         if state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         else:
@@ -471,6 +491,8 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         state = {"samples": self.samples, "bad_total": self.bad_total, "ema": self.ema.state_dict(),
-                 "rng": ckpt.rng_state(), "world_size": self.dist.world_size}
+                 "rng": ckpt.rng_state(), "world_size": self.dist.world_size,
+                 "epoch_layout": [list(p) for p in self.epoch_layout], "layout_start": self.layout_start,
+                 "data_workers": self.cfg.data.num_workers}
         return ckpt.save(self.parallel, self.ckpt_dir, self.samples, state, rank=self.dist.rank,
                          keep=self.cfg.train.keep_checkpoints)

@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from lct_fast import checkpoint as ckpt
 from lct_fast.config import load_config
@@ -131,14 +130,16 @@ def test_collective_timeout_is_a_config_key(tmp_path, monkeypatch):
     assert out.stdout.split()[-2:] == ["42.0", "42.0"]
 
 
-def test_epoch_mode_refuses_another_world_size(tmp_path):
-    """One-epoch mode cannot re-split an epoch mid-way: resuming a 2-rank checkpoint on 1 rank is a clear error
-    before DeepSpeed starts (here the second rank's client state is a copy, standing in for a 2-rank save)."""
+def test_epoch_mode_resplit_refuses_several_workers(tmp_path):
+    """One-epoch mode re-splits an epoch over another world size by replaying the old ranks' streams, which is
+    defined for one data worker per rank: several workers now, or in the run that wrote the checkpoint, are a
+    clear error naming the setting (here the second rank's client state is a copy, standing in for a 2-rank
+    save). The re-split itself: tests/test_reshard.py and tests/test_data_loader.py."""
     import shutil
 
     from lct_fast.validate import UserError
 
-    _, ck = trained(tmp_path, "data.resample=false", "data.num_workers=0")
+    _, ck = trained(tmp_path, "data.resample=false", "data.num_workers=2")
     newest = ckpt.tag_for(24)
     shutil.copy(os.path.join(ck, newest, "client-rank00000.pt"), os.path.join(ck, newest, "client-rank00001.pt"))
     man_path = os.path.join(ck, newest, ckpt.MANIFEST)
@@ -147,8 +148,12 @@ def test_epoch_mode_refuses_another_world_size(tmp_path):
     man["world_size"] = 2
     with open(man_path, "w") as f:
         json.dump(man, f)
-    with pytest.raises(UserError, match="written by 2 ranks and this run has 1"):
-        Trainer(load_config("tiny", SMALL + ["data.resample=false"]), str(tmp_path / "run"), resume="auto")
+    with pytest.raises(UserError, match="written by 2 ranks and this run has 1.*needs data.num_workers <= 1"):
+        Trainer(load_config("tiny", SMALL + ["data.resample=false", "data.num_workers=2"]), str(tmp_path / "run"),
+                resume="auto")
+    with pytest.raises(UserError, match="written with data.num_workers=2.*resume on 2 ranks"):
+        Trainer(load_config("tiny", SMALL + ["data.resample=false", "data.num_workers=0"]), str(tmp_path / "run"),
+                resume="auto")
 
 
 def test_a_save_into_an_existing_tag_leaves_none_of_its_old_files(tmp_path):

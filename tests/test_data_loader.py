@@ -96,6 +96,57 @@ def test_resume_one_epoch_mode(tmp_path):
         LatentLoader(path, start_sample=3, num_workers=2, **kw)
 
 
+def _consumed(path, layouts, **kw):
+    """Sample ids each layout's ranks consumed: layouts = [(world_size, batches per rank), ...] of one epoch
+    (None: to the end); each layout after the first resumes with the earlier ones as its epoch_history."""
+    seen, history = [], []
+    for world, batches in layouts:
+        for rank in range(world):
+            loader = LatentLoader(path, rank=rank, world_size=world, epoch_history=history, **kw)
+            for x, _ in itertools.islice(loader, batches):
+                seen += _ids(x)
+        history = history + [(world, batches * kw["batch_size"])] if batches is not None else history
+    return seen
+
+
+@pytest.mark.parametrize("layouts", [
+    [(2, 3), (3, None)],            # 2 -> 3 ranks
+    [(4, 2), (2, None)],            # 4 -> 2
+    [(3, 1), (1, 2), (4, None)],    # 3 -> 1 -> 4: a re-split of a re-split
+    [(2, 9), (3, None)],            # rank streams shorter than what they were asked for: exhausted ones add nothing
+])
+def test_one_epoch_mode_across_world_sizes_takes_every_sample_once(tmp_path, layouts):
+    """A change of world size mid-epoch (the trainer's resume on M ranks of an N-rank checkpoint): over the old
+    ranks' consumed samples and the new ranks' streams, every sample id of the epoch appears exactly once."""
+    path = _dataset(tmp_path, n=61, per_shard=5)
+    kw = dict(batch_size=4, seed=3, normalize="none", shuffle_buffer=16, resample=False)
+    seen = _consumed(path, layouts, **kw)
+    assert sorted(seen) == list(range(61))
+    # The new ranks' share is balanced to within one sample, and it is not simply the old order.
+    world = layouts[-1][0]
+    history = [(w, b * 4) for w, b in layouts[:-1]]
+    sizes = [sum(x.shape[0] for x, _ in LatentLoader(path, rank=r, world_size=world, epoch_history=history, **kw))
+             for r in range(world)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_one_epoch_mode_resplit_resumes_exactly_and_refuses_bad_settings(tmp_path):
+    path = _dataset(tmp_path, n=40, per_shard=4)
+    kw = dict(batch_size=3, seed=2, normalize="none", shuffle_buffer=10, resample=False, world_size=3, rank=1,
+              epoch_history=[(2, 6)])
+    full = [x for x, _ in LatentLoader(path, **kw)]
+    resumed = [x for x, _ in LatentLoader(path, start_sample=6, **kw)]  # a same-size resume inside the new layout
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(full[2:], resumed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one-epoch mode"):
+        LatentLoader(path, **{**kw, "resample": True})
+    with pytest.raises(ValueError, match="num_workers <= 1"):
+        LatentLoader(path, num_workers=2, **kw)
+    with pytest.raises(ValueError, match="world_size > 0"):
+        LatentLoader(path, **{**kw, "epoch_history": [(0, 3)]})
+
+
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)

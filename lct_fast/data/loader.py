@@ -72,10 +72,13 @@ def resolve_dataset(data_cfg: Any, root: Optional[str] = None) -> str:
 def build_loader(data_cfg: Any, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  sigma_data: float = 0.5, start_sample: int = 0, path: Optional[str] = None,
                  device: Optional[torch.device] = None, cache_root: Optional[str] = None,
-                 stats: Any = None) -> LatentSource:
+                 stats: Any = None, epoch_history: Tuple[Tuple[int, int], ...] = ()) -> LatentSource:
     """This rank's stream for ``data_cfg`` (``DataConfig``: reader, path, normalize, shuffle_buffer, num_workers,
     resample, synthetic), positioned after ``start_sample`` samples. ``path`` overrides the resolved folder;
-    ``stats``: its statistics when the caller has read them already (else the reader reads stats.json)."""
+    ``stats``: its statistics when the caller has read them already (else the reader reads stats.json).
+    ``epoch_history``: one-epoch mode only, the epoch's earlier ``(world_size, samples_per_rank)`` layouts (a resume
+    on another number of ranks, see :mod:`lct_fast.data.reader`); passed only when there are some, so readers
+    without one-epoch mode need not know the argument."""
     name = getattr(data_cfg, "reader", "webdataset")
     if name not in READERS:
         raise ValueError(f"data.reader: {name!r} is not one of {sorted(READERS)}")
@@ -84,4 +87,4 @@ def build_loader(data_cfg: Any, *, batch_size: int, rank: int = 0, world_size: i
         seed=seed, sigma_data=sigma_data, normalize=getattr(data_cfg, "normalize", "channel"),
         shuffle_buffer=getattr(data_cfg, "shuffle_buffer", 1000), num_workers=getattr(data_cfg, "num_workers", 0),
         resample=getattr(data_cfg, "resample", True), start_sample=start_sample, device=device, stats=stats,
-        data_cfg=data_cfg)
+        data_cfg=data_cfg, **({"epoch_history": tuple(epoch_history)} if epoch_history else {}))

@@ -42,6 +42,24 @@ resume point shifts the stream by that many samples. In one-epoch mode resume is
 with ``num_workers <= 1`` (workers exhaust at different times, which breaks the round-robin
 arithmetic).
 
+One-epoch mode across a change of world size (``epoch_history``)
+-------------------------------------------------------------------
+The epoch's split over ranks is fixed when it starts, so a resume on another number of ranks
+re-splits what is left of it, sample by sample. ``epoch_history`` lists the earlier layouts of
+the epoch as ``(world_size, samples_per_rank)`` pairs, oldest first: ``N_0`` ranks each took
+``s_0`` samples of their streams, then ``N_1`` ranks each took ``s_1`` of theirs, and so on;
+the loader's own ``(rank, world_size)`` is the layout after the last pair. The stream of rank
+``j`` of layout ``k >= 1`` is::
+
+    rest_k     = stream(0 of N_{k-1})[s_{k-1}:] ++ ... ++ stream(N_{k-1}-1 of N_{k-1})[s_{k-1}:]
+    stream(j)  = rest_k[j :: N_k]
+
+and layout 0 is the ordinary one-epoch split. Every sample the old ranks had not consumed goes
+to exactly one new rank and none they consumed comes back, because the old streams are
+replayed from their seeds (the ledger of consumed keys is implicit in them). The cost is
+reading: each new rank replays every old rank's stream of the epoch once at start-up.
+Errors met while replaying are counted in this loader's ``errors`` too.
+
 Corrupt data
 ------------
 A truncated or unreadable shard, a sample without ``latent.npy``, a bad or pickled
@@ -60,7 +78,7 @@ import os
 import random
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -334,6 +352,7 @@ class _Plan:
     round_shards: int
     start_batches: int
     max_empty_rounds: int
+    history: tuple[tuple[int, int], ...] = ()
 
 
 class _ShardStream(torch.utils.data.IterableDataset):
@@ -397,18 +416,35 @@ class _ShardStream(torch.utils.data.IterableDataset):
                     f"single valid sample; the dataset looks unreadable ({errors.summary()})"
                 )
 
-    def _one_epoch(self, logical: int, nw: int, errors: DataErrors, skip: int) -> Iterator[tuple[np.ndarray, int]]:
+    def _epoch_split(self, rank: int, world: int, logical: int, nw: int, errors: DataErrors) -> Iterator[tuple[np.ndarray, int]]:
+        """The epoch's ordinary split: rank ``rank`` of ``world``, worker ``logical`` of ``nw``."""
         p = self.plan
-        src = wds.DataPipeline(
+        return iter(wds.DataPipeline(
             # shuffle_buffer <= 1 means no shuffling at all: shards in name order (sequential read).
             wds.SimpleShardList(p.shards, seed=derive_seed(p.seed, "epoch", p.epoch) if p.shuffle_buffer > 1 else None),
-            _split(p.rank, p.world_size),
+            _split(rank, world),
             _split(logical, nw),
             wds.tarfile_to_samples(handler=_tar_handler(errors)),
             _decode_stage(p.shape, p.num_classes, errors),
-            _shuffle_stage(p.shuffle_buffer, derive_seed(p.seed, "shuffle", p.rank, logical, p.epoch)),
-        )
-        return itertools.islice(iter(src), skip, None)
+            _shuffle_stage(p.shuffle_buffer, derive_seed(p.seed, "shuffle", rank, logical, p.epoch)),
+        ))
+
+    def _layout_stream(self, level: int, rank: int, errors: DataErrors) -> Iterator[tuple[np.ndarray, int]]:
+        """Rank ``rank``'s stream in layout ``level`` of the epoch (module docstring: ``epoch_history``)."""
+        p = self.plan
+        world = p.history[level][0] if level < len(p.history) else p.world_size
+        if level == 0:
+            return self._epoch_split(rank, world, 0, 1, errors)
+        old_world, taken = p.history[level - 1]
+        rest = itertools.chain.from_iterable(
+            itertools.islice(self._layout_stream(level - 1, r, errors), taken, None) for r in range(old_world))
+        return itertools.islice(rest, rank, None, world)
+
+    def _one_epoch(self, logical: int, nw: int, errors: DataErrors, skip: int) -> Iterator[tuple[np.ndarray, int]]:
+        p = self.plan
+        if p.history:  # num_workers <= 1 here (checked by LatentLoader)
+            return itertools.islice(self._layout_stream(len(p.history), p.rank, errors), skip, None)
+        return itertools.islice(self._epoch_split(p.rank, p.world_size, logical, nw, errors), skip, None)
 
     def _collate(self, items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         lat = np.stack([it[0] for it in items])
@@ -454,7 +490,7 @@ class LatentLoader:
     to ``iter()`` starts again from ``start_sample``; ``samples_yielded`` tracks this rank's
     sample counter (``start_sample`` + samples delivered since), the value to pass as
     ``start_sample`` when resuming. The stream is a function of (dataset, seed, rank,
-    world_size, num_workers, batch_size, shuffle_buffer, round_shards, epoch): keep them
+    world_size, num_workers, batch_size, shuffle_buffer, round_shards, epoch, epoch_history): keep them
     fixed across a resume.
     """
 
@@ -475,6 +511,7 @@ class LatentLoader:
         start_sample: int = 0,
         epoch: int = 0,
         round_shards: int = 4,
+        epoch_history: Sequence[tuple[int, int]] = (),
         pin_memory: bool = False,
         prefetch_factor: int = 4,
         max_empty_rounds: int = 100,
@@ -492,6 +529,13 @@ class LatentLoader:
                 "resume (start_sample > 0) in one-epoch mode (resample=False) needs num_workers <= 1: "
                 "workers run out of data at different times, so the delivery order is data dependent"
             )
+        history = tuple((int(w), int(n)) for w, n in epoch_history)
+        if history and (resample or num_workers > 1):
+            raise ValueError(
+                f"epoch_history={list(history)}: a re-split epoch needs one-epoch mode (resample=False) and "
+                f"num_workers <= 1, got resample={resample}, num_workers={num_workers}")
+        if any(w <= 0 or n < 0 for w, n in history):
+            raise ValueError(f"epoch_history={list(history)}: expected (world_size > 0, samples_per_rank >= 0) pairs")
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"latent dataset folder not found: {self.path}")
@@ -501,9 +545,10 @@ class LatentLoader:
         present = {os.path.basename(s) for s in shards}
         self._missing = [s["name"] for s in self.stats.shards if s["name"] not in present]
         counts = {os.path.join(self.path, s["name"]): int(s["count"]) for s in self.stats.shards}
-        if not resample and len(shards) < world_size:
+        first_world = history[0][0] if history else world_size  # later layouts split samples, not shards
+        if not resample and len(shards) < first_world:
             raise ValueError(
-                f"{self.path}: {len(shards)} shards cannot be split over world_size={world_size} ranks in "
+                f"{self.path}: {len(shards)} shards cannot be split over world_size={first_world} ranks in "
                 f"one-epoch mode; write smaller shards (samples_per_shard) or use resample=True"
             )
         if len(shards) < world_size * max(1, num_workers):
@@ -535,6 +580,7 @@ class LatentLoader:
             round_shards=round_shards,
             start_batches=self.start_sample // self.batch_size,
             max_empty_rounds=max_empty_rounds,
+            history=history,
         )
         self._worker_errors: dict[int, DataErrors] = {}
 

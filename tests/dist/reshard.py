@@ -11,6 +11,11 @@ every EMA (gathered across ZeRO-3 partitions), the optimizer's step count, the l
 and the data position: each rank's stream start and a digest of its first batch (ranks must not share a
 stream). Then it trains to ``--total`` and saves the whole state the same way. Rank 0 writes the report; the
 script never asserts, the test does.
+
+With ``--reference state.pt`` (and ``--stage 0``) it is the independent reference instead: a fresh run on this
+world size as plain data parallelism (DeepSpeed without ZeRO, torch's own AdamW), its weights, Adam moments and
+step, learning-rate schedule, EMAs and samples seen set by hand from that whole, consolidated state (no
+checkpoint, no universal conversion), then trained to ``--total`` like a resumed phase.
 """
 from __future__ import annotations
 
@@ -69,6 +74,44 @@ def whole_state(tr: Trainer) -> dict:
     return out
 
 
+def inject(tr: Trainer, state: dict) -> None:
+    """Start ``tr`` (ZeRO 0) from a whole state as :func:`whole_state` returns it."""
+    meta = state["meta"]
+    inner = tr.parallel.engine.optimizer
+    inner = getattr(inner, "optimizer", inner)
+    [steps] = meta["opt_steps"]
+    with torch.no_grad():
+        for n, p in tr.parallel.engine.module.named_parameters():
+            p.copy_(state["weights"][n])
+            inner.state[p] = {"step": torch.tensor(float(steps)),
+                              "exp_avg": state["moments"][f"exp_avg/{n}"].clone(),
+                              "exp_avg_sq": state["moments"][f"exp_avg_sq/{n}"].clone()}
+    sched = tr.parallel.engine.lr_scheduler
+    sched.last_epoch = steps - 1
+    sched.step()  # the LambdaLR at `steps` applied steps, as the saved engine had it
+    full: dict = {}
+    for key, v in state["ema"].items():
+        name, _, param = key.partition("/")
+        full.setdefault(name, {})[param] = v
+    tr.ema.load_full(full, meta["ema_updates"])
+    tr.samples = meta["samples"]
+
+
+class Recorder:
+    """The training stream, with a digest of every sample it hands out (content identifies a sample)."""
+
+    def __init__(self, loader):
+        self.loader, self.digests = loader, []
+
+    def __getattr__(self, key):
+        return getattr(self.loader, key)
+
+    def __iter__(self):
+        for x0, labels in self.loader:
+            self.digests += [hashlib.sha256(row.numpy().tobytes()).hexdigest()[:16] for row in x0]
+            yield x0, labels
+
+
 def max_err(a: dict, b: dict) -> dict:
     keys = sorted(set(a) | set(b))
     missing = [k for k in keys if k not in a or k not in b]
@@ -82,13 +125,17 @@ def main() -> None:
     ap.add_argument("--stage", type=int, required=True)
     ap.add_argument("--total", type=int, required=True)
     ap.add_argument("--expect", default=None)
+    ap.add_argument("--reference", default=None)
     ap.add_argument("--save-state", required=True)
     ap.add_argument("--report", required=True)
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--local_rank", type=int, default=None)
     a = ap.parse_args()
-    cfg = load_config("tiny", SETS + [f"deepspeed.zero_optimization.stage={a.stage}", f"train.total_samples={a.total}"])
-    tr = Trainer(cfg, a.run, resume="auto")
+    cfg = load_config("tiny", SETS + [f"deepspeed.zero_optimization.stage={a.stage}", f"train.total_samples={a.total}"] + a.set)
+    tr = Trainer(cfg, a.run, resume=None if a.reference else "auto")
     d = tr.dist
+    if a.reference:
+        inject(tr, torch.load(a.reference, weights_only=True))
     report: dict = {"world": d.world_size, "samples_after_load": tr.samples, "resharded": tr.resharded,
                     # under ZeRO-3 some parameter is really split across ranks (else the EMA slicing is untested)
                     "partitioned": any(getattr(p, "ds_tensor", None) is not None and p.ds_tensor.numel() < p.ds_numel
@@ -107,7 +154,11 @@ def main() -> None:
     torch.distributed.all_gather_object(starts, loader.start_sample)
     torch.distributed.all_gather_object(digests, digest)
     report["stream_starts"], report["first_batch_digests"] = starts, digests
+    tr.loader = Recorder(tr._make_loader())
     summary = tr.run()
+    consumed = [None] * d.world_size
+    torch.distributed.all_gather_object(consumed, tr.loader.digests)
+    report["consumed"], report["epoch_layout"] = consumed, tr.epoch_layout
     report["final_loss"] = summary["final"].get("loss")
     report["samples_at_end"] = tr.samples
     state = whole_state(tr)
