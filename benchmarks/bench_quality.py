@@ -167,6 +167,8 @@ class Row:
     ``--sample-set`` adds to every one of them."""
 
 
+MEANFLOW_T_MID = ((), ("method.meanflow.t_mid=0.3",), ("method.meanflow.t_mid=0.7",))
+
 ROWS: dict[str, Row] = {
     "ict": Row("tiny", [], "iLCT, the tiny preset (DiT, within-class OT)", seeds=(0, 1, 2)),
     "ict_no_ot": Row("tiny", ["method.ot.method=none"], "iLCT without OT", seeds=(0, 1, 2)),
@@ -185,6 +187,14 @@ ROWS: dict[str, Row] = {
                sample_sets=((), ("method.scd.guidance=1.5",), ("method.scd.guidance=2.0",))),
     "scd_fixed": Row("tiny_scd", ["model.guidance_embed=false", "method.scd.guidance_conditioned=false"],
                      "sCD, fixed teacher guidance 1 (no guidance input)", teacher="trigflow"),
+    # MeanFlow (arXiv 2505.13447) at the same student budget, without and with the paper's training-time guidance
+    # (eq. 21 at its B/2 and M/2 setting: omega 1, kappa 0.5, effective scale 2); the 2-step time t_mid is
+    # chosen on validation among these sets.
+    "meanflow": Row("tiny_meanflow", [], "MeanFlow, the tiny_meanflow preset (no guidance)", seeds=(0, 1, 2),
+                    sample_sets=MEANFLOW_T_MID),
+    "meanflow_cfg": Row("tiny_meanflow", ["method.meanflow.guidance_mix=0.5"],
+                        "MeanFlow with training-time guidance (omega 1, kappa 0.5: effective scale 2)",
+                        seeds=(0, 1, 2), sample_sets=MEANFLOW_T_MID),
     # One seed each on the photographs; the ladder's claims rest on the star field (--data stars: 3 seeds).
     **{f"ict_ladder_{rung}": Row(f"ablation/{rung}", TINY_UNET + CPU_RECIPE, f"Table 2a rung {rung} (tiny UNet)")
        for rung in ("a_ilct", "b_cauchy", "c_diff", "d_ot", "e_scaled_c", "f_nsln")},

@@ -40,6 +40,10 @@ def _unguided(_: Any) -> float:
     return 1.0
 
 
+def _no_floors(_: Any) -> Dict[str, float]:
+    return {}
+
+
 def ve_at_sigma(sigma: float, sigma_data: float) -> Tuple[float, float]:
     """VE (EDM) parametrisation: the network sees x0 + σ·z itself, at level σ."""
     return 1.0, float(sigma)
@@ -96,6 +100,10 @@ class MethodSpec:
     trainer's denoising probe, a figure comparable across training and methods, is computed through it."""
     loss_note: str = ""
     """Why the raw training loss moves for reasons other than quality (printed under the loss in the report)."""
+    divergence_floors: Callable[[Any], Dict[str, float]] = _no_floors
+    """(Config) -> {metric: healthy scale}: the loss metrics (or diagnostics) the trainer's divergence watch
+    follows, each warned about once when it exceeds 10 x max(its first logged value, this scale)
+    (:class:`lct_fast.train_hooks.DivergenceWatch`)."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Anything else a method wants to publish (not read by the package)."""
 

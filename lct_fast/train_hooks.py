@@ -104,9 +104,11 @@ class MetricsLog:
 
 
 def divergence_floors(cfg: Any) -> dict:
-    """Healthy scales of the sCT divergence metrics (see :class:`DivergenceWatch`)."""
-    sd, dim = cfg.method.sigma_data, cfg.model.in_channels * cfg.model.resolution ** 2
-    return {"jvp_abs": sd / 2, "g_norm_mean": sd * math.sqrt(dim), "dFdt_rms": 1.0, "dxF_v_rms": 1.0}
+    """Healthy scales of the method's divergence metrics (its spec's ``divergence_floors``; see
+    :class:`DivergenceWatch`)."""
+    from .registry import get_method
+
+    return get_method(cfg.method.name).divergence_floors(cfg)
 
 
 class DivergenceWatch:
@@ -115,9 +117,8 @@ class DivergenceWatch:
     largest |x0| seen. sCT's instability shows first in ∂F/∂t and the tangent (sCM Fig. 4); a diverged model's
     samples leave the data range long before the loss says anything.
 
-    Healthy scales (``floors``; the zero-initialised output makes the first values ~0): F's target is
-    (dx_t/dt)/σ_d, of unit RMS, and t spans [0, π/2], so ∂F/∂t and ∇ₓF·v are O(1); J = cos t·sin t·σ_d·dF/dt
-    is then O(σ_d/2) and ‖g‖ O(σ_d·√D)."""
+    Healthy scales (``floors``) come from the method's spec (``MethodSpec.divergence_floors``): the
+    zero-initialised output makes the first values ~0, so a floor stands for a healthy value."""
 
     def __init__(self, floors: dict, factor: float = 10.0, range_factor: float = 2.0):
         self.floors, self.factor, self.range_factor = dict(floors), factor, range_factor

@@ -18,12 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_method_is_registered_with_its_section_and_presets():
-    assert method_names() == ["ict", "sct", "trigflow", "scd"]
+    assert method_names() == ["ict", "sct", "trigflow", "scd", "meanflow"]
     fields = set(MethodConfig.__dataclass_fields__)
     for spec in method_specs():
         for key, cls in spec.sections:
             assert key in fields and isinstance(getattr(MethodConfig(), key), cls)
-    for preset, name in [("tiny", "ict"), ("tiny_sct", "sct"), ("tiny_trigflow", "trigflow"), ("tiny_scd", "scd")]:
+    for preset, name in [("tiny", "ict"), ("tiny_sct", "sct"), ("tiny_trigflow", "trigflow"), ("tiny_scd", "scd"),
+                         ("tiny_meanflow", "meanflow")]:
         cfg = load_config(preset)
         assert get_method(cfg.method.name).name == name
     with pytest.raises(ValueError, match="method.name: expected one of"):

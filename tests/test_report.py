@@ -6,7 +6,6 @@ trainer writes, and must have the same nine panels, labelled axes and readable t
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -19,7 +18,7 @@ from lct_fast.registry import method_specs
 from lct_fast.report import PANELS, draw_report, write_report
 from lct_fast.sample import latent_grid_image
 
-TINY = {"ict": "tiny", "sct": "tiny_sct", "trigflow": "tiny_trigflow", "scd": "tiny_scd"}
+TINY = {"ict": "tiny", "sct": "tiny_sct", "trigflow": "tiny_trigflow", "scd": "tiny_scd", "meanflow": "tiny_meanflow"}
 
 
 class _Oracle(torch.nn.Module):
@@ -31,10 +30,9 @@ class _Oracle(torch.nn.Module):
         self.spec, self.x0, self.z, self.sd, self.zero, self.calls = spec, x0, z, sd, zero, []
 
     def forward(self, x, level, labels=None):
-        # recover σ from the level, then check the input is scale·(x0 + σz)
-        sigma = level if self.spec.schedule_arg == "sigmas" else self.sd * math.tan(level)
+        # recover σ from the level (the probe's σ whose at_sigma gives it), then check the input is scale·(x0 + σz)
+        [sigma] = [k * self.sd for k in PROBE_SIGMAS if self.spec.at_sigma(k * self.sd, self.sd)[1] == pytest.approx(level)]
         scale, lv = self.spec.at_sigma(sigma, self.sd)
-        assert lv == pytest.approx(level)
         torch.testing.assert_close(x, scale * (self.x0 + sigma * self.z))
         self.calls.append(sigma)
         return torch.zeros_like(self.x0) if self.zero else self.x0.clone()

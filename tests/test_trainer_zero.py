@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO stages 0-3 against a single-process reference, for iLCT, sCT and sCD (a frozen teacher).
+"""DeepSpeed ZeRO stages 0-3 against a single-process reference, for iLCT, sCT, sCD (a frozen teacher) and
+MeanFlow (its JVP and training-time guidance passes).
 
 One launch of ``tests/dist/zero_parity.py`` on 2 CPU ranks (gloo) runs every (method, stage) case; rank 0
 writes the measured errors as JSON and the tests below assert on them:
@@ -29,7 +30,7 @@ from lct_fast.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "dist", "zero_parity.py")
-METHODS = ("ict", "sct", "scd")
+METHODS = ("ict", "sct", "scd", "meanflow")
 STAGES = (0, 1, 2, 3)
 STEPS = 3
 
@@ -155,6 +156,8 @@ def test_tolerances_discriminate(report: dict) -> None:
     # sCT / sCD without the JVP term (r = 0 instead of r = 0.5): O(1) relative
     for method in ("sct", "scd"):
         assert report["discriminating_power"][method]["r0_vs_r"]["max_rel_err"] > 100 * tol["grad_rtol"]
+    # MeanFlow with every sample at r = t (no JVP term): O(1) relative
+    assert report["discriminating_power"]["meanflow"]["no_jvp_vs_jvp"]["max_rel_err"] > 100 * tol["grad_rtol"]
     # sCD with the data velocity instead of the teacher's: the teacher enters the gradient
     assert report["discriminating_power"]["scd"]["teacher_vs_data"]["max_rel_err"] > 100 * tol["grad_rtol"]
     for case in report["cases"]:
@@ -175,3 +178,13 @@ def test_sct_cases_have_live_tangent(report: dict) -> None:
             assert 0.0 < row["metrics_rank"]["r"] <= 1.0, row["metrics_rank"]
             assert row["metrics_rank"]["jvp_abs"] > 0.0, row["metrics_rank"]
             assert all(m["r"] == row["metrics_rank"]["r"] for m in row["metrics_ref"])
+
+
+def test_meanflow_cases_have_live_jvp_term(report: dict) -> None:
+    """MeanFlow's parity cases train samples with r < t, whose target carries the JVP (d/dt)u."""
+    for case in report["cases"]:
+        if case["method"] != "meanflow" or case["error"] is not None:
+            continue
+        for row in case["steps"]:
+            assert 0.0 < row["metrics_rank"]["frac_r_neq_t"] < 1.0, row["metrics_rank"]
+            assert row["metrics_rank"]["jvp_abs"] > 0.0, row["metrics_rank"]

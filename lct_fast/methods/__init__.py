@@ -3,7 +3,8 @@
 * ``ict``: discrete-time improved latent consistency training (:mod:`.ict`);
 * ``sct``: continuous-time consistency training in TrigFlow (:mod:`.sct`);
 * ``trigflow``: TrigFlow diffusion, the teacher that sCD distils (:mod:`.trigflow`);
-* ``scd``: continuous-time consistency distillation (:mod:`.scd`).
+* ``scd``: continuous-time consistency distillation (:mod:`.scd`);
+* ``meanflow``: mean flows, average-velocity one-step training (:mod:`.meanflow`).
 
 Importing this package registers them (the import lines below are the registration). The rest of the package
 asks the registry: :func:`get_method` for the spec, :func:`build_loss` and :func:`build_model` for the objects.
@@ -16,7 +17,7 @@ from typing import Any, Optional
 from torch import nn
 
 from . import distances, schedules
-from . import ict, sct, trigflow, scd  # noqa: F401  (registration, in this order)
+from . import ict, sct, trigflow, scd, meanflow  # noqa: F401  (registration, in this order)
 from .base import MethodLoss
 from .common import Coupler
 from .distances import DISTANCES, robust_distance

@@ -13,8 +13,8 @@ from torch import nn
 from ..validate import ConfigError, positive
 from .common import Coupler
 from ..registry import Condition, MethodSpec, register
-from .sct import (ADAPTIVE_LOSS_NOTE, SCTLoss, check_adaptive_weight, sct_sampler, trigflow_at_sigma,
-                  trigflow_precond)
+from .sct import (ADAPTIVE_LOSS_NOTE, SCTLoss, check_adaptive_weight, sct_divergence_floors, sct_sampler,
+                  trigflow_at_sigma, trigflow_precond)
 
 __all__ = ["SCDConfig", "SPEC"]
 
@@ -86,4 +86,5 @@ SPEC = register(MethodSpec(
                                                  float(getattr(getattr(m, "sct", None), "time_scale", 1.0))),
     loss=_loss, sampler=sct_sampler, nfe=lambda method_cfg, steps: steps, probe_level=0.7, jvp=True,
     jvp_dtype=lambda m: m.sct.jvp_dtype, teacher=("scd", "trigflow"), conditions=_conditions, sampler_keys=("sct.t_mid",),
-    at_sigma=trigflow_at_sigma, loss_note=ADAPTIVE_LOSS_NOTE, check=_check))
+    at_sigma=trigflow_at_sigma, loss_note=ADAPTIVE_LOSS_NOTE, divergence_floors=sct_divergence_floors,
+    check=_check))

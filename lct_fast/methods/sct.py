@@ -416,6 +416,13 @@ ADAPTIVE_LOSS_NOTE = ("raw loss = e^-w(t)·d/D + w(t) with the learned log-varia
                       "as w learns the loss's scale, so its level is not a quality figure")
 
 
+def sct_divergence_floors(cfg: Any) -> Dict[str, float]:
+    """Healthy scales of sCT's (and sCD's) tangent metrics: F's target is (dx_t/dt)/σ_d, of unit RMS, and t spans
+    [0, π/2], so ∂F/∂t and ∇ₓF·v are O(1); J = cos t·sin t·σ_d·dF/dt is then O(σ_d/2) and ‖g‖ O(σ_d·√D)."""
+    sd, dim = cfg.method.sigma_data, cfg.model.in_channels * cfg.model.resolution ** 2
+    return {"jvp_abs": sd / 2, "g_norm_mean": sd * math.sqrt(dim), "dFdt_rms": 1.0, "dxF_v_rms": 1.0}
+
+
 def check_adaptive_weight(cfg: Any, enabled: bool, key: str) -> None:
     """A learned adaptive weight (``key`` = true) needs the network's head (``model.adaptive_weight``)."""
     if enabled and not cfg.model.adaptive_weight:
@@ -436,6 +443,6 @@ SPEC = register(MethodSpec(
     name="sct", summary="continuous-time consistency training in TrigFlow (sCT)",
     sections=(("sct", SCTConfig),), precond=_precond, loss=_loss, sampler=sct_sampler,
     nfe=lambda method_cfg, steps: steps, probe_level=0.7, jvp=True, jvp_dtype=lambda m: m.sct.jvp_dtype,
-    sampler_keys=("sct.t_mid",), at_sigma=trigflow_at_sigma,
+    sampler_keys=("sct.t_mid",), at_sigma=trigflow_at_sigma, divergence_floors=sct_divergence_floors,
     loss_note=ADAPTIVE_LOSS_NOTE + "; the tangent warm-up (sct.tangent_warmup) grows the target over its first steps",
     check=lambda cfg: check_adaptive_weight(cfg, cfg.method.sct.adaptive_weight, "method.sct.adaptive_weight")))

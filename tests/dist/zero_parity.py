@@ -5,7 +5,7 @@ Launched by the DeepSpeed launcher (2 ranks, CPU/gloo on a machine without GPUs)
     DS_ACCELERATOR=cpu PYTHONPATH=. deepspeed --num_gpus 2 --master_port PORT \
         tests/dist/zero_parity.py --out result.json
 
-For every method (``ict``, ``sct``, ``scd`` with a fixed frozen teacher) and ZeRO stage (0, 1, 2, 3) it builds a tiny DiT twice from the same
+For every method (``ict``, ``sct``, ``scd`` with a fixed frozen teacher, ``meanflow`` with training-time guidance) and ZeRO stage (0, 1, 2, 3) it builds a tiny DiT twice from the same
 seed: once wrapped in a DeepSpeed engine (each rank trains on its half of a fixed global batch, seeded
 exactly as :meth:`lct_fast.trainer.Trainer.train_step` seeds it), once as a plain module that computes
 the whole global batch in one process (rank r's half with rank r's generator). Each step compares the
@@ -89,7 +89,7 @@ PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-2 * LR
 # ----------------------------------------------------------------------------------------- set-up
 def make_config(method: str, stage: int, grad_clip: float, compile: bool = False) -> Config:
     """Tiny DiT (width 32, depth 2, heads 2, 8x8 latents), fp32, global batch 8 on 2 ranks."""
-    preset = {"ict": "tiny", "sct": "tiny_sct", "scd": "tiny_scd"}[method]
+    preset = {"ict": "tiny", "sct": "tiny_sct", "scd": "tiny_scd", "meanflow": "tiny_meanflow"}[method]
     overrides = [
         "model.width=32", "model.depth=2", "model.heads=2", "model.resolution=8",
         # dropout on: the online and the stop-gradient/JVP passes must share the seeded masks on every path
@@ -105,6 +105,8 @@ def make_config(method: str, stage: int, grad_clip: float, compile: bool = False
         f"optim.name={'adamw' if method == 'ict' else 'radam'}",
         # scd: the teacher is built by make_teacher (fixed weights), not loaded; guidance on
         *(["method.scd.guidance=1.5"] if method == "scd" else []),
+        # meanflow: half the samples with r != t (the JVP term), and eq. 21's guidance passes (more collectives)
+        *(["method.meanflow.ratio=0.5", "method.meanflow.guidance_mix=0.5"] if method == "meanflow" else []),
         "optim.weight_decay=0.01",
         f"deepspeed.zero_optimization.stage={stage}",
         # train.compile: the DeepSpeed path's blocks compiled (inductor), the reference stays eager
@@ -409,6 +411,12 @@ def discriminating_power(method: str, grad_clip: float, k: int) -> dict:
     if method in ("sct", "scd"):
         # step 0 has r = 0 (warm-up) but also draws the same noise (the seed does not depend on `step`)
         out["r0_vs_r"] = compare_tensors(grads(0, list(range(WORLD))), full, GRAD_RTOL, GRAD_ATOL)
+    if method == "meanflow":
+        # every sample at r = t (flow matching, no JVP term) instead of half of them at r < t
+        import dataclasses
+
+        fm = dataclasses.replace(cfg.method, meanflow=dataclasses.replace(cfg.method.meanflow, ratio=0.0))
+        out["no_jvp_vs_jvp"] = compare_tensors(grads(k, list(range(WORLD)), fm), full, GRAD_RTOL, GRAD_ATOL)
     if method == "scd":
         # the data velocity (sCT) in place of the teacher's: the teacher must matter
         import dataclasses
@@ -421,7 +429,7 @@ def discriminating_power(method: str, grad_clip: float, k: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file written by rank 0")
-    ap.add_argument("--methods", default="ict,sct,scd")
+    ap.add_argument("--methods", default="ict,sct,scd,meanflow")
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--compile-stages", default="0,1,2,3",
                     help="ZeRO stages of the sct cases rerun with train.compile (compiled blocks)")
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                               "cases": [], "discriminating_power": {}}
     methods = [s for s in args.methods.split(",") if s]
     stages = [int(s) for s in args.stages.split(",") if s]
-    k0 = {"ict": 5, "sct": 100, "scd": 100}  # sct/scd: tangent warm-up H = 200 -> r = 0.5, the JVP term is live
+    k0 = {"ict": 5, "sct": 100, "scd": 100, "meanflow": 5}  # sct/scd: tangent warm-up H = 200 -> r = 0.5, the JVP term is live
 
     runs = [(method, stage, False) for method in methods for stage in stages]
     runs += [("sct", int(s), True) for s in args.compile_stages.split(",") if s]
