@@ -136,8 +136,8 @@ class DivergenceWatch:
             if not v <= self.factor * base and k not in self.warned:  # NaN counts as a runaway
                 self.warned.add(k)
                 out.append(f"{k} = {v:.4g} is {v / base:.0f}x max(its first logged value, its healthy scale "
-                           f"{floor:.3g}): the network's time derivative is running away (sCT divergence; "
-                           f"check method.sct.time_scale and the learning rate)")
+                           f"{floor:.3g}): the network's time derivative is running away (a diverging JVP "
+                           f"target; check the learning rate, and for sCT method.sct.time_scale)")
         self.data_absmax = max(self.data_absmax, row.get("data_absmax", 0.0))
         smax = row.get("sample_absmax")
         if (smax is not None and self.data_absmax > 0 and smax > self.range_factor * self.data_absmax

@@ -97,7 +97,7 @@ def test_tiny_job_writes_run_directory(tmp_path):
 
 
 @pytest.mark.parametrize("preset, ranks, stage, compiled", [("tiny", 1, 0, False), ("tiny_sct", 2, 3, False),
-                                                            ("tiny_sct", 1, 0, True)])
+                                                            ("tiny_sct", 1, 0, True), ("tiny_meanflow", 1, 0, False)])
 def test_resume_is_exact(tmp_path, preset, ranks, stage, compiled):
     """2N steps straight and N + resume + N give identical per-step losses and identical exported EMAs
     (one rank; two ranks under ZeRO-3, where optimizer state and EMA are per-rank partitions; and one rank

@@ -68,9 +68,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_config(find_config(args.checkpoint, args.config), args.overrides)
     net = load_model(args.checkpoint, cfg, args.device)
     m = cfg.model
-    res = generate(net, cfg.method, n=args.n, shape=(m.in_channels, m.resolution, m.resolution),
-                   num_classes=m.num_classes, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                   labels=args.label, cfg_scale=args.cfg_scale, guidance=args.guidance)
+    try:
+        res = generate(net, cfg.method, n=args.n, shape=(m.in_channels, m.resolution, m.resolution),
+                       num_classes=m.num_classes, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                       labels=args.label, cfg_scale=args.cfg_scale, guidance=args.guidance)
+    except ValueError as e:  # a sampler setting this model cannot take (a guidance it was not trained for, ...)
+        raise UserError(f"{args.checkpoint}: {e}") from None
     os.makedirs(args.out, exist_ok=True)
     written = [save_latents(os.path.join(args.out, "latents.npy"), res.latents)]
     if res.labels is not None:
