@@ -34,53 +34,42 @@ SAMPLE_RANGE = 1.5        # 1-step sample |x| max / data |x0| max
 DIFF_GRAD_RATIO = 3000.0  # consistency vs diffusion gradient norm on the selected pairs, either way
 
 
-# The GPU presets' half-precision plan on the same guards: the whole step under bf16 autocast with the JVP pass in
-# bf16 (the tangent itself: tests/test_jvp_bf16.py).
-@pytest.mark.parametrize("plan", [[], ["train.precision=bf16", "method.sct.jvp_dtype=bf16"]], ids=["fp32", "bf16"])
-def test_sct_default_tiny_preset_stays_stable(tmp_path, plan):
-    cfg = load_config("tiny_sct", ["train.total_samples=12800", "train.log_interval=1600", "train.ckpt_interval=0",
-                                   "train.sample_interval=0"] + plan)
+def _run_and_check(tmp_path, preset: str, overrides: list, keys) -> None:
+    """Train ``preset`` for 400 steps (a log line every 50) and check the watched ``keys`` stay within SCT_GROWTH of
+    max(first logged value, the spec's healthy scale) and 1-step samples within SAMPLE_RANGE of the data's range."""
+    cfg = load_config(preset, ["train.total_samples=12800", "train.log_interval=1600", "train.ckpt_interval=0",
+                               "train.sample_interval=0", "train.eval_interval=0"] + overrides)
     tr = Trainer(cfg, str(tmp_path / "run"))
     it = iter(tr.loader)
     data_absmax = max(float(next(it)[0].abs().max()) for _ in range(32))
     tr.run()
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) >= 6
     floors = divergence_floors(cfg)
-    for key in ("jvp_abs", "g_norm_mean"):
-        series = [r[key] for r in rows]
-        assert all(math.isfinite(v) for v in series), (key, series)
+    for key in keys:
+        series = [r[key] for r in rows if key in r]
+        assert len(series) >= 6 and all(math.isfinite(v) for v in series), (key, series)
         assert max(series) <= SCT_GROWTH * max(series[0], floors[key]), (key, series)
-    net = tr.engine.module
-    x = generate(net, cfg.method, n=256, shape=(4, 8, 8), num_classes=cfg.model.num_classes, steps=1,
+    x = generate(tr.engine.module, cfg.method, n=256, shape=(4, 8, 8), num_classes=cfg.model.num_classes, steps=1,
                  seed=7).latents
     assert torch.isfinite(x).all()
     assert float(x.abs().max()) <= SAMPLE_RANGE * data_absmax, (float(x.abs().max()), data_absmax)
 
 
+# The GPU presets' half-precision plan on the same guards: the whole step under bf16 autocast with the JVP pass in
+# bf16 (the tangent itself: tests/test_jvp_bf16.py).
+@pytest.mark.parametrize("plan", [[], ["train.precision=bf16", "method.sct.jvp_dtype=bf16"]], ids=["fp32", "bf16"])
+def test_sct_default_tiny_preset_stays_stable(tmp_path, plan):
+    _run_and_check(tmp_path, "tiny_sct", plan, ("jvp_abs", "g_norm_mean"))
+
+
 def test_meanflow_tiny_preset_stays_within_its_divergence_floors(tmp_path):
-    """tiny_meanflow (with the paper's training-time guidance on) over 400 steps: the watched metrics of its spec
-    (du/dt and its two terms, the target's RMS) stay within SCT_GROWTH of max(first value, healthy scale), no
-    warning fires, and 1-step samples stay in the data's range."""
-    cfg = load_config("tiny_meanflow", ["train.total_samples=12800", "train.log_interval=1600",
-                                        "train.ckpt_interval=0", "train.sample_interval=0", "train.eval_interval=0",
-                                        "method.meanflow.guidance_mix=0.5"])
-    tr = Trainer(cfg, str(tmp_path / "run"))
-    it = iter(tr.loader)
-    data_absmax = max(float(next(it)[0].abs().max()) for _ in range(32))
-    tr.run()
-    with open(tmp_path / "run" / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    floors = divergence_floors(cfg)
-    assert set(floors) == {"jvp_abs", "target_rms", "dudt_t_rms", "dudt_z_rms"}
-    for key, floor in floors.items():
-        series = [r[key] for r in rows if key in r]
-        assert len(series) >= 6 and all(math.isfinite(v) for v in series), (key, series)
-        assert max(series) <= SCT_GROWTH * max(series[0], floor), (key, series)
-    x = generate(tr.engine.module, cfg.method, n=256, shape=(4, 8, 8), num_classes=cfg.model.num_classes, steps=1,
-                 seed=7).latents
-    assert torch.isfinite(x).all() and float(x.abs().max()) <= SAMPLE_RANGE * data_absmax
+    """tiny_meanflow with the paper's training guidance: every metric its spec watches (du/dt and its two terms,
+    the target's RMS) stays bounded."""
+    cfg = load_config("tiny_meanflow")
+    keys = tuple(divergence_floors(cfg))
+    assert set(keys) == {"jvp_abs", "target_rms", "dudt_t_rms", "dudt_z_rms"}
+    _run_and_check(tmp_path, "tiny_meanflow", ["method.meanflow.guidance_mix=0.5"], keys)
 
 
 def _grad_norm(loss: torch.Tensor, params) -> float:
