@@ -57,6 +57,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from ..models.precond import _as_batch
 from ..profiler.phases import phase
 from ..registry import Condition, MethodSpec, register
 from ..validate import ConfigError, choice, positive
@@ -134,27 +135,17 @@ class MeanFlowPrecond(nn.Module):
           **conditions) -> torch.Tensor:
         """u_θ at (z, t) and the conditions (``h`` = t − r; none = 0, r = t), in (≥)fp32; dual tensors pass."""
         dt = torch.promote_types(z.dtype, torch.float32)
-        t = _batch(t, z, "t")
-        kw = {k: _batch(v, z, k) for k, v in conditions.items() if v is not None}
+        t = _as_batch(t, z, "t")
+        kw = {k: _as_batch(v, z, k) for k, v in conditions.items() if v is not None}
         return self.backbone(z.to(dt), t, labels, dropout_seed=dropout_seed, **kw).to(dt)
 
     def forward(self, z: torch.Tensor, t, labels: Optional[torch.Tensor] = None, *,
                 dropout_seed: Optional[int] = None, **conditions) -> torch.Tensor:
         dt = torch.promote_types(z.dtype, torch.float32)
         z = z.to(dt)
-        tb = _batch(t, z, "t")
+        tb = _as_batch(t, z, "t")
         u = self.F(z, tb, labels, dropout_seed=dropout_seed, **conditions)
         return z - tb.reshape(-1, *([1] * (z.dim() - 1))) * u
-
-
-def _batch(v, x: torch.Tensor, name: str) -> torch.Tensor:
-    """A time or condition as a [B] tensor of x's coefficient dtype (a dual tensor keeps its tangent)."""
-    t = torch.as_tensor(v, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    if t.dim() == 0:
-        return t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"{name} must be a scalar or have shape [{x.shape[0]}], got {tuple(t.shape)}")
-    return t
 
 
 def meanflow_at_sigma(sigma: float, sigma_data: float) -> Tuple[float, float]:
@@ -165,16 +156,18 @@ def meanflow_at_sigma(sigma: float, sigma_data: float) -> Tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------ training
 def meanflow_jvp(net: nn.Module, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-                 labels: Optional[torch.Tensor], *, dropout_seed: Optional[int] = None, jvp_dtype: str = "fp32"
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 labels: Optional[torch.Tensor], *, dropout_seed: Optional[int] = None, jvp_dtype: str = "fp32",
+                 time_tangent: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(u⁻, du⁻/dt): the stop-gradient network and its total derivative along the flow, one forward-mode JVP
     with tangent (v, 0, 1) over (z, r, t) — (v, 1, 1) over the network's (z, t, h = t − r). Dual tensors (not
-    ``torch.func``) so that it runs inside DeepSpeed ZeRO-3, through the package's forward-AD kernels."""
+    ``torch.func``) so that it runs inside DeepSpeed ZeRO-3, through the package's forward-AD kernels.
+    ``time_tangent`` replaces the 1 of t (and h): 0 with v gives v·∂_z u alone, 1 with v = 0 gives ∂_t u alone
+    (the diagnostics' split)."""
     net = unwrap(net)
     with torch.no_grad(), _jvp_precision(net, z_t.device, jvp_dtype), fwAD.dual_level():
-        ones = torch.ones_like(t)
-        out = net.F(fwAD.make_dual(z_t, v), fwAD.make_dual(t, ones), labels, dropout_seed=dropout_seed,
-                    h=fwAD.make_dual(t - r, ones))
+        tan = torch.full_like(t, time_tangent)
+        out = net.F(fwAD.make_dual(z_t, v), fwAD.make_dual(t, tan), labels, dropout_seed=dropout_seed,
+                    h=fwAD.make_dual(t - r, tan))
         u, dudt = fwAD.unpack_dual(out)
         if dudt is None:  # a network that ignores its inputs
             dudt = torch.zeros_like(u)
@@ -275,13 +268,10 @@ class MeanFlowLoss(MethodLoss):
         seed = draw_seed(generator)  # one dropout mask for both JVPs
         z_t = (1.0 - t).view(shape) * x0 + t.view(shape) * eps
         out = {}
-        for key, (vz, vt) in {"dudt_t_rms": (torch.zeros_like(x0), 1.0), "dudt_z_rms": (eps - x0, 0.0)}.items():
-            net = unwrap(target_net)
-            with torch.no_grad(), _jvp_precision(net, x0.device, self.jvp_dtype), fwAD.dual_level():
-                tan = torch.full_like(t, vt)
-                _, jac = fwAD.unpack_dual(net.F(fwAD.make_dual(z_t, vz), fwAD.make_dual(t, tan), labels,
-                                                dropout_seed=seed, h=fwAD.make_dual(t - r, tan)))
-            out[key] = torch.zeros((), device=x0.device) if jac is None else jac.float().square().mean().sqrt()
+        for key, (vz, tt) in {"dudt_t_rms": (torch.zeros_like(x0), 1.0), "dudt_z_rms": (eps - x0, 0.0)}.items():
+            _, jac = meanflow_jvp(target_net, z_t, r, t, vz, labels, dropout_seed=seed, jvp_dtype=self.jvp_dtype,
+                                  time_tangent=tt)
+            out[key] = jac.float().square().mean().sqrt()
         return out
 
 
