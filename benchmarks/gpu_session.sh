@@ -17,14 +17,17 @@
 # call); every candidate's compile is checked on CPU by tests/test_triton_aot.py. Benchmarks autotune.
 # GPU_SECONDS bounds the whole session: every stage runs under `timeout` with what is left of it (each
 # stage also has its own cap), so a lease's call returns before its limit with every finished stage's
-# logs; after each stage the logs and benchmarks/results/ are packed into $OUT/session.tar.gz (one file:
-# a call brings back at most 8).
+# logs; after each stage the logs and the results written since the start are packed into
+# $OUT/session.tar.gz (unpack it in the checkout: logs/ and benchmarks/results/).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 final=${OUT:-$root/gpu-out}
-out=$final/logs
-mkdir -p "$out"
+# the logs live outside $OUT: a lease's call brings back at most 8 files, and the one that matters is the
+# packed session (logs and new results together)
+work=$(mktemp -d)
+out=$work/logs
+mkdir -p "$out" "$final"
 export PYTHONUNBUFFERED=1
 t_end=$(( $(date +%s) + ${GPU_SECONDS:-100000} ))
 left() {  # seconds left for a stage: the smaller of its cap ($1) and the session's rest, less 10 s to pack
@@ -32,7 +35,13 @@ left() {  # seconds left for a stage: the smaller of its cap ($1) and the sessio
   [ "$rest" -lt 1 ] && rest=1
   [ "$rest" -lt "$1" ] && echo "$rest" || echo "$1"
 }
-pack() { tar czf "$final/session.tar.gz" -C "$final" logs -C "$root" benchmarks/results 2>/dev/null; }
+stamp=$(mktemp)  # results written after this are the session's own: only those travel back
+pack() {  # one file under 16 MiB: the logs (no traces) and this session's new results
+  local new
+  new=$(find benchmarks/results -type f -newer "$stamp")
+  # shellcheck disable=SC2086
+  tar czf "$final/session.tar.gz" --exclude='*trace*' -C "$work" logs -C "$root" $new 2>/dev/null
+}
 
 ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_session: no .whl/ — run bash ../shared/device/wheels.sh here and carry .whl"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

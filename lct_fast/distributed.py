@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistEnv", "init_distributed", "free_port", "cpu_threads_per_rank"]
+__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "free_port", "cpu_threads_per_rank"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,17 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     return DistEnv(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                    local_rank=local_rank, device=device, threads=torch.get_num_threads())
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group at a successful end: a barrier, then ``destroy_process_group``.
+
+    Without it gloo's worker threads still hold finished work (tensors with Python references) when the
+    interpreter finalises, and the process can die with "terminate called without an active exception"
+    (SIGABRT) after it has written its results: seen on one rank of a 2-rank ZeRO-3 CPU profile run and of a
+    2-rank training run, about one launch in a few hundred. Only for the success path: a rank that failed
+    must not wait in the barrier for ranks that are still inside a collective (it exits, and they time out).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -156,8 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_table(out["steps"], keys))
         print(os.path.join(args.out, "metrics.json"))
     if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        from lct_fast.distributed import shutdown_distributed
+
+        shutdown_distributed()
     return 0
 
 

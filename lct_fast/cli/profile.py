@@ -155,7 +155,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
     import torch
 
-    from lct_fast.distributed import init_distributed
+    from lct_fast.distributed import init_distributed, shutdown_distributed
     from lct_fast.profiler import (
         ProfileOptions,
         device_name,
@@ -207,7 +207,7 @@ def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
             f.write(f"# Profile: {rec['name']}\n\n```\n{table}\n```\n")
         print(table)
         print(f"profile: {os.path.join(args.out, 'profile.json')}", file=sys.stderr)
-    torch.distributed.barrier()
+    shutdown_distributed()
     return 0
 
 

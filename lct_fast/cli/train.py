@@ -93,6 +93,7 @@ def main(argv=None) -> int:
         print(f"parameters: {count_parameters(cfg.model, model_conditions(cfg.method)):,}")
         return 0
 
+    from lct_fast.distributed import shutdown_distributed
     from lct_fast.trainer import Trainer, TrainingStopped
 
     try:
@@ -103,6 +104,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    shutdown_distributed()
     return 0
 
 

@@ -61,7 +61,12 @@ def _fwd_kernel(X, Y, XD, YD, BIAS, BIASD, SHIFT, SCALE, SHIFTD, SCALED,
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
     else:
-        mean = tl.sum(x, axis=0) / N
+        # The sum is taken about the row's first value (a pivot): with mean ≫ std an fp32 sum of the raw
+        # values loses the digits that carry the deviations (mean 1e3, std 1e-2, 1000 values: the split
+        # path unshifted gave max|x̂ − exact| ≈ 7e-3 on an H200, where rounding the mean itself to fp32
+        # costs at most 0.5·ulp(1e3)/1e-2 = 3e-3).
+        pivot = tl.load(X + row.to(tl.int64) * N).to(tl.float32)
+        mean = pivot + tl.sum(tl.where(mask, x - pivot, 0.0), axis=0) / N
         xc0 = tl.where(mask, x - mean, 0.0)
         var = tl.sum(xc0 * xc0, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)
@@ -105,15 +110,17 @@ def _fwd_kernel(X, Y, XD, YD, BIAS, BIASD, SHIFT, SCALE, SHIFTD, SCALED,
 
 @triton.jit
 def _chunk_stats_kernel(X, XD, P, N, C, BLOCK_N: tl.constexpr, HAS_XD: tl.constexpr):
-    """Split path: per (row, chunk) count-free moments: sum x, M2 about the chunk mean, and with a
-    tangent sum ẋ and the co-moment Σ(x − μ_c)(ẋ − ν_c). P is [R, C, 4] fp32."""
+    """Split path: per (row, chunk) count-free moments: Σ(x − pivot), M2 about the chunk mean, and with a
+    tangent Σẋ and the co-moment Σ(x − μ_c)(ẋ − ν_c). P is [R, C, 4] fp32. The pivot is the row's first
+    value, so the sums carry the deviations, not the offset (see the one-pass path in _fwd_kernel)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
     off = row.to(tl.int64) * N + cols
     cnt = tl.minimum(N - chunk * BLOCK_N, BLOCK_N).to(tl.float32)
-    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    pivot = tl.load(X + row.to(tl.int64) * N).to(tl.float32)
+    x = tl.where(mask, tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - pivot, 0.0)
     sx = tl.sum(x, axis=0)
     xc = tl.where(mask, x - sx / cnt, 0.0)
     base = (row.to(tl.int64) * C + chunk) * 4
@@ -275,15 +282,18 @@ def _row_stats(x: torch.Tensor, xd: Optional[torch.Tensor], eps: float, block: i
                                      num_warps=_warps_for(block))
     cnt = torch.full((chunks,), float(block), device=x.device, dtype=torch.float32)
     cnt[-1] = n - block * (chunks - 1)
-    mean = p[:, :, 0].sum(1) / n
+    mean = p[:, :, 0].sum(1) / n  # about the pivot x[:, 0] until the end
     mu_c = p[:, :, 0] / cnt
     m2 = p[:, :, 1].sum(1) + (cnt * (mu_c - mean[:, None]).square()).sum(1)
     rstd = torch.rsqrt(m2 / n + eps)
+    co = None
+    if xd is not None:
+        mxd = p[:, :, 2].sum(1) / n
+        nu_c = p[:, :, 2] / cnt
+        co = p[:, :, 3].sum(1) + (cnt * (mu_c - mean[:, None]) * (nu_c - mxd[:, None])).sum(1)
+    mean = x[:, 0].float() + mean
     if xd is None:
         return mean.contiguous(), rstd.contiguous(), None, None
-    mxd = p[:, :, 2].sum(1) / n
-    nu_c = p[:, :, 2] / cnt
-    co = p[:, :, 3].sum(1) + (cnt * (mu_c - mean[:, None]) * (nu_c - mxd[:, None])).sum(1)
     cxd = co / n * rstd  # mean(x̂·ẋ_c)
     return mean.contiguous(), rstd.contiguous(), mxd.contiguous(), cxd.contiguous()
 

@@ -16,7 +16,10 @@ import json
 import os
 import sys
 
-os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU/gloo check, also on a GPU machine
+if __name__ == "__main__":
+    # a CPU/gloo check, also on a GPU machine; only when run: tests/test_ot_global.py imports this file's
+    # constants, and hiding the GPUs there would hide them from every CUDA test in the same pytest process
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -35,6 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lct_fast.config import load_config  # noqa: E402
+from lct_fast.distributed import shutdown_distributed  # noqa: E402
 from lct_fast.methods import build_model  # noqa: E402
 from lct_fast.trainer import Trainer  # noqa: E402
 
@@ -166,7 +167,7 @@ def main() -> None:
         torch.save(state, a.save_state)
         with open(a.report, "w") as f:
             json.dump(report, f, indent=1)
-    torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

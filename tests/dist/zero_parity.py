@@ -57,7 +57,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lct_fast.config import Config, load_config  # noqa: E402
-from lct_fast.distributed import init_distributed  # noqa: E402
+from lct_fast.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from lct_fast.ema import EMA, consolidate  # noqa: E402
 from lct_fast.methods import build_loss  # noqa: E402
 from lct_fast.methods import build_model  # noqa: E402
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report()
     report["complete"] = True
     write_report()
-    torch.distributed.barrier()
+    shutdown_distributed()
     return 0
 
 
