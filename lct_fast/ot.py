@@ -33,8 +33,8 @@ the reduced cost it tracks the spread that actually decides the assignment.
 
 The Sinkhorn solver is a kernel family of :mod:`lct_fast.ops` (``ops.sinkhorn_ops``: the shared pipeline and the
 dispatch; ``sinkhorn_pytorch`` / ``sinkhorn_triton`` / ``sinkhorn_cuda``), registered in the one backend
-registry; ``backend="auto"`` picks a ``cuda``/``triton`` kernel for CUDA tensors and the PyTorch reference
-otherwise. This module only consumes it; its names are re-exported here for callers of the coupling API.
+registry; ``backend="auto"`` picks a ``cuda``/``triton`` kernel for CUDA tensors up to n = FUSED_MAX_N (512)
+and the PyTorch reference otherwise (larger problems: the fused kernels run one problem per SM). This module only consumes it; its names are re-exported here for callers of the coupling API.
 """
 from __future__ import annotations
 
@@ -260,7 +260,7 @@ def couple(x0: torch.Tensor, z: torch.Tensor, method: str = "exact", *, labels: 
         else:
             x = x0.reshape(groups, n, -1).detach().float()
             y = z.reshape(groups, n, -1).detach().float()
-            used_backend, _ = get_sinkhorn_backend(backend, dev)  # warns once if it must fall back
+            used_backend, _ = get_sinkhorn_backend(backend, dev, n)  # warns once if it must fall back
             local = sinkhorn_assignment(_batched_cost(x, y), eps=eps, iters=iters, backend=used_backend,
                                         refine_rounds=refine_rounds)
             perm = (local + torch.arange(groups, device=dev).unsqueeze(1) * n).reshape(B)
@@ -287,8 +287,8 @@ def _couple_within(x0: torch.Tensor, z: torch.Tensor, members: list[torch.Tensor
             C = _batched_cost(x64[m].unsqueeze(0), z64[m].unsqueeze(0))[0].numpy()
             perm[m] = m[torch.from_numpy(exact_assignment(C, solver))]
         return perm.to(dev), solver
-    used_backend, _ = get_sinkhorn_backend(backend, dev)
     sizes = sorted({int(m.numel()) for m in members})
+    used_backend, _ = get_sinkhorn_backend(backend, dev, sizes[-1] if sizes else None)
     for size in sizes:
         idx = torch.stack([m for m in members if m.numel() == size])          # [P, size], CPU
         idx_dev = idx.to(dev)

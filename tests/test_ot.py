@@ -206,6 +206,37 @@ def test_backend_registry_and_fallback(monkeypatch):
         O.get_sinkhorn_backend("opencl")
 
 
+def test_auto_takes_the_reference_for_large_problems(monkeypatch):
+    """The fused kernels run one problem per SM and lose to the reference above FUSED_MAX_N (measured on an
+    H200): auto follows the size; an explicit backend, or a module default other than auto, is kept."""
+    from lct_fast.ops import dispatch, sinkhorn_ops
+
+    calls = []
+
+    def fake(C, **kwargs):
+        calls.append(C.shape[-1])
+        return sinkhorn_ops._reference_assignment(C, **kwargs)
+
+    monkeypatch.setitem(dispatch._REGISTRY["sinkhorn_assignment"], "cuda",
+                        dispatch._Entry(fake, lambda C, *a: (True, ""), True))
+    monkeypatch.setattr(dispatch, "_SEEN", {})
+    _fake_backend(monkeypatch, "sinkhorn_log", "cuda", lambda C, s, i: O.sinkhorn_log(C, s, i))
+    big = sinkhorn_ops.FUSED_MAX_N + 1
+    assert O.get_sinkhorn_backend("auto", "cuda", sinkhorn_ops.FUSED_MAX_N)[0] == "cuda"
+    assert O.get_sinkhorn_backend("auto", "cuda", big)[0] == "reference"
+    assert O.get_sinkhorn_backend("cuda", "cuda", big)[0] == "cuda"
+    g = torch.Generator().manual_seed(0)
+    small_C, big_C = torch.rand(8, 8, generator=g), torch.rand(big, big, generator=g)
+    O.sinkhorn_assignment(small_C, iters=4, refine_rounds=0)
+    O.sinkhorn_assignment(big_C, iters=4, refine_rounds=0)
+    assert calls == [8]
+    O.sinkhorn_assignment(big_C, iters=4, refine_rounds=0, backend="cuda")
+    assert calls == [8, big]
+    monkeypatch.setattr(dispatch, "_DEFAULT_BACKEND", "cuda")
+    O.sinkhorn_assignment(big_C, iters=4, refine_rounds=0)
+    assert calls == [8, big, big]
+
+
 def test_errors_name_the_problem():
     x, z = _data(8, 4, "random", 12)
     with pytest.raises(ValueError, match="same shape"):
