@@ -34,7 +34,8 @@ the reduced cost it tracks the spread that actually decides the assignment.
 The Sinkhorn solver is a kernel family of :mod:`lct_fast.ops` (``ops.sinkhorn_ops``: the shared pipeline and the
 dispatch; ``sinkhorn_pytorch`` / ``sinkhorn_triton`` / ``sinkhorn_cuda``), registered in the one backend
 registry; ``backend="auto"`` picks a ``cuda``/``triton`` kernel for CUDA tensors up to n = FUSED_MAX_N (512)
-and the PyTorch reference otherwise (larger problems: the fused kernels run one problem per SM). This module only consumes it; its names are re-exported here for callers of the coupling API.
+and the PyTorch reference otherwise (larger problems: the fused kernels run one problem per SM). This module
+only consumes it; its names are re-exported here for callers of the coupling API.
 """
 from __future__ import annotations
 

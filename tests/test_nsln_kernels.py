@@ -11,7 +11,6 @@ import os
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 
 from lct_fast import ops
 from lct_fast.ops import nsln_fused as NF
@@ -168,8 +167,9 @@ def test_stats_are_stable_for_large_offsets(split, request):
     """mean ≫ std (1e3 vs 1e-2): the chunked variance must not cancel (E[x²] − μ² would lose every digit in
     fp32), and the mean's sum must not lose the deviations. Rounding the mean itself to fp32 costs up to
     0.5·ulp(1e3)/σ ≈ 3e-3 in x̂; with the sum taken about a pivot nothing else costs more than ~1e-6, so
-    that is the bound (torch's fp32 layer_norm: 2.3e-3 on CPU; the unshifted sum: 4.7e-3 / 6.8e-3 one-pass /
-    split under the interpreter, ~7e-3 split on an H200), along with the standard's 2× torch's own error."""
+    that is the bound. For scale: torch's fp32 layer_norm 2.3e-3 on CPU (ours 2.15e-3); the unshifted sum
+    4.7e-3 / 6.8e-3 one-pass / split under the interpreter and ~7e-3 split on an H200. torch's error is not
+    the bound here: any fp32 mean is off by up to the floor, by luck of rounding less on some inputs."""
     if split:
         request.getfixturevalue("small_split")
     g = torch.Generator().manual_seed(3)
@@ -177,9 +177,7 @@ def test_stats_are_stable_for_large_offsets(split, request):
     x = (torch.randn(4, n, generator=g, dtype=torch.float64) * 1e-2 + 1e3).float()
     exact = ops.nsln_reference(x.double(), None)
     floor = 0.5 * (torch.finfo(torch.float32).eps * 512) / x.double().std(-1).min().item()
-    ours = _err(NF.nsln_fused(x.to(DEV), None), exact)
-    assert ours <= floor
-    assert ours <= 2 * max(_err(F.layer_norm(x.to(DEV), (n,), eps=1e-6), exact), floor / 2)
+    assert _err(NF.nsln_fused(x.to(DEV), None), exact) <= floor
 
 
 def test_tangent_matches_spec_formula():
