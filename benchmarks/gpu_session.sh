@@ -10,15 +10,16 @@
 #
 # Prerequisites here (no GPU needed): `bash ../shared/device/wheels.sh` fills .whl/ (deepspeed, POT,
 # webdataset, ...): carry `.whl` in the device call; without it the suite cannot even be collected.
-# Results land in $OUT (./gpu-out when OUT is unset): one log per stage, and benchmarks/results/ tarred
-# again after every benchmark (a call returns at most 8 files, and one that hits its time limit keeps
-# only what is already under $OUT). The tests run with LCT_FAST_AUTOTUNE=0: one launch configuration per
+# Everything comes back as one file, $OUT/session.tar.gz (./gpu-out when OUT is unset; a call returns at
+# most 8 files of 16 MiB, and one that hits its time limit keeps only what is already under $OUT): one log
+# per stage and the results written during the session, packed again after every stage. The POT wheel
+# carries a 175 MB module (ot.bsp) that nothing here uses: strip it to fit the 64 MiB a call carries (see
+# benchmarks/results/gpu-h200-20261204.md). The tests run with LCT_FAST_AUTOTUNE=0: one launch configuration per
 # kernel specialisation instead of compiling and timing every candidate (hundreds of compiles, most of a
 # call); every candidate's compile is checked on CPU by tests/test_triton_aot.py. Benchmarks autotune.
 # GPU_SECONDS bounds the whole session: every stage runs under `timeout` with what is left of it (each
 # stage also has its own cap), so a lease's call returns before its limit with every finished stage's
-# logs; after each stage the logs and the results written since the start are packed into
-# $OUT/session.tar.gz (unpack it in the checkout: logs/ and benchmarks/results/).
+# logs (unpack session.tar.gz in the checkout: logs/ and benchmarks/results/).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -37,10 +38,11 @@ left() {  # seconds left for a stage: the smaller of its cap ($1) and the sessio
 }
 stamp=$(mktemp)  # results written after this are the session's own: only those travel back
 pack() {  # one file under 16 MiB: the logs (no traces) and this session's new results
-  local new
-  new=$(find benchmarks/results -type f -newer "$stamp")
-  # shellcheck disable=SC2086
-  tar czf "$final/session.tar.gz" --exclude='*trace*' -C "$work" logs -C "$root" $new 2>/dev/null
+  local new=()
+  mapfile -t new < <(find benchmarks/results -type f -newer "$stamp")
+  local args=(-C "$work" logs)
+  [ ${#new[@]} -gt 0 ] && args+=(-C "$root" "${new[@]}")
+  tar czf "$final/session.tar.gz" --exclude='*trace*' "${args[@]}" || echo "gpu_session: packing failed"
 }
 
 ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_session: no .whl/ — run bash ../shared/device/wheels.sh here and carry .whl"; exit 2; }

@@ -9,7 +9,6 @@ together offline from the per-rank files.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import numpy as np

@@ -33,9 +33,9 @@ the reduced cost it tracks the spread that actually decides the assignment.
 
 The Sinkhorn solver is a kernel family of :mod:`lct_fast.ops` (``ops.sinkhorn_ops``: the shared pipeline and the
 dispatch; ``sinkhorn_pytorch`` / ``sinkhorn_triton`` / ``sinkhorn_cuda``), registered in the one backend
-registry; ``backend="auto"`` picks a ``cuda``/``triton`` kernel for CUDA tensors up to n = FUSED_MAX_N (512)
-and the PyTorch reference otherwise (larger problems: the fused kernels run one problem per SM). This module
-only consumes it; its names are re-exported here for callers of the coupling API.
+registry; ``backend="auto"`` picks a ``triton`` (n ≤ 512) or ``cuda`` (n ≤ 256) kernel for CUDA tensors and
+the PyTorch reference otherwise (measured: ``ops.sinkhorn_ops.FUSED_MAX_N``). This module only consumes it;
+its names are re-exported here for callers of the coupling API.
 """
 from __future__ import annotations
 
@@ -289,11 +289,13 @@ def _couple_within(x0: torch.Tensor, z: torch.Tensor, members: list[torch.Tensor
             perm[m] = m[torch.from_numpy(exact_assignment(C, solver))]
         return perm.to(dev), solver
     sizes = sorted({int(m.numel()) for m in members})
-    used_backend, _ = get_sinkhorn_backend(backend, dev, sizes[-1] if sizes else None)
+    used = []
     for size in sizes:
         idx = torch.stack([m for m in members if m.numel() == size])          # [P, size], CPU
         idx_dev = idx.to(dev)
+        name, _ = get_sinkhorn_backend(backend, dev, size)  # per size: auto depends on n
+        used.append(name)
         local = sinkhorn_assignment(_batched_cost(x_flat[idx_dev].float(), z_flat[idx_dev].float()), eps=eps,
-                                    iters=iters, backend=used_backend, refine_rounds=refine_rounds).cpu()
+                                    iters=iters, backend=name, refine_rounds=refine_rounds).cpu()
         perm[idx.reshape(-1)] = torch.gather(idx, 1, local).reshape(-1)
-    return perm.to(dev), used_backend
+    return perm.to(dev), "+".join(dict.fromkeys(used)) or get_sinkhorn_backend(backend, dev)[0]

@@ -166,8 +166,8 @@ def test_257_rows():
 def test_stats_are_stable_for_large_offsets(split, request):
     """mean ≫ std (1e3 vs 1e-2): the chunked variance must not cancel (E[x²] − μ² would lose every digit in
     fp32), and the mean's sum must not lose the deviations. Rounding the mean itself to fp32 costs up to
-    0.5·ulp(1e3)/σ ≈ 3e-3 in x̂; with the sum taken about a pivot nothing else costs more than ~1e-6, so
-    that is the bound. For scale: torch's fp32 layer_norm 2.3e-3 on CPU (ours 2.15e-3); the unshifted sum
+    0.5·ulp(1e3)/σ ≈ 3e-3 in x̂; with the sum taken about a pivot the rest is ≤ ~2e-5 (the variance about the
+    rounded mean, at |x̂| ≈ 4), so that plus 1 % is the bound. For scale: torch's fp32 layer_norm 2.3e-3 on CPU (ours 2.15e-3); the unshifted sum
     4.7e-3 / 6.8e-3 one-pass / split under the interpreter and ~7e-3 split on an H200. torch's error is not
     the bound here: any fp32 mean is off by up to the floor, by luck of rounding less on some inputs."""
     if split:
@@ -177,7 +177,7 @@ def test_stats_are_stable_for_large_offsets(split, request):
     x = (torch.randn(4, n, generator=g, dtype=torch.float64) * 1e-2 + 1e3).float()
     exact = ops.nsln_reference(x.double(), None)
     floor = 0.5 * (torch.finfo(torch.float32).eps * 512) / x.double().std(-1).min().item()
-    assert _err(NF.nsln_fused(x.to(DEV), None), exact) <= floor
+    assert _err(NF.nsln_fused(x.to(DEV), None), exact) <= 1.01 * floor
 
 
 def test_tangent_matches_spec_formula():

@@ -198,6 +198,9 @@ def test_backend_registry_and_fallback(monkeypatch):
     _fake_backend(monkeypatch, "sinkhorn_log", "cuda", lambda C, s, i: O.sinkhorn_log(C, s, i))
     _fake_backend(monkeypatch, "sinkhorn_assignment", "cuda", fake)
     assert O.get_sinkhorn_backend("auto", "cpu")[0] == "reference"  # a CUDA kernel is not used for CPU data
+    # on CUDA data auto prefers triton (faster at every measured size) and takes cuda when triton is absent
+    from lct_fast.ops import dispatch
+    monkeypatch.delitem(dispatch._REGISTRY["sinkhorn_log"], "triton", raising=False)
     assert O.get_sinkhorn_backend("auto", "cuda")[0] == "cuda"
     with pytest.warns(RuntimeWarning, match="needs CUDA"):
         O.couple(*_data(16, 8, "random", 11), "sinkhorn", backend="cuda")
@@ -206,35 +209,45 @@ def test_backend_registry_and_fallback(monkeypatch):
         O.get_sinkhorn_backend("opencl")
 
 
-def test_auto_takes_the_reference_for_large_problems(monkeypatch):
-    """The fused kernels run one problem per SM and lose to the reference above FUSED_MAX_N (measured on an
-    H200): auto follows the size; an explicit backend, or a module default other than auto, is kept."""
+def test_auto_follows_the_measured_speed_by_size(monkeypatch):
+    """auto = triton up to FUSED_MAX_N["triton"], cuda (when triton cannot run) up to FUSED_MAX_N["cuda"], else
+    the reference (H200: the one-SM kernels lose to the reference above those sizes, and cuda to triton
+    everywhere); an explicit backend, or a module default other than auto, is kept."""
     from lct_fast.ops import dispatch, sinkhorn_ops
 
     calls = []
 
-    def fake(C, **kwargs):
-        calls.append(C.shape[-1])
-        return sinkhorn_ops._reference_assignment(C, **kwargs)
+    def fake(name):
+        def run(C, **kwargs):
+            calls.append((name, C.shape[-1]))
+            return sinkhorn_ops._reference_assignment(C, **kwargs)
+        return run
 
-    monkeypatch.setitem(dispatch._REGISTRY["sinkhorn_assignment"], "cuda",
-                        dispatch._Entry(fake, lambda C, *a: (True, ""), True))
+    for name in ("triton", "cuda"):
+        monkeypatch.setitem(dispatch._REGISTRY["sinkhorn_assignment"], name,
+                            dispatch._Entry(fake(name), lambda C, *a: (True, ""), True))
+        monkeypatch.setitem(dispatch._REGISTRY["sinkhorn_log"], name,
+                            dispatch._Entry(lambda C, s, i: O.sinkhorn_log(C, s, i), lambda C, *a: (True, ""), True))
     monkeypatch.setattr(dispatch, "_SEEN", {})
-    _fake_backend(monkeypatch, "sinkhorn_log", "cuda", lambda C, s, i: O.sinkhorn_log(C, s, i))
-    big = sinkhorn_ops.FUSED_MAX_N + 1
-    assert O.get_sinkhorn_backend("auto", "cuda", sinkhorn_ops.FUSED_MAX_N)[0] == "cuda"
-    assert O.get_sinkhorn_backend("auto", "cuda", big)[0] == "reference"
-    assert O.get_sinkhorn_backend("cuda", "cuda", big)[0] == "cuda"
+    lim = sinkhorn_ops.FUSED_MAX_N
+    small, mid, big = 8, lim["cuda"] + 1, lim["triton"] + 1
     g = torch.Generator().manual_seed(0)
-    small_C, big_C = torch.rand(8, 8, generator=g), torch.rand(big, big, generator=g)
-    O.sinkhorn_assignment(small_C, iters=4, refine_rounds=0)
-    O.sinkhorn_assignment(big_C, iters=4, refine_rounds=0)
-    assert calls == [8]
-    O.sinkhorn_assignment(big_C, iters=4, refine_rounds=0, backend="cuda")
-    assert calls == [8, big]
+    C = {n: torch.rand(n, n, generator=g) for n in (small, mid, big)}
+
+    def run(n, **kw):
+        O.sinkhorn_assignment(C[n], iters=3, refine_rounds=0, **kw)
+        return calls.pop()[0] if calls else "reference"
+
+    assert [run(n) for n in (small, mid, big)] == ["triton", "triton", "reference"]
+    assert [O.get_sinkhorn_backend("auto", "cuda", n)[0] for n in (None, lim["triton"], big)] == \
+        ["triton", "triton", "reference"]
+    assert run(big, backend="cuda") == "cuda"  # an explicit choice is not second-guessed
+    monkeypatch.delitem(dispatch._REGISTRY["sinkhorn_assignment"], "triton")
+    monkeypatch.delitem(dispatch._REGISTRY["sinkhorn_log"], "triton")
+    assert [run(n) for n in (small, mid, big)] == ["cuda", "reference", "reference"]
+    assert [O.get_sinkhorn_backend("auto", "cuda", n)[0] for n in (lim["cuda"], mid)] == ["cuda", "reference"]
     monkeypatch.setattr(dispatch, "_DEFAULT_BACKEND", "cuda")
-    O.sinkhorn_assignment(big_C, iters=4, refine_rounds=0)
-    assert calls == [8, big, big]
+    assert run(big) == "cuda"
 
 
 def test_errors_name_the_problem():

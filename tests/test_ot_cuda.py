@@ -136,11 +136,14 @@ def test_gpu_couple_cuda_near_exact():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_cuda_is_auto_choice_and_has_no_host_sync():
+def test_gpu_cuda_auto_choice_by_size_and_no_host_sync():
     _need_ext()
+    from lct_fast.ops import dispatch
     from lct_fast.ops.sinkhorn_cuda import sinkhorn_assignment_cuda
 
-    assert O.get_sinkhorn_backend("auto", "cuda")[0] == "cuda"
+    has_triton = "triton" in dispatch.registered_backends("sinkhorn_log")
+    assert O.get_sinkhorn_backend("auto", "cuda", 256)[0] == ("triton" if has_triton else "cuda")
+    assert O.get_sinkhorn_backend("auto", "cuda", 4096)[0] == "reference"
     x, z = _data(256, 1024, "random", 71)
     C = O._batched_cost(x.cuda().unsqueeze(0), z.cuda().unsqueeze(0))
     sinkhorn_assignment_cuda(C)  # warm-up: caches the ε schedule on the device

@@ -292,6 +292,42 @@ def test_sweep_records_oom_and_errors_without_failing(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
+def test_a_stopped_sweep_kills_its_running_point(tmp_path):
+    """SIGTERM to a sweep (a job's time limit) must not leave the running point's own session holding the
+    device: the sweep's handler unwinds, and run_point kills the point's process group on the way out."""
+    import signal
+    import subprocess
+    import textwrap
+    import time
+
+    pidfile = tmp_path / "point.pid"
+    parent = textwrap.dedent(f"""
+        import signal, sys
+        from lct_fast.profiler.sweep import run_point
+        signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))  # as lct_fast.cli.profile._sweep does
+        child = "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+        run_point([sys.executable, "-c", child], timeout=300)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=dict(os.environ, PYTHONPATH=ROOT))
+    deadline = time.time() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    os.kill(pid, 0)  # the point runs, in a session of its own
+    assert os.getsid(pid) != os.getsid(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the sweep point outlived its sweep")
+
+
 def test_sweep_skips_points_predicted_not_to_fit(tmp_path):
     """A point whose ZeRO state plus modelled activations exceed the budget is a row, never a process."""
     from lct_fast.profiler.memory import predicted_bytes

@@ -122,7 +122,13 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    import signal
+
     from lct_fast.profiler import run_sweep
+
+    # SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C, so the running point's process group is
+    # killed on the way out (run_point) instead of outliving the sweep.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     argv = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.peak_tflops:
@@ -194,7 +200,8 @@ def _profile(args: argparse.Namespace, cfg, overrides: list) -> int:
                     num_emas=len(trainer.ema.names),
                     teacher_params=0 if trainer.teacher is None else sum(
                         int(getattr(p, "ds_numel", p.numel())) for p in trainer.teacher.parameters())),
-                "backends": kernel_backends(cfg, dist.device), "overrides": overrides,
+                "backends": kernel_backends(cfg, dist.device, trainer.micro_batch * (
+                    dist.world_size if cfg.method.ot.global_coupling else 1)), "overrides": overrides,
                 "log_interval": cfg.train.log_interval}
         argv = [a for a in sys.argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
         command = shlex.join(["python"] + argv) + (f"  # {dist.world_size} ranks" if dist.world_size > 1 else "")

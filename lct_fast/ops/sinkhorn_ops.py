@@ -116,20 +116,26 @@ def _reference_assignment(C: torch.Tensor, *, eps: float, iters: int, eps_start:
                           eps_start=eps_start, refine_rounds=refine_rounds)
 
 
-# The fused Sinkhorn kernels run each problem in one program (one SM, the whole loop on the device): on an
-# H200 they beat the PyTorch reference up to n = 512 (15.8 vs 21.0 ms at n 512, D 4096) and fall behind
-# above it (66 vs 21 ms at 1024, 245 vs 22 ms at 2048; benchmarks/results/gpu-h200-20261204.md). ``auto``
-# therefore takes the reference for larger problems (the global coupling's W·B); an explicit backend is
-# used as asked.
-FUSED_MAX_N = 512
+# ``auto`` for the Sinkhorn ops follows measured speed, not the ops' shared cuda > triton order. Each fused
+# kernel runs a problem in one program (one SM, the whole loop on the device). On an H200 (bench_ot.py,
+# D 4096, ms at n = 128 / 256 / 512 / 1024 / 2048; benchmarks/results/gpu-h200-20261204.md):
+#   reference  21.6 / 21.2 / 21.0 / 21.5 / 22.5   (launch- and sync-bound)
+#   triton      1.6 /  4.4 / 15.8 / 66.5 /  245
+#   cuda        1.8 /  7.3 / 28.4 /  112 /  422
+# so auto takes triton up to n = 512, cuda (when triton cannot run) up to 256, and the reference above: the
+# global coupling's W·B is the large case. An explicit backend is used as asked.
+FUSED_MAX_N = {"triton": 512, "cuda": 256}
 
 
-def auto_for_size(backend: str, n: int | None) -> str:
-    """``backend`` with ``auto`` (and a module default of ``auto``) turned into ``reference`` for n > FUSED_MAX_N."""
-    if (n is not None and n > FUSED_MAX_N and backend == "auto"
-            and dispatch.get_default_backend() == "auto"):
-        return "reference"
-    return backend
+def auto_for_size(op: str, backend: str, n: int | None, *tensors) -> str:
+    """What ``backend`` means for ``op`` on a problem of size ``n`` (unknown: as small as can be): ``auto``, when
+    the module default is auto too, becomes the fastest backend that can run ``tensors`` (see FUSED_MAX_N)."""
+    if backend != "auto" or dispatch.get_default_backend() != "auto":
+        return backend
+    for name in ("triton", "cuda"):
+        if (n is None or n <= FUSED_MAX_N[name]) and dispatch.explain_backend(op, name, *tensors)[0] == name:
+            return name
+    return "reference"
 
 
 def sinkhorn_assignment(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100, backend: str = "auto",
@@ -139,8 +145,9 @@ def sinkhorn_assignment(C: torch.Tensor, *, eps: float = 0.05, iters: int = 100,
     Reduce and scale C, run the ε-scaled log-domain Sinkhorn (``iters`` iterations ending at ``eps``), round
     the reduced costs C − f − g to a permutation with the mutual-best greedy and polish with
     ``refine_rounds`` of 2-opt on the true cost, on the backend the dispatcher picks for C. Returns
-    LongTensor [P, n] (or [n]). ``auto`` takes the reference above n = FUSED_MAX_N."""
-    fn = dispatch.dispatch("sinkhorn_assignment", auto_for_size(backend, C.shape[-1]), (C,))
+    LongTensor [P, n] (or [n]). ``auto`` picks by size (FUSED_MAX_N)."""
+    fn = dispatch.dispatch("sinkhorn_assignment", auto_for_size("sinkhorn_assignment", backend, C.shape[-1], C),
+                           (C,))
     return fn(C, eps=eps, iters=iters, eps_start=eps_start, refine_rounds=refine_rounds)
 
 
@@ -156,9 +163,10 @@ class _DeviceProbe:
 def get_sinkhorn_backend(backend: str = "auto", device: torch.device | str | None = None, n: int | None = None
                          ) -> tuple[str, SinkhornFn]:
     """(name, inner loop) that ``backend`` resolves to for tensors on ``device`` (same rules as every op:
-    auto = cuda > triton > reference where available; an unavailable explicit choice falls back to the
-    reference with a warning). Given the problem size ``n``, ``auto`` takes the reference above FUSED_MAX_N."""
-    name = dispatch.chosen_backend("sinkhorn_log", auto_for_size(backend, n), _DeviceProbe(device))
+    auto = the fastest kernel that can run at size ``n`` (FUSED_MAX_N), else the reference; an unavailable
+    explicit choice falls back to the reference with a warning)."""
+    probe = _DeviceProbe(device)
+    name = dispatch.chosen_backend("sinkhorn_log", auto_for_size("sinkhorn_log", backend, n, probe), probe)
     return name, dispatch.implementation("sinkhorn_log", name)
 
 

@@ -106,8 +106,10 @@ def _memory(device: torch.device) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------- backends
-def kernel_backends(cfg: Config, device: torch.device) -> Dict[str, str]:
-    """What computed each custom op in this process (the dispatcher's decisions) and the OT coupling."""
+def kernel_backends(cfg: Config, device: torch.device, ot_size: int | None = None) -> Dict[str, str]:
+    """What computed each custom op in this process (the dispatcher's decisions) and the OT coupling, whose
+    ``auto`` Sinkhorn backend depends on the problem size: ``ot_size`` is its largest (the micro-batch, times
+    the world size for a global coupling; per-class groups are smaller)."""
     from .. import ops
 
     out: Dict[str, str] = {}
@@ -117,7 +119,8 @@ def kernel_backends(cfg: Config, device: torch.device) -> Dict[str, str]:
         out[key] = val if key not in out else out[key] + "; " + val
     ot = cfg.method.ot
     if ot.method == "sinkhorn":
-        out["ot"] = f"sinkhorn/{ops.get_sinkhorn_backend(ot.backend, device)[0]}"
+        name = ops.get_sinkhorn_backend(ot.backend, device, ot_size)[0]
+        out["ot"] = f"sinkhorn/{name}" + (f" (n ≤ {ot_size})" if ot_size else "")
     else:
         out["ot"] = {"none": "none", "exact": "exact/pot (CPU)", "hungarian": "exact/scipy (CPU)",
                      "exact_scipy": "exact/scipy (CPU)"}.get(ot.method, ot.method)

@@ -3,6 +3,7 @@ killed by the kernel's OOM killer is a result (``status: oom``), not a failure; 
 as CSV, Markdown and a plot."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import itertools
@@ -129,6 +130,12 @@ def run_point(cmd: Sequence[str], *, timeout: Optional[float] = None, preexec_fn
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+        raise
+    except BaseException:
+        # The sweep itself is stopped (Ctrl-C, or SIGTERM from `timeout`, which _sweep turns into SystemExit):
+        # its own session would otherwise outlive it and hold the GPU through whatever runs next.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         raise
     return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
 
