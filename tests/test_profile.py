@@ -292,6 +292,20 @@ def test_sweep_records_oom_and_errors_without_failing(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
+def _gone(pid: int, within_s: float) -> bool:
+    """Whether process ``pid`` has exited (and been reaped) within ``within_s`` seconds."""
+    import time
+
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_a_stopped_sweep_kills_its_running_point(tmp_path):
     """SIGTERM to a sweep (a job's time limit) must not leave the running point's own session holding the
     device: the sweep's handler unwinds, and run_point kills the point's process group on the way out."""
@@ -317,15 +331,9 @@ def test_a_stopped_sweep_kills_its_running_point(tmp_path):
     assert os.getsid(pid) != os.getsid(proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
+    if not _gone(pid, 10.0):
         os.kill(pid, signal.SIGKILL)
-        raise AssertionError("the sweep point outlived its sweep")
+        pytest.fail("the sweep point outlived its sweep")
 
 
 def test_sweep_skips_points_predicted_not_to_fit(tmp_path):
@@ -580,15 +588,7 @@ def test_sweep_timeout_kills_the_whole_process_group(tmp_path):
                      launcher=[sys.executable, "-c", code], timeout_s=3, log=lambda m: None)
     assert rows[0]["status"] == "timeout" and "killed" in rows[0]["detail"]
     pid = int(pidfile.read_text())
-    import time
-
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
+    if not _gone(pid, 5.0):
         pytest.fail(f"worker {pid} outlived its timed-out sweep point")
 
 
