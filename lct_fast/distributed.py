@@ -113,8 +113,9 @@ def shutdown_distributed() -> None:
     Without it gloo's worker threads still hold finished work (tensors with Python references) when the
     interpreter finalises, and the process can die with "terminate called without an active exception"
     (SIGABRT) after it has written its results: seen on one rank of a 2-rank ZeRO-3 CPU profile run and of a
-    2-rank training run, about one launch in a few hundred. Only for the success path: a rank that failed
-    must not wait in the barrier for ranks that are still inside a collective (it exits, and they time out).
+    2-rank training run, once in each of two CI runs of dozens of launches. Only for the success path: a
+    rank that failed must not wait in the barrier for ranks still inside a collective (it exits, and they
+    time out).
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
