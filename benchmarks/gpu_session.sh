@@ -37,7 +37,7 @@ left() {  # seconds left for a stage: the smaller of its cap ($1) and the sessio
   [ "$rest" -lt "$1" ] && echo "$rest" || echo "$1"
 }
 stamp=$(mktemp)  # results written after this are the session's own: only those travel back
-pack() {  # one file under 16 MiB: the logs (no traces) and this session's new results
+pack() {  # one file: the logs (no traces) and this session's new results, not the committed ones
   local new=()
   mapfile -t new < <(find benchmarks/results -type f -newer "$stamp")
   local args=(-C "$work" logs)
@@ -90,7 +90,7 @@ run_profile() {  # $1: kernels | plan | sweep | all
   # eager with the JVP in fp32 (the presets' default) against compiled blocks with the JVP in bf16 and the
   # two mixed points (4); sweep: DiT-B..XXL at ZeRO 1 and 3 (8).
   ls lct_fast/_C*.so >/dev/null 2>&1 || build
-  local tag day common parts
+  local tag day common parts sweep
   tag=$(python3 -c "from benchmarks.harness import machine_tag; print(machine_tag())")
   day=$(date -u +%Y%m%d)
   common=(--synthetic-data --set train.global_batch=32 --steps "${PROFILE_STEPS:-5}" --warmup 2 --point-timeout 240)

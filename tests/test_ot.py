@@ -175,12 +175,11 @@ def test_two_opt_never_increases_cost_and_reaches_local_optimum():
                 assert gain <= 1e-12
 
 
-def _fake_backend(monkeypatch, op, name, fn):
+def _fake_backend(monkeypatch, op, name, fn, available=lambda C, *a: (C.is_cuda, "needs CUDA tensors")):
     """Register ``fn`` as backend ``name`` of ``op`` in the one kernel registry for this test only."""
     from lct_fast.ops import dispatch
 
-    monkeypatch.setitem(dispatch._REGISTRY[op], name,
-                        dispatch._Entry(fn, lambda C, *a: (C.is_cuda, "needs CUDA tensors"), True))
+    monkeypatch.setitem(dispatch._REGISTRY[op], name, dispatch._Entry(fn, available, True))
     monkeypatch.setattr(dispatch, "_SEEN", {})
 
 
@@ -223,12 +222,10 @@ def test_auto_follows_the_measured_speed_by_size(monkeypatch):
             return sinkhorn_ops._reference_assignment(C, **kwargs)
         return run
 
+    anywhere = lambda C, *a: (True, "")  # noqa: E731  (CPU tensors stand in for CUDA ones here)
     for name in ("triton", "cuda"):
-        monkeypatch.setitem(dispatch._REGISTRY["sinkhorn_assignment"], name,
-                            dispatch._Entry(fake(name), lambda C, *a: (True, ""), True))
-        monkeypatch.setitem(dispatch._REGISTRY["sinkhorn_log"], name,
-                            dispatch._Entry(lambda C, s, i: O.sinkhorn_log(C, s, i), lambda C, *a: (True, ""), True))
-    monkeypatch.setattr(dispatch, "_SEEN", {})
+        _fake_backend(monkeypatch, "sinkhorn_assignment", name, fake(name), anywhere)
+        _fake_backend(monkeypatch, "sinkhorn_log", name, lambda C, s, i: O.sinkhorn_log(C, s, i), anywhere)
     lim = sinkhorn_ops.FUSED_MAX_N
     small, mid, big = 8, lim["cuda"] + 1, lim["triton"] + 1
     g = torch.Generator().manual_seed(0)

@@ -127,15 +127,13 @@ def run_point(cmd: Sequence[str], *, timeout: Optional[float] = None, preexec_fn
                             start_new_session=True, preexec_fn=preexec_fn, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    except BaseException:
-        # The sweep itself is stopped (Ctrl-C, or SIGTERM from `timeout`, which _sweep turns into SystemExit):
-        # its own session would otherwise outlive it and hold the GPU through whatever runs next.
+    except BaseException as exc:
+        # The point's time is up, or the sweep itself is stopped (Ctrl-C, or SIGTERM from `timeout`, which
+        # _sweep turns into SystemExit): its own session would otherwise outlive it and hold the GPU.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            proc.communicate()
         raise
     return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
 
